@@ -1,0 +1,209 @@
+"""Sum-state machinery shared by every metric: state declaration, fused sync, output flattening.
+
+Every state of a :class:`DiagnosticMetric` is a fixed-size tensor reduced by sum, so merging two
+partial states is addition and a distributed sync is one ``all_reduce(SUM)`` over one flat buffer
+(:func:`fused_all_reduce`) instead of torchmetrics' barrier plus gathers per state.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchmetrics import Metric
+
+#: Output of ``compute()``: a tensor, or a dict of named tensors.
+MetricOutput = Tensor | dict[str, Tensor]
+
+# The layout check sends hashes reduced modulo 2**20, so sums of squares stay exact in float64.
+_HASH_MOD = 1 << 20
+
+
+def _layout_signature(states: Sequence[tuple[str, Tensor]]) -> tuple[int, int]:
+    """Number of elements and a hash of names, shapes and dtypes of ``states``."""
+    text = ";".join(f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in states)
+    numel = sum(t.numel() for _, t in states)
+    return numel, zlib.crc32(text.encode()) % _HASH_MOD
+
+
+def _check_layout(states: Sequence[tuple[str, Tensor]], device: torch.device, group: Any) -> None:
+    """Raise on every rank when ranks hold different state layouts (instead of hanging).
+
+    One small ``all_reduce`` of ``[1, n, n², h, h²]``: all ranks agree iff ``k·Σx² == (Σx)²``
+    for both the element count ``n`` and the layout hash ``h``.
+    """
+    numel, sig = _layout_signature(states)
+    probe = torch.tensor([1.0, numel, numel**2, sig, sig**2], dtype=torch.float64, device=device)
+    dist.all_reduce(probe, op=dist.ReduceOp.SUM, group=group)
+    k, n1, n2, h1, h2 = probe.tolist()
+    if k * n2 != n1 * n1 or k * h2 != h1 * h1:
+        raise RuntimeError(
+            f"metrics_suite: metric states differ between ranks (this rank: {len(states)} states, "
+            f"{numel} elements, layout hash {sig}; ranks: {int(k)}). Every rank must build the same "
+            "metrics with the same sizes (num_features, num_classes, num_layers, ...)."
+        )
+
+
+def fused_all_reduce(
+    states: Sequence[tuple[str, Tensor]],
+    group: Any = None,
+    check_layout: bool = True,
+) -> list[Tensor]:
+    """Sum ``states`` over all ranks with one ``all_reduce`` of one flat float64 buffer.
+
+    Integer counts travel as float64 (exact up to 2**53) and come back in their own dtype.
+    With ``check_layout`` a second, 5-element ``all_reduce`` first verifies that every rank
+    sends the same layout, so a mismatch is an error on every rank rather than a hang.
+
+    Returns the reduced tensors, in order, with their original shapes and dtypes.
+    """
+    if not states:
+        return []
+    device = states[0][1].device
+    if check_layout:
+        _check_layout(states, device, group)
+    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for _, t in states])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    out = []
+    offset = 0
+    for _, t in states:
+        chunk = flat[offset : offset + t.numel()].view(t.shape)
+        offset += t.numel()
+        if not t.dtype.is_floating_point:
+            chunk = chunk.round()
+        out.append(chunk.to(device=t.device, dtype=t.dtype))
+    return out
+
+
+def safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where ``den != 0``, NaN elsewhere (never inf from an empty denominator)."""
+    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    nan = torch.full_like(num / torch.ones_like(den), float("nan"))
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), nan)
+
+
+def mean_stats(values: Tensor, weights: Tensor | None = None, dim: int | tuple[int, ...] = 0) -> Tensor:
+    """Sum statistics ``[..., 3]`` = (Σw, Σw·x, Σw·x²) of ``values`` over ``dim``, in float64.
+
+    Add these to a state created with :meth:`DiagnosticMetric.add_mean_state`; read the mean and
+    its standard error back with :func:`mean_and_stderr`.
+    """
+    x = values.to(torch.float64)
+    w = torch.ones_like(x) if weights is None else weights.to(torch.float64).expand_as(x)
+    wx = w * x
+    return torch.stack([w.sum(dim), wx.sum(dim), (wx * x).sum(dim)], dim=-1)
+
+
+def mean_and_stderr(stats: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and standard error of the mean from ``[..., 3]`` sum statistics.
+
+    The standard error uses the unbiased variance (frequency weights): NaN for fewer than two items.
+    """
+    n, s1, s2 = stats.unbind(-1)
+    mean = safe_div(s1, n)
+    var = safe_div((s2 - s1 * mean).clamp_min(0.0), n - 1)
+    var = torch.where(n > 1, var, torch.full_like(var, float("nan")))
+    return mean, torch.sqrt(safe_div(var, n))
+
+
+class DiagnosticMetric(Metric):
+    """Base class of every metric in ``metrics_suite``.
+
+    * States are fixed-size tensors reduced by sum: float64 value sums (:meth:`add_sum_state`),
+      int64 counts (:meth:`add_count_state`) and mean statistics (:meth:`add_mean_state`).
+      They are persistent (saved in ``state_dict``) so a checkpoint taken mid-epoch resumes exactly.
+    * A distributed sync is one ``all_reduce(SUM)`` of all states flattened into one buffer, plus a
+      5-element layout check (``check_layout=False`` skips it).
+    * ``validate_args=False`` skips input checks for speed; ``with_stderr=True`` adds
+      ``<stat>_stderr`` to mean-type outputs.
+
+    Subclasses implement ``update`` (validate everything first, then add to the states) and
+    ``compute`` (pure function of the states; NaN, never inf or an exception, when empty).
+    """
+
+    full_state_update: bool = False
+    is_differentiable: bool = False
+    higher_is_better: bool | None = None
+    #: How vector outputs are flattened by a collection: ``"{stat}/{vector_label}_{i}"``.
+    vector_label: str = "component"
+
+    def __init__(
+        self,
+        validate_args: bool = True,
+        with_stderr: bool = False,
+        check_layout: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(validate_args, bool):
+            raise TypeError(f"`validate_args` must be a bool, got {type(validate_args).__name__}")
+        if not isinstance(with_stderr, bool):
+            raise TypeError(f"`with_stderr` must be a bool, got {type(with_stderr).__name__}")
+        self.validate_args = validate_args
+        self.with_stderr = with_stderr
+        self.check_layout = check_layout
+
+    # ------------------------------------------------------------------ states
+    def add_sum_state(self, name: str, shape: Sequence[int] = (), dtype: torch.dtype = torch.float64) -> None:
+        """Register a zero-initialised, sum-reduced, persistent state of fixed ``shape``."""
+        self.add_state(
+            name, default=torch.zeros(tuple(shape), dtype=dtype), dist_reduce_fx="sum", persistent=True
+        )
+
+    def add_count_state(self, name: str, shape: Sequence[int] = ()) -> None:
+        """Register an int64 count state (never saturates like a float32 counter)."""
+        self.add_sum_state(name, shape, dtype=torch.int64)
+
+    def add_mean_state(self, name: str, shape: Sequence[int] = ()) -> None:
+        """Register a ``[*shape, 3]`` float64 state of (Σw, Σwx, Σwx²); see :func:`mean_stats`."""
+        self.add_sum_state(name, (*tuple(shape), 3))
+
+    def state_items(self) -> list[tuple[str, Tensor]]:
+        """All states as ``(name, tensor)`` pairs, in registration order."""
+        return [(name, getattr(self, name)) for name in self._defaults]
+
+    def mean_output(self, stats: Tensor, name: str) -> dict[str, Tensor]:
+        """``{name: mean}``, plus ``{name}_stderr`` when ``with_stderr`` is set."""
+        mean, stderr = mean_and_stderr(stats)
+        return {name: mean, f"{name}_stderr": stderr} if self.with_stderr else {name: mean}
+
+    # ------------------------------------------------------------------ sync
+    def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group: Any = None) -> None:
+        """Replace torchmetrics' per-state gathers with one fused ``all_reduce(SUM)``."""
+        states = self.state_items()
+        reduced = fused_all_reduce(
+            states, group=process_group or self.process_group, check_layout=self.check_layout
+        )
+        for (name, _), value in zip(states, reduced):
+            setattr(self, name, value)
+
+    def set_dtype(self, dst_type: str | torch.dtype) -> DiagnosticMetric:
+        """Keep accumulators in their own dtypes (float64 sums, int64 counts).
+
+        torchmetrics' ``set_dtype`` casts every state; here that would throw away the precision
+        the sums exist for, so it only records the requested default dtype.
+        """
+        self._dtype = dst_type if isinstance(dst_type, torch.dtype) else getattr(torch, str(dst_type))
+        return self
+
+    # ------------------------------------------------------------------ output
+    def flatten_output(self, value: MetricOutput) -> dict[str, Tensor]:
+        """Flatten a ``compute()`` result into scalar entries keyed relative to the metric.
+
+        A scalar tensor gets the key ``""``; a vector gets ``"{vector_label}_{i}"``; a dict entry
+        ``stat`` gets ``"stat"`` or ``"stat/{vector_label}_{i}"``.
+        """
+        items: Iterable[tuple[str, Tensor]] = value.items() if isinstance(value, dict) else [("", value)]
+        flat: dict[str, Tensor] = {}
+        for stat, tensor in items:
+            if tensor.ndim == 0:
+                flat[stat] = tensor
+                continue
+            for i, element in enumerate(tensor.reshape(-1)):
+                key = f"{self.vector_label}_{i}"
+                flat[f"{stat}/{key}" if stat else key] = element
+        return flat

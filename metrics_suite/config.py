@@ -1,0 +1,52 @@
+"""Pydantic configuration of a diagnostics collection (from Python, a dict, JSON or TOML)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SuiteName = Literal["reconstruction", "utility", "noise", "credit"]
+
+
+class SuiteConfig(BaseModel):
+    """Which suites to build and how to configure their metrics.
+
+    Attributes:
+        suites: suite names; all four by default.
+        metrics: per-metric settings keyed by registry name: constructor arguments (this also
+            adds a metric that needs configuration), ``true`` to include with defaults, or
+            ``false`` to leave it out.
+
+    Example (TOML):
+
+        suites = ["utility", "reconstruction"]
+        [metrics.next_token]
+        num_logits = 64
+        [metrics.activations]
+        num_features = 768
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    suites: list[SuiteName] = Field(default_factory=lambda: list(get_args(SuiteName)))
+    metrics: dict[str, dict[str, Any] | bool] = Field(default_factory=dict)
+
+
+def load_config(path: str | Path) -> SuiteConfig:
+    """Read a :class:`SuiteConfig` from a ``.json`` or ``.toml`` file."""
+    path = Path(path)
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+    elif path.suffix == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
+        data = tomllib.loads(path.read_text())
+    else:
+        raise ValueError(f"config file must end in .json or .toml, got {path.name!r}")
+    return SuiteConfig.model_validate(data)

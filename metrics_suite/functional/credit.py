@@ -1,0 +1,3 @@
+"""Functional forms of the credit suite."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Functional forms of the noise suite."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Functional forms of the utility suite."""
+
+__all__: list[str] = []
