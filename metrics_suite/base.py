@@ -7,9 +7,11 @@ partial states is addition and a distributed sync is one ``all_reduce(SUM)`` ove
 
 from __future__ import annotations
 
+import functools
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -18,6 +20,8 @@ from torchmetrics import Metric
 
 #: Output of ``compute()``: a tensor, or a dict of named tensors.
 MetricOutput = Tensor | dict[str, Tensor]
+#: What to do with items whose inputs hold NaN or inf.
+NanStrategy = Literal["error", "skip", "propagate"]
 
 # The layout check sends hashes reduced modulo 2**20, so sums of squares stay exact in float64.
 _HASH_MOD = 1 << 20
@@ -120,6 +124,11 @@ class DiagnosticMetric(Metric):
       5-element layout check (``check_layout=False`` skips it).
     * ``validate_args=False`` skips input checks for speed; ``with_stderr=True`` adds
       ``<stat>_stderr`` to mean-type outputs.
+    * ``nan_strategy`` decides what happens to items with NaN/inf inputs: ``"skip"`` (default)
+      leaves them out and counts them in the ``nonfinite_count`` state (a collection reports it
+      as ``{suite}/{metric}/nonfinite_count``; one warning per metric until ``reset()``),
+      ``"error"`` raises ``ValueError`` before touching any state, ``"propagate"`` lets them
+      flow into the sums (the result becomes NaN).
 
     Subclasses implement ``update`` (validate everything first, then add to the states) and
     ``compute`` (pure function of the states; NaN, never inf or an exception, when empty).
@@ -131,11 +140,14 @@ class DiagnosticMetric(Metric):
     #: How vector outputs are flattened by a collection: ``"{stat}/{vector_label}_{i}"``.
     vector_label: str = "component"
 
+    nonfinite_count: Tensor
+
     def __init__(
         self,
         validate_args: bool = True,
         with_stderr: bool = False,
         check_layout: bool = True,
+        nan_strategy: NanStrategy = "skip",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -143,9 +155,54 @@ class DiagnosticMetric(Metric):
             raise TypeError(f"`validate_args` must be a bool, got {type(validate_args).__name__}")
         if not isinstance(with_stderr, bool):
             raise TypeError(f"`with_stderr` must be a bool, got {type(with_stderr).__name__}")
+        if nan_strategy not in ("error", "skip", "propagate"):
+            raise ValueError(f"`nan_strategy` must be 'error', 'skip' or 'propagate', got {nan_strategy!r}")
         self.validate_args = validate_args
         self.with_stderr = with_stderr
         self.check_layout = check_layout
+        self.nan_strategy = nan_strategy
+        self._warned_nonfinite = False
+        self.add_count_state("nonfinite_count")
+
+    # ------------------------------------------------------------------ non-finite input
+    def nonfinite_filter(self, name: str, finite: Tensor) -> tuple[Tensor, Tensor]:
+        """Apply ``nan_strategy`` to one batch, before any state is touched.
+
+        Args:
+            name: the argument(s) named in the error for ``nan_strategy="error"``.
+            finite: bool per item, True where all of the item's inputs are finite.
+
+        Returns:
+            ``(keep, skipped)``: the items to accumulate, and the number of skipped items to add
+            to ``nonfinite_count`` together with the other states.
+        """
+        if self.nan_strategy == "propagate":
+            return torch.ones_like(finite), torch.zeros((), dtype=torch.int64, device=finite.device)
+        n_bad = (~finite).sum()
+        if self.nan_strategy == "error" and bool(n_bad):
+            raise ValueError(f"`{name}` holds NaN or inf in {int(n_bad)} item(s) (nan_strategy='error')")
+        return finite, n_bad.to(torch.int64)
+
+    def _wrap_compute(self, compute: Callable) -> Callable:
+        @functools.wraps(compute)
+        def compute_and_warn(*args: Any, **kwargs: Any) -> Any:
+            # runs inside the sync context: the count is the global one
+            if not self._warned_nonfinite and int(self.nonfinite_count) > 0:
+                self._warned_nonfinite = True
+                warnings.warn(
+                    f"{type(self).__name__}: skipped {int(self.nonfinite_count)} item(s) with NaN/inf inputs "
+                    "(nan_strategy='skip').",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return compute(*args, **kwargs)
+
+        return super()._wrap_compute(compute_and_warn)
+
+    def reset(self) -> None:
+        """Reset every state to zero (and re-arm the non-finite warning)."""
+        super().reset()
+        self._warned_nonfinite = False
 
     # ------------------------------------------------------------------ states
     def add_sum_state(self, name: str, shape: Sequence[int] = (), dtype: torch.dtype = torch.float64) -> None:

@@ -167,11 +167,13 @@ class DiagnosticCollection(MetricCollection):
     def compute(self) -> dict[str, Any]:
         """Compute every metric on states summed over all ranks, with one collective.
 
-        Returns a flat dict of scalar tensors ``{suite}/{metric}/{stat}``. Metrics that no rank
-        ever updated give NaN, and one warning names them.
+        Returns a flat dict of scalar tensors ``{suite}/{metric}/{stat}``, plus
+        ``{suite}/{metric}/nonfinite_count`` (items skipped for NaN/inf inputs). Metrics that no
+        rank ever updated give NaN, and one warning names them.
         """
         items = self._metric_items()
         results: dict[str, Any] = {}
+        nonfinite: dict[str, Tensor] = {}
         with self._synced() as counts:
             never = [name for name, n in counts.items() if n == 0]
             for name, m in items:
@@ -181,6 +183,8 @@ class DiagnosticCollection(MetricCollection):
                     with warnings.catch_warnings():
                         warnings.filterwarnings("ignore", message=f".*{_NOT_UPDATED}.*")
                         results[name] = m.compute()
+                    if isinstance(m, DiagnosticMetric):
+                        nonfinite[name] = m.nonfinite_count.detach().clone()
                 finally:
                     m._to_sync = to_sync
                     m._computed = None  # cached value is global; a later local compute must not reuse it
@@ -191,7 +195,9 @@ class DiagnosticCollection(MetricCollection):
                 UserWarning,
                 stacklevel=2,
             )
-        return self._flat_results(results)
+        flat = self._flat_results(results)
+        flat.update({self._set_name(f"{name}/nonfinite_count"): count for name, count in nonfinite.items()})
+        return flat
 
     def _flat_results(self, results: dict[str, Any]) -> dict[str, Any]:
         flat: dict[str, Any] = {}

@@ -12,6 +12,7 @@ from metrics_suite.base import DiagnosticMetric, MetricOutput
 from metrics_suite.conformance import ConformanceExample
 from metrics_suite.functional.reconstruction import (
     ScoreReduction,
+    _reconstruction_score_check,
     _reconstruction_score_compute,
     _reconstruction_score_update,
 )
@@ -108,14 +109,25 @@ class ReconstructionScore(DiagnosticMetric):
         component_idx: Tensor | int | None = None,
     ) -> None:
         """Add one batch of losses (``[N]`` or ``[N, num_components]``)."""
+        losses = (
+            source_model_loss,
+            source_model_loss_with_reconstruction,
+            source_model_loss_with_zero_ablation,
+        )
+        if self.validate_args:
+            _reconstruction_score_check(*losses, self.num_components, component_idx)
+        finite = torch.stack([torch.isfinite(x).reshape(x.shape[0], -1).all(1) for x in losses]).all(0)
+        keep, skipped = self.nonfinite_filter("source_model_loss*", finite)
         loss_sums, ratio_stats = _reconstruction_score_update(
             source_model_loss,
             source_model_loss_with_reconstruction,
             source_model_loss_with_zero_ablation,
             num_components=self.num_components,
             component_idx=component_idx,
-            validate=self.validate_args,
+            validate=False,
+            keep=keep,
         )
+        self.nonfinite_count += skipped
         self.loss_sums += loss_sums.to(self.loss_sums.device)
         self.ratio_stats += ratio_stats.to(self.ratio_stats.device)
 

@@ -20,6 +20,30 @@ _LOSS_NAMES = (
 )
 
 
+def _reconstruction_score_check(
+    source_model_loss: Tensor,
+    source_model_loss_with_reconstruction: Tensor,
+    source_model_loss_with_zero_ablation: Tensor,
+    num_components: int,
+    component_idx: Tensor | int | None,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` for losses that do not fit ``num_components``."""
+    losses = (source_model_loss, source_model_loss_with_reconstruction, source_model_loss_with_zero_ablation)
+    for name, loss in zip(_LOSS_NAMES, losses):
+        check_float(name, loss)
+        check_ndim(name, loss, (1, 2))
+        check_same_shape(name, loss, _LOSS_NAMES[0], losses[0])
+    if losses[0].ndim == 2 and losses[0].shape[1] != num_components:
+        raise ValueError(
+            f"`source_model_loss` must have shape [N, {num_components}] (num_components={num_components}), "
+            f"got {shape_str(losses[0].shape)}"
+        )
+    if losses[0].ndim == 2 and component_idx is not None:
+        raise ValueError("`component_idx` is only for [N] losses; [N, C] losses already hold every component")
+    if losses[0].ndim == 1:
+        _component_index(component_idx, losses[0].shape[0], num_components, True, losses[0].device)
+
+
 def _reconstruction_score_update(
     source_model_loss: Tensor,
     source_model_loss_with_reconstruction: Tensor,
@@ -27,8 +51,9 @@ def _reconstruction_score_update(
     num_components: int = 1,
     component_idx: Tensor | int | None = None,
     validate: bool = True,
+    keep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-component sums of one batch.
+    """Per-component sums of one batch (items where ``keep`` is False are left out).
 
     Returns:
         ``loss_sums`` ``[C, 3]``: Σl, Σl_recon, Σl_zero; and ``ratio_stats`` ``[C, 3]``:
@@ -37,19 +62,7 @@ def _reconstruction_score_update(
     """
     losses = (source_model_loss, source_model_loss_with_reconstruction, source_model_loss_with_zero_ablation)
     if validate:
-        for name, loss in zip(_LOSS_NAMES, losses):
-            check_float(name, loss)
-            check_ndim(name, loss, (1, 2))
-            check_same_shape(name, loss, _LOSS_NAMES[0], losses[0])
-        if losses[0].ndim == 2 and losses[0].shape[1] != num_components:
-            raise ValueError(
-                f"`source_model_loss` must have shape [N, {num_components}] (num_components={num_components}), "
-                f"got {shape_str(losses[0].shape)}"
-            )
-        if losses[0].ndim == 2 and component_idx is not None:
-            raise ValueError(
-                "`component_idx` is only for [N] losses; [N, C] losses already hold every component"
-            )
+        _reconstruction_score_check(*losses, num_components=num_components, component_idx=component_idx)
     l, l_rec, l_zero = (x.to(torch.float64) for x in losses)
     n_items = l.shape[0]
     if l.ndim == 1:
@@ -59,6 +72,9 @@ def _reconstruction_score_update(
         member = one_hot.bool()
     else:
         member = torch.ones_like(l, dtype=torch.bool)
+    if keep is not None:
+        member = member & keep[:, None]
+        l, l_rec, l_zero = (torch.where(member, x, 0.0) for x in (l, l_rec, l_zero))
     loss_sums = torch.stack([l.sum(0), l_rec.sum(0), l_zero.sum(0)], dim=-1)
     den = l_zero - l
     valid = member & (den != 0)
