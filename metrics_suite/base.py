@@ -121,7 +121,8 @@ class DiagnosticMetric(Metric):
       int64 counts (:meth:`add_count_state`) and mean statistics (:meth:`add_mean_state`).
       They are persistent (saved in ``state_dict``) so a checkpoint taken mid-epoch resumes exactly.
     * A distributed sync is one ``all_reduce(SUM)`` of all states flattened into one buffer, plus a
-      5-element layout check (``check_layout=False`` skips it).
+      5-element layout check (``check_layout=False`` skips it). ``compute()`` is not cached by
+      default (``compute_with_cache=False``), so every rank enters the same collectives on every call.
     * ``validate_args=False`` skips input checks for speed; ``with_stderr=True`` adds
       ``<stat>_stderr`` to mean-type outputs.
     * ``nan_strategy`` decides what happens to items with NaN/inf inputs: ``"skip"`` (default)
@@ -150,6 +151,9 @@ class DiagnosticMetric(Metric):
         nan_strategy: NanStrategy = "skip",
         **kwargs: Any,
     ) -> None:
+        # A cached value would let a rank that saw no new update skip the sync its peers enter
+        # (a hang, or a mismatched collective); recomputing from the small sum states is cheap.
+        kwargs.setdefault("compute_with_cache", False)
         super().__init__(**kwargs)
         if not isinstance(validate_args, bool):
             raise TypeError(f"`validate_args` must be a bool, got {type(validate_args).__name__}")
@@ -245,6 +249,18 @@ class DiagnosticMetric(Metric):
         the sums exist for, so it only records the requested default dtype.
         """
         self._dtype = dst_type if isinstance(dst_type, torch.dtype) else getattr(torch, str(dst_type))
+        return self
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> torch.nn.Module:
+        """Follow device moves, but never cast the accumulators (``module.to(torch.bfloat16)``,
+        ``.half()`` on a parent module): float64 sums stay float64, int64 counts stay int64."""
+        super()._apply(fn, exclude_state=tuple(self._defaults))
+        device = self.device  # torchmetrics updated it from ``fn``
+        for key, default in self._defaults.items():
+            if key in exclude_state or not isinstance(default, Tensor):
+                continue
+            self._defaults[key] = default.to(device)
+            setattr(self, key, getattr(self, key).to(device))
         return self
 
     # ------------------------------------------------------------------ output

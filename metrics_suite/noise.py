@@ -1,3 +1,136 @@
-"""Noise suite: what a privacy transform adds to its input. (filled by the noise issue)"""
+"""Noise suite: what a privacy transform adds to its input."""
 
-__all__: list[str] = []
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import validate_call
+from torch import Tensor
+
+from metrics_suite.base import DiagnosticMetric, MetricOutput
+from metrics_suite.conformance import ConformanceExample
+from metrics_suite.functional.noise import (
+    NOISE_STATISTICS,
+    _noise_check,
+    _noise_update,
+    _position_mask,
+    _position_shape,
+)
+from metrics_suite.registry import register
+
+__all__ = ["NoiseStatistics"]
+
+
+def _noise_batch(g: torch.Generator, n: int) -> dict[str, Any]:
+    embeddings = torch.randn(n, 5, 6, generator=g)
+    mean = 0.5 * torch.randn(n, 5, 6, generator=g) + 0.3
+    noise = torch.rand(n, 5, 1, generator=g) * torch.randn(n, 5, 6, generator=g)
+    # one mask for every sequence (broadcast over the batch): not split when the kit shards a batch
+    noise_mask = torch.tensor([True, True, False, True, True])
+    return {"input": embeddings, "mean": mean, "noise": noise, "noise_mask": noise_mask}
+
+
+def _noise_bad(g: torch.Generator) -> list[dict[str, Any]]:
+    good = _noise_batch(g, 4)
+    return [
+        {**good, "mean": good["mean"][:, :4]},  # shape
+        {**good, "noise": good["noise"][..., :5]},  # shape
+        {**good, "input": good["input"].long()},  # dtype
+        {**good, "noise_mask": torch.ones(3, dtype=torch.bool)},  # mask does not broadcast
+        {**good, "noise_mask": torch.ones(4, 5, 6, dtype=torch.bool)},  # mask over features
+        {**good, "noise_mask": torch.full((5,), 2)},  # mask values
+        {**good, "noise_mask": torch.ones(5)},  # mask dtype
+    ]
+
+
+@register(
+    "noise",
+    "noise",
+    example=ConformanceExample(
+        make_batch=_noise_batch, bad_inputs=_noise_bad, batch_keys=("input", "mean", "noise")
+    ),
+)
+class NoiseStatistics(DiagnosticMetric):
+    r"""How a noise transform's output ``input + mean + noise`` splits into signal, mean shift and noise.
+
+    ``mean`` is the learned shift :math:`\mu`, ``noise`` the zero-mean part :math:`\varepsilon`
+    (σ·ε) and :math:`s = \mu + \varepsilon` the mean-shifted noise. At each position (norms over
+    ``dim``):
+
+    .. math::
+        \text{mean\_domination\_percent} = \frac{\lVert\mu\rVert}{\lVert\mu\rVert + \lVert\varepsilon\rVert},\quad
+        \text{mean\_domination\_ratio} = \frac{\lVert\mu\rVert}{\lVert\varepsilon\rVert},\quad
+        \text{mean\_cosine\_similarity} = \frac{\langle x, \mu\rangle}{\lVert x\rVert\,\lVert\mu\rVert},
+
+    .. math::
+        \text{noise\_domination\_percent} = \frac{\lVert s\rVert}{\lVert x\rVert + \lVert s\rVert},\quad
+        \text{noise\_domination\_ratio} = \frac{\lVert s\rVert}{\lVert x\rVert},\quad
+        \text{noise\_cosine\_similarity} = \frac{\langle x, s\rangle}{\lVert x\rVert\,\lVert s\rVert},
+
+    and the norms ``input_norm``, ``mean_norm``, ``unshifted_noise_norm``,
+    ``mean_shifted_noise_norm``. ``compute()`` returns a dict of these ten, each the mean over the
+    selected positions (``noise_mask``, broadcast over the position shape = ``input``'s shape
+    without ``dim``). The "percent" statistics are fractions in [0, 1].
+
+    A position where a ratio or cosine has a zero denominator (a zero norm, e.g. ``noise`` all zero
+    at evaluation) is left out of *that* statistic's mean only: every statistic keeps its own
+    count, so one zero norm never turns an epoch mean into NaN or inf. A statistic with no
+    defined position is NaN. Positions with NaN/inf in ``input``, ``mean`` or ``noise`` follow
+    ``nan_strategy``.
+
+    Args:
+        dim: the (negative) feature dimension the norms run over, e.g. ``-1`` for ``[B, T, D]``.
+        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+            ``{stat}_stderr`` for every statistic).
+
+    ``update(input, mean, noise, noise_mask=None)``: ``mean`` and ``noise`` have ``input``'s shape
+    (or broadcast to it, e.g. a ``[D]`` learned mean).
+
+    Example:
+        >>> import torch
+        >>> from metrics_suite import NoiseStatistics
+        >>> metric = NoiseStatistics()
+        >>> x = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
+        >>> mu = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+        >>> eps = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, -1.0]])
+        >>> metric.update(x, mu, eps, noise_mask=torch.tensor([True, True, False]))
+        >>> out = metric.compute()
+        >>> round(out["input_norm"].item(), 4), round(out["mean_domination_ratio"].item(), 4)
+        (3.0, 1.0)
+        >>> round(out["noise_cosine_similarity"].item(), 4)
+        0.7536
+    """
+
+    higher_is_better = None
+
+    statistic_stats: Tensor
+
+    @validate_call
+    def __init__(self, dim: int = -1, **kwargs: Any) -> None:
+        if dim >= 0:
+            raise ValueError(f"`dim` must be negative (counted from the end, e.g. -1), got {dim}")
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.add_mean_state("statistic_stats", (len(NOISE_STATISTICS),))
+
+    def update(self, input: Tensor, mean: Tensor, noise: Tensor, noise_mask: Tensor | None = None) -> None:
+        """Add one batch (``noise_mask`` broadcasts over ``input``'s shape without ``dim``)."""
+        if self.validate_args:
+            _noise_check(input, mean, noise, noise_mask, self.dim)
+        positions = _position_shape(input.shape, self.dim)
+        selected = _position_mask(noise_mask, positions, input.device)
+        finite = torch.ones(positions, dtype=torch.bool, device=input.device)
+        for x in (input, mean, noise):
+            finite = finite & torch.isfinite(x).all(self.dim)  # broadcasts a smaller mean/noise
+        keep, skipped = self.nonfinite_filter("input/mean/noise", finite | ~selected)
+        stats = _noise_update(input, mean, noise, selected & keep, self.dim)
+        self.nonfinite_count += skipped
+        self.statistic_stats += stats.to(self.statistic_stats.device)
+
+    def compute(self) -> MetricOutput:
+        """The ten statistics, each averaged over the selected positions where it is defined."""
+        out: dict[str, Tensor] = {}
+        for name, stats in zip(NOISE_STATISTICS, self.statistic_stats):
+            out |= self.mean_output(stats, name)
+        return out

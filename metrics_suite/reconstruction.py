@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import PositiveInt, validate_call
+from pydantic import Field, PositiveInt, validate_call
 from torch import Tensor
 
-from metrics_suite.base import DiagnosticMetric, MetricOutput
+from metrics_suite.base import DiagnosticMetric, MetricOutput, safe_div
 from metrics_suite.conformance import ConformanceExample
 from metrics_suite.functional.reconstruction import (
+    DENSITY_EDGES_LOG10,
     ScoreReduction,
+    _activation_check,
+    _activation_compute,
+    _activation_update,
+    _changed_tokens_check,
+    _changed_tokens_stats,
+    _changed_tokens_update,
+    _feature_sparsity_check,
+    _feature_sparsity_compute,
+    _feature_sparsity_update,
     _reconstruction_score_check,
     _reconstruction_score_compute,
     _reconstruction_score_update,
+    _selection,
+    _token_rate_stats,
+    dead_fraction_key,
 )
 from metrics_suite.registry import register
 
-__all__ = ["ReconstructionScore"]
+__all__ = ["ActivationReconstruction", "ChangedTokenRate", "FeatureSparsity", "ReconstructionScore"]
 
 
 def _score_batch(g: torch.Generator, n: int) -> dict[str, Any]:
@@ -138,3 +151,341 @@ class ReconstructionScore(DiagnosticMetric):
             out = self.mean_output(self.ratio_stats, "reconstruction_score")
             return {k: v.squeeze(0) if self.num_components == 1 else v for k, v in out.items()}
         return score.squeeze(0) if self.num_components == 1 else score
+
+
+# ---------------------------------------------------------------------------------- ChangedTokenRate
+def _changed_tokens_batch(g: torch.Generator, n: int) -> dict[str, Any]:
+    input_ids = torch.randint(0, 20, (n, 6), generator=g)
+    change = torch.rand(n, 6, generator=g) < 0.4
+    reconstructed_ids = torch.where(change, torch.randint(0, 20, (n, 6), generator=g), input_ids)
+    noise_mask = torch.rand(n, 6, generator=g) < 0.7
+    noise_mask[:, 0] &= torch.rand(n, generator=g) < 0.5  # some sequences select nothing at all
+    noise_mask[torch.rand(n, generator=g) < 0.2] = False
+    return {"input_ids": input_ids, "reconstructed_ids": reconstructed_ids, "noise_mask": noise_mask}
+
+
+def _changed_tokens_bad(g: torch.Generator) -> list[dict[str, Any]]:
+    good = _changed_tokens_batch(g, 4)
+    return [
+        {**good, "reconstructed_ids": good["reconstructed_ids"][:, :5]},  # T mismatch
+        {**good, "input_ids": good["input_ids"].float()},  # dtype
+        {**good, "noise_mask": good["noise_mask"][:3]},  # mask shape
+        {**good, "noise_mask": good["noise_mask"].long() * 2},  # mask values
+        {k: v[0] for k, v in good.items()},  # 1-d
+    ]
+
+
+@register(
+    "reconstruction",
+    "changed_tokens",
+    example=ConformanceExample(make_batch=_changed_tokens_batch, bad_inputs=_changed_tokens_bad),
+)
+class ChangedTokenRate(DiagnosticMetric):
+    r"""Share of selected tokens whose id a transform changed (e.g. nearest-token decoding of noisy embeddings).
+
+    Per sequence :math:`b`, with mask :math:`m` (``noise_mask``, all True by default):
+
+    .. math::
+        c_b = \frac{\sum_t m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_t m_{bt}},\qquad
+        \text{sequence\_mean} = \operatorname{mean}_{b:\,\sum_t m_{bt} > 0} c_b,\qquad
+        \text{token\_rate} = \frac{\sum_{b,t} m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_{b,t} m_{bt}}
+
+    Sequences without a selected token are left out of ``sequence_mean``. No selected token: NaN.
+    Token ids are integers, so no item is ever skipped as non-finite.
+
+    Args:
+        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options; with ``with_stderr=True`` the
+            output also holds ``sequence_mean_stderr`` and ``token_rate_stderr`` (the latter treats
+            tokens as independent).
+
+    ``update(input_ids, reconstructed_ids, noise_mask=None)`` takes integer ``[B, T]`` ids and a bool
+    ``[B, T]`` mask. ``compute()`` returns ``{"sequence_mean", "token_rate"}``.
+
+    Example:
+        >>> import torch
+        >>> from metrics_suite import ChangedTokenRate
+        >>> metric = ChangedTokenRate()
+        >>> ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        >>> rec = torch.tensor([[1, 2, 3], [1, 2, 6]])
+        >>> mask = torch.tensor([[True, False, True], [True, True, True]])
+        >>> metric.update(ids, rec, mask)
+        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}
+        {'sequence_mean': 0.3333, 'token_rate': 0.4}
+    """
+
+    higher_is_better = None
+
+    sequence_stats: Tensor
+    token_counts: Tensor
+
+    @validate_call
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_mean_state("sequence_stats")
+        self.add_count_state("token_counts", (2,))
+
+    def update(self, input_ids: Tensor, reconstructed_ids: Tensor, noise_mask: Tensor | None = None) -> None:
+        """Add one batch of ``[B, T]`` token ids."""
+        if self.validate_args:
+            _changed_tokens_check(input_ids, reconstructed_ids, noise_mask)
+        changed, selected = _changed_tokens_update(input_ids, reconstructed_ids, noise_mask, validate=False)
+        sequence_stats, token_counts = _changed_tokens_stats(changed, selected)
+        self.sequence_stats += sequence_stats.to(self.sequence_stats.device)
+        self.token_counts += token_counts.to(self.token_counts.device)
+
+    def compute(self) -> MetricOutput:
+        """``sequence_mean`` and ``token_rate`` (plus standard errors with ``with_stderr``)."""
+        return {
+            **self.mean_output(self.sequence_stats, "sequence_mean"),
+            **self.mean_output(_token_rate_stats(self.token_counts), "token_rate"),
+        }
+
+
+# ---------------------------------------------------------------------------------- ActivationReconstruction
+def _activation_batch(g: torch.Generator, n: int) -> dict[str, Any]:
+    target = torch.randn(n, 3, 8, generator=g) * 2.0 + 0.5
+    reconstruction = target + 0.7 * torch.randn(n, 3, 8, generator=g)
+    mask = torch.rand(n, 3, generator=g) < 0.8
+    return {"reconstruction": reconstruction, "target": target, "mask": mask}
+
+
+def _activation_bad(g: torch.Generator) -> list[dict[str, Any]]:
+    good = _activation_batch(g, 4)
+    return [
+        {**good, "reconstruction": good["reconstruction"][..., :7]},  # D mismatch
+        {**good, "target": good["target"][..., :7], "reconstruction": good["reconstruction"][..., :7]},  # D
+        {**good, "target": good["target"].long()},  # dtype
+        {**good, "mask": good["mask"][:, :2]},  # mask shape
+        {**good, "mask": good["mask"].float()},  # mask dtype
+    ]
+
+
+@register(
+    "reconstruction",
+    "activations",
+    example=ConformanceExample(
+        make_batch=_activation_batch, bad_inputs=_activation_bad, init_kwargs={"num_features": 8}
+    ),
+    needs_config=True,
+)
+class ActivationReconstruction(DiagnosticMetric):
+    r"""How well a reconstruction (e.g. an SAE's output) reproduces activation vectors ``[..., D]``.
+
+    Over the selected vectors :math:`x_i` (``mask``, all by default; any leading shape) with
+    reconstructions :math:`\hat{x}_i`:
+
+    .. math::
+        \text{mse} = \frac{1}{n}\sum_i \frac{\lVert \hat{x}_i - x_i \rVert^2}{D},\qquad
+        \text{normalized\_mse} = \frac{\sum_i \lVert \hat{x}_i - x_i \rVert^2}{\sum_i \lVert x_i \rVert^2},
+
+    .. math::
+        \text{explained\_variance} = 1 - \frac{\sum_i \lVert \hat{x}_i - x_i \rVert^2}
+        {\sum_i \lVert x_i \rVert^2 - \lVert \sum_i x_i \rVert^2 / n},\qquad
+        \text{cosine\_similarity} = \operatorname{mean}_i \frac{\langle \hat{x}_i, x_i\rangle}
+        {\lVert \hat{x}_i \rVert\,\lVert x_i \rVert}
+
+    The denominator of ``explained_variance`` is :math:`\sum_i \lVert x_i - \bar{x} \rVert^2` with
+    :math:`\bar{x}` the mean vector of all selected vectors on all ranks, obtained from float64 sums
+    :math:`\sum_i x_i` ``[D]`` and :math:`\sum_i \lVert x_i \rVert^2` (all per-vector math is done in
+    float64, so activations with a large offset keep their variance). Vectors where
+    :math:`\hat{x}_i` or :math:`x_i` is zero are left out of ``cosine_similarity`` only. No data,
+    or zero target variance for ``explained_variance``: NaN.
+
+    Args:
+        num_features: the size ``D`` of the last dimension.
+        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+            ``mse_stderr`` and ``cosine_similarity_stderr``).
+
+    Example:
+        >>> import torch
+        >>> from metrics_suite import ActivationReconstruction
+        >>> metric = ActivationReconstruction(num_features=2)
+        >>> target = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
+        >>> metric.update(torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 1.0]]), target)
+        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}
+        {'mse': 0.3333, 'normalized_mse': 0.1333, 'explained_variance': 0.7, 'cosine_similarity': 0.9829}
+    """
+
+    higher_is_better = None
+
+    mse_stats: Tensor
+    cosine_stats: Tensor
+    norm_sums: Tensor
+    target_sum: Tensor
+
+    @validate_call
+    def __init__(self, num_features: PositiveInt, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_features = num_features
+        self.add_mean_state("mse_stats")
+        self.add_mean_state("cosine_stats")
+        self.add_sum_state("norm_sums", (2,))
+        self.add_sum_state("target_sum", (num_features,))
+
+    def update(self, reconstruction: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
+        """Add one batch of ``[..., num_features]`` vectors (``mask`` over the leading shape)."""
+        if self.validate_args:
+            _activation_check(reconstruction, target, mask, self.num_features)
+        selected = _selection(mask, target.shape[:-1], target.device)
+        finite = torch.isfinite(reconstruction).all(-1) & torch.isfinite(target).all(-1)
+        keep, skipped = self.nonfinite_filter("reconstruction/target", finite | ~selected)
+        sums = _activation_update(reconstruction, target, selected & keep)
+        self.nonfinite_count += skipped
+        for name, value in zip(("mse_stats", "cosine_stats", "norm_sums", "target_sum"), sums):
+            state = getattr(self, name)
+            state += value.to(state.device)
+
+    def compute(self) -> MetricOutput:
+        """``mse``, ``normalized_mse``, ``explained_variance``, ``cosine_similarity``."""
+        out = _activation_compute(self.mse_stats, self.cosine_stats, self.norm_sums, self.target_sum)
+        if self.with_stderr:
+            out |= self.mean_output(self.mse_stats, "mse") | self.mean_output(
+                self.cosine_stats, "cosine_similarity"
+            )
+        return out
+
+
+# ---------------------------------------------------------------------------------- FeatureSparsity
+def _sparsity_batch(g: torch.Generator, n: int) -> dict[str, Any]:
+    # feature f fires with probability ~ 0.6**f: a spread of densities, rare features, one never fires
+    rates = 0.6 ** torch.arange(12.0)
+    rates[-1] = 0.0
+    fires = torch.rand(n, 2, 12, generator=g) < rates
+    feature_activations = torch.where(fires, torch.rand(n, 2, 12, generator=g) * 3.0, 0.0)
+    mask = torch.rand(n, 2, generator=g) < 0.85
+    return {"feature_activations": feature_activations, "mask": mask}
+
+
+def _sparsity_bad(g: torch.Generator) -> list[dict[str, Any]]:
+    good = _sparsity_batch(g, 4)
+    return [
+        {**good, "feature_activations": good["feature_activations"][..., :11]},  # F mismatch
+        {**good, "feature_activations": good["feature_activations"].long()},  # dtype
+        {**good, "mask": good["mask"][:, :1]},  # mask shape
+        {"feature_activations": good["feature_activations"][0, 0, 0]},  # 0-d
+    ]
+
+
+DeadThreshold = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+@register(
+    "reconstruction",
+    "feature_sparsity",
+    example=ConformanceExample(
+        make_batch=_sparsity_batch,
+        bad_inputs=_sparsity_bad,
+        init_kwargs={"num_features": 12, "dead_thresholds": (0.0, 0.01, 0.1)},
+    ),
+    needs_config=True,
+)
+class FeatureSparsity(DiagnosticMetric):
+    r"""Sparsity and dead features of feature activations ``[..., F]`` (e.g. an SAE's latents).
+
+    Over the selected vectors :math:`a_i` (``mask``, all by default; any leading shape), with the
+    firing frequency :math:`\nu_f` of feature :math:`f` over all vectors seen on all ranks:
+
+    .. math::
+        \text{l0} = \frac{1}{n}\sum_i \lVert a_i \rVert_0,\qquad
+        \text{l1} = \frac{1}{n}\sum_i \lVert a_i \rVert_1,\qquad
+        \nu_f = \frac{1}{n}\sum_i [a_{if} \neq 0],\qquad
+        \text{dead\_fraction@}\tau = \frac{\#\{f : \nu_f \le \tau\}}{F}
+
+    Output keys: ``l0``, ``l1``, one ``dead_fraction@{τ:g}`` per threshold (``dead_fraction@0``,
+    ``dead_fraction@1e-06``, ``dead_fraction@1e-05`` by default) and ``density_histogram``, a ``[9]``
+    vector of feature counts per firing density: bin 0 holds the features that never fired, bins
+    1..8 one decade of :math:`\log_{10}\nu_f` each, ``[-8, -7)`` ... ``[-1, 0]`` (edges in
+    :attr:`density_edges_log10`; a density below 1e-8 goes to bin 1). A collection flattens it
+    to ``.../density_histogram/bin_{i}``.
+
+    States: int64 per-feature firing counts ``[F]`` and a vector count (so a feature firing on only
+    one rank is not dead), plus (n, Σ, Σ²) of the per-vector L0 and L1. The histogram is computed
+    from the summed firing counts at ``compute()``, so it describes the densities over all data.
+    :meth:`firing_frequency` gives :math:`\nu_f` for plots. No data: NaN.
+
+    Args:
+        num_features: the number of features ``F``.
+        dead_thresholds: firing frequencies in ``[0, 1]`` at or below which a feature counts as dead.
+        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+            ``l0_stderr`` and ``l1_stderr``).
+
+    Example:
+        >>> import torch
+        >>> from metrics_suite import FeatureSparsity
+        >>> metric = FeatureSparsity(num_features=3, dead_thresholds=(0.0, 0.3))
+        >>> metric.update(torch.tensor([[0.0, 2.0, 0.0], [1.0, -1.0, 0.0]]))
+        >>> metric.update(torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.5, 0.0]]))
+        >>> out = metric.compute()
+        >>> {k: round(v.item(), 4) for k, v in out.items() if k != "density_histogram"}
+        {'l0': 1.25, 'l1': 1.875, 'dead_fraction@0': 0.3333, 'dead_fraction@0.3': 0.6667}
+        >>> metric.firing_frequency().tolist()
+        [0.25, 1.0, 0.0]
+        >>> out["density_histogram"].tolist()
+        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]
+    """
+
+    higher_is_better = None
+    vector_label = "bin"
+    #: log10 firing-density edges of histogram bins 1..8.
+    density_edges_log10: tuple[float, ...] = DENSITY_EDGES_LOG10
+
+    firing_counts: Tensor
+    vector_count: Tensor
+    l0_stats: Tensor
+    l1_stats: Tensor
+
+    @validate_call
+    def __init__(
+        self,
+        num_features: PositiveInt,
+        dead_thresholds: tuple[DeadThreshold, ...] = (0.0, 1e-6, 1e-5),
+        **kwargs: Any,
+    ) -> None:
+        keys = [dead_fraction_key(t) for t in dead_thresholds]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"`dead_thresholds` must give distinct keys, got {keys}")
+        super().__init__(**kwargs)
+        self.num_features = num_features
+        self.dead_thresholds = tuple(dead_thresholds)
+        self.add_count_state("firing_counts", (num_features,))
+        self.add_count_state("vector_count")
+        self.add_mean_state("l0_stats")
+        self.add_mean_state("l1_stats")
+
+    def update(self, feature_activations: Tensor, mask: Tensor | None = None) -> None:
+        """Add one batch of ``[..., num_features]`` activations (``mask`` over the leading shape)."""
+        if self.validate_args:
+            _feature_sparsity_check(feature_activations, mask, self.num_features)
+        selected = _selection(mask, feature_activations.shape[:-1], feature_activations.device)
+        finite = torch.isfinite(feature_activations).all(-1)
+        keep, skipped = self.nonfinite_filter("feature_activations", finite | ~selected)
+        sums = _feature_sparsity_update(feature_activations, selected & keep)
+        self.nonfinite_count += skipped
+        for name, value in zip(("firing_counts", "vector_count", "l0_stats", "l1_stats"), sums):
+            state = getattr(self, name)
+            state += value.to(state.device)
+
+    def compute(self) -> MetricOutput:
+        """``l0``, ``l1``, ``dead_fraction@{thr}`` per threshold and ``density_histogram`` ``[9]``."""
+        out = _feature_sparsity_compute(
+            self.firing_counts, self.vector_count, self.l0_stats, self.l1_stats, self.dead_thresholds
+        )
+        if self.with_stderr:
+            out |= self.mean_output(self.l0_stats, "l0") | self.mean_output(self.l1_stats, "l1")
+        return out
+
+    def firing_frequency(self) -> Tensor:
+        """Per-feature firing frequency ``[F]`` (float64) over all vectors seen, NaN before any data.
+
+        Under DDP this sums the states over ranks like ``compute()``: call it on every rank.
+        """
+        sync = self._to_sync and not self._is_synced
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn,
+            process_group=self.process_group,
+            should_sync=sync,
+            should_unsync=sync,
+            distributed_available=self.distributed_available_fn,
+        ):
+            counts = self.firing_counts.to(torch.float64)
+            return safe_div(counts, self.vector_count.to(torch.float64).expand_as(counts))

@@ -120,8 +120,9 @@ def suite(*names: str, **overrides: Mapping[str, Any] | bool) -> DiagnosticColle
         kwargs = dict(setting) if isinstance(setting, Mapping) else {}
         try:
             metrics[f"{entry.suite}/{name}"] = entry.cls(**kwargs)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"cannot build {entry.suite}/{name} ({entry.cls.__name__}): {err}") from err
+        except (TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+            kind = TypeError if isinstance(err, TypeError) else ValueError
+            raise kind(f"cannot build {entry.suite}/{name} ({entry.cls.__name__}): {err}") from err
     return DiagnosticCollection(metrics)
 
 

@@ -1,3 +1,189 @@
 """Functional forms of the noise suite."""
 
-__all__: list[str] = []
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from metrics_suite.base import mean_stats
+from metrics_suite.validation import INT_DTYPES, check_float, check_tensor, shape_str
+
+__all__ = ["noise_statistics"]
+
+#: Names of the per-position statistics, in the order of :func:`noise_statistics`.
+NOISE_STATISTICS: tuple[str, ...] = (
+    "input_norm",
+    "mean_norm",
+    "unshifted_noise_norm",
+    "mean_shifted_noise_norm",
+    "mean_domination_percent",
+    "mean_domination_ratio",
+    "mean_cosine_similarity",
+    "noise_domination_percent",
+    "noise_domination_ratio",
+    "noise_cosine_similarity",
+)
+
+
+def _position_shape(shape: torch.Size, dim: int) -> torch.Size:
+    """The shape of ``input`` without ``dim``."""
+    axis = len(shape) + dim
+    return torch.Size((*shape[:axis], *shape[axis + 1 :]))
+
+
+def _noise_check(input: Tensor, mean: Tensor, noise: Tensor, noise_mask: Tensor | None, dim: int) -> None:
+    """Raise ``TypeError``/``ValueError`` for inputs that do not fit ``input`` and ``dim``."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim >= 0:
+        raise ValueError(f"`dim` must be a negative int (counted from the end), got {dim!r}")
+    check_float("input", input)
+    if input.ndim < -dim:
+        raise ValueError(
+            f"`input` must have at least {-dim} dims for dim={dim}, got {shape_str(input.shape)}"
+        )
+    for name, x in (("mean", mean), ("noise", noise)):
+        check_float(name, x)
+        try:
+            broadcast = torch.broadcast_shapes(x.shape, input.shape)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != input.shape:
+            raise ValueError(
+                f"`{name}` must have the shape of `input` {shape_str(input.shape)} (or broadcast to it), "
+                f"got {shape_str(x.shape)}"
+            )
+    if noise_mask is not None:
+        _check_broadcast_mask("noise_mask", noise_mask, _position_shape(input.shape, dim))
+
+
+def _check_broadcast_mask(name: str, mask: object, shape: torch.Size) -> None:
+    """Require a bool (or 0/1 integer) tensor that broadcasts to ``shape`` (torch rules)."""
+    m = check_tensor(name, mask)
+    if m.dtype != torch.bool:
+        if m.dtype not in INT_DTYPES:
+            raise TypeError(f"`{name}` must be a bool (or 0/1 integer) tensor, got dtype {m.dtype}")
+        if m.numel() and bool(((m != 0) & (m != 1)).any()):
+            raise ValueError(f"`{name}` must hold only 0 and 1 when given as integers")
+    try:
+        ok = torch.broadcast_shapes(m.shape, shape) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"`{name}` must broadcast to the position shape {shape_str(shape)} (input without dim), "
+            f"got {shape_str(m.shape)}"
+        )
+
+
+def _position_mask(noise_mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
+    """``noise_mask`` broadcast to the position shape as bool (all True when ``None``)."""
+    if noise_mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    m = noise_mask if noise_mask.dtype == torch.bool else noise_mask != 0
+    return m.to(device).expand(shape)
+
+
+def _div_defined(num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
+    """``num / den`` (NaN where ``den == 0``) and the bool "defined" mask ``den != 0``."""
+    defined = den != 0
+    return torch.where(defined, num / torch.where(defined, den, 1.0), float("nan")), defined
+
+
+def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """The ten statistics at every position.
+
+    Math in float32 (float64 for float64 inputs), so bfloat16/float16 inputs do not under- or
+    overflow in the squared norms.
+
+    Returns:
+        ``values`` ``[10, *positions]`` (order of :data:`NOISE_STATISTICS`, NaN where a ratio or
+        cosine has a zero denominator) and ``defined`` ``[10, *positions]`` bool.
+    """
+    dtype = torch.promote_types(torch.promote_types(input.dtype, mean.dtype), noise.dtype)
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    x, mu, eps = (t.detach().to(device=input.device, dtype=dtype) for t in (input, mean, noise))
+    x, mu, eps = torch.broadcast_tensors(x, mu, eps)
+    shifted = mu + eps
+
+    def norm(t: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(t, dim=dim)
+
+    x_norm, mu_norm, eps_norm, shifted_norm = norm(x), norm(mu), norm(eps), norm(shifted)
+    always = torch.ones_like(x_norm, dtype=torch.bool)
+    ratios = [
+        _div_defined(mu_norm, mu_norm + eps_norm),
+        _div_defined(mu_norm, eps_norm),
+        _div_defined((x * mu).sum(dim), x_norm * mu_norm),
+        _div_defined(shifted_norm, x_norm + shifted_norm),
+        _div_defined(shifted_norm, x_norm),
+        _div_defined((x * shifted).sum(dim), x_norm * shifted_norm),
+    ]
+    values = torch.stack([x_norm, mu_norm, eps_norm, shifted_norm, *(v for v, _ in ratios)])
+    defined = torch.stack([always, always, always, always, *(d for _, d in ratios)])
+    return values, defined
+
+
+def _noise_update(
+    input: Tensor, mean: Tensor, noise: Tensor, noise_mask: Tensor | None = None, dim: int = -1
+) -> Tensor:
+    """Sum statistics ``[10, 3]`` (n, Σv, Σv²) of each statistic over the selected positions.
+
+    A position enters a statistic only where that statistic is defined (non-zero denominator).
+    ``noise_mask`` must be validated; it is broadcast over the position shape.
+    """
+    values, defined = _noise_per_position(input, mean, noise, dim)
+    selected = _position_mask(noise_mask, values.shape[1:], values.device)
+    weights = (defined & selected).reshape(len(NOISE_STATISTICS), -1)
+    values = torch.where(weights, values.reshape(len(NOISE_STATISTICS), -1), 0.0)
+    return mean_stats(values, weights, dim=1)
+
+
+def noise_statistics(
+    input: Tensor, mean: Tensor, noise: Tensor, noise_mask: Tensor | None = None, dim: int = -1
+) -> dict[str, Tensor]:
+    r"""Per-position norms, domination shares and cosines of a noise transform's parts.
+
+    The transform outputs ``input + mean + noise`` (``noise`` the zero-mean part, σ·ε); the
+    mean-shifted noise is :math:`s = \mu + \varepsilon`. At each position (norms over ``dim``):
+
+    .. math::
+        \text{mean\_domination\_percent} = \frac{\lVert\mu\rVert}{\lVert\mu\rVert + \lVert\varepsilon\rVert},\quad
+        \text{mean\_domination\_ratio} = \frac{\lVert\mu\rVert}{\lVert\varepsilon\rVert},\quad
+        \text{mean\_cosine\_similarity} = \cos(x, \mu),
+
+    .. math::
+        \text{noise\_domination\_percent} = \frac{\lVert s\rVert}{\lVert x\rVert + \lVert s\rVert},\quad
+        \text{noise\_domination\_ratio} = \frac{\lVert s\rVert}{\lVert x\rVert},\quad
+        \text{noise\_cosine\_similarity} = \cos(x, s),
+
+    plus ``input_norm`` :math:`\lVert x\rVert`, ``mean_norm`` :math:`\lVert\mu\rVert`,
+    ``unshifted_noise_norm`` :math:`\lVert\varepsilon\rVert` and ``mean_shifted_noise_norm``
+    :math:`\lVert s\rVert`. The "percent" statistics are fractions in [0, 1]. A ratio or cosine
+    with a zero denominator is NaN at that position.
+
+    Args:
+        input: the transform's input, e.g. token embeddings ``[B, T, D]``.
+        mean: the learned mean shift, of ``input``'s shape or broadcastable to it.
+        noise: the zero-mean noise, of ``input``'s shape or broadcastable to it.
+        noise_mask: bool (or 0/1) mask over the position shape (``input``'s shape without ``dim``),
+            broadcast with torch rules (e.g. ``[T]`` for every sequence, ``[B, 1]`` per sequence).
+        dim: the (negative) feature dimension the norms run over.
+
+    Returns:
+        ``{name: values}`` for the ten statistics, each a 1-d tensor of the selected positions in
+        row-major order (float32, or float64 for float64 inputs).
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+        >>> mu = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+        >>> eps = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+        >>> out = noise_statistics(x, mu, eps)
+        >>> out["input_norm"].tolist(), out["mean_domination_ratio"].tolist()
+        ([5.0, 1.0], [nan, 1.0])
+        >>> [round(v, 4) for v in out["noise_cosine_similarity"].tolist()]
+        [0.8, 0.7071]
+    """
+    _noise_check(input, mean, noise, noise_mask, dim)
+    values, _ = _noise_per_position(input, mean, noise, dim)
+    selected = _position_mask(noise_mask, values.shape[1:], values.device)
+    return {name: v[selected] for name, v in zip(NOISE_STATISTICS, values)}

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from metrics_suite.base import safe_div
-from metrics_suite.validation import check_float, check_integer, check_ndim, check_same_shape, shape_str
+from metrics_suite.base import mean_stats, safe_div
+from metrics_suite.validation import (
+    check_float,
+    check_integer,
+    check_mask,
+    check_ndim,
+    check_same_shape,
+    shape_str,
+)
 
 ScoreReduction = Literal["ratio_of_sums", "itemwise_mean"]
-__all__ = ["reconstruction_score"]
+__all__ = [
+    "activation_reconstruction",
+    "changed_token_rate",
+    "feature_sparsity",
+    "percentage_changed_ids",
+    "reconstruction_score",
+]
 
 _LOSS_NAMES = (
     "source_model_loss",
@@ -173,3 +187,343 @@ def reconstruction_score(
     )
     score = _reconstruction_score_compute(loss_sums, ratio_stats, reduction)
     return score[0] if source_model_loss.ndim == 1 else score
+
+
+# ---------------------------------------------------------------------------------- shared helpers
+def _selection(mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
+    """``mask`` as a bool tensor (all True when ``None``); expects an already validated mask."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    return (mask if mask.dtype == torch.bool else mask != 0).to(device)
+
+
+def _check_vectors(name: str, x: Tensor, size: int | None) -> None:
+    """Require a floating-point ``[..., size]`` tensor (any last size when ``size`` is None)."""
+    check_float(name, x)
+    if size is None and x.ndim == 0:
+        raise ValueError(f"`{name}` must have shape [..., D], got a 0-d tensor")
+    if size is not None and (x.ndim == 0 or x.shape[-1] != size):
+        raise ValueError(
+            f"`{name}` must have shape [..., {size}] (num_features={size}), got {shape_str(x.shape)}"
+        )
+
+
+# ---------------------------------------------------------------------------------- changed tokens
+def _changed_tokens_check(input_ids: Tensor, reconstructed_ids: Tensor, noise_mask: Tensor | None) -> None:
+    """Raise ``TypeError``/``ValueError`` for ids that are not two equal ``[B, T]`` integer tensors."""
+    check_integer("input_ids", input_ids)
+    check_ndim("input_ids", input_ids, 2)
+    check_integer("reconstructed_ids", reconstructed_ids)
+    check_same_shape("reconstructed_ids", reconstructed_ids, "input_ids", input_ids)
+    if noise_mask is not None:
+        check_mask("noise_mask", noise_mask, input_ids.shape)
+
+
+def _changed_tokens_update(
+    input_ids: Tensor, reconstructed_ids: Tensor, noise_mask: Tensor | None = None, validate: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Per-sequence counts of one batch.
+
+    Returns:
+        ``changed`` ``[B]`` and ``selected`` ``[B]`` (int64): Σ_t m·[x ≠ x̂] and Σ_t m.
+    """
+    if validate:
+        _changed_tokens_check(input_ids, reconstructed_ids, noise_mask)
+    m = _selection(noise_mask, input_ids.shape, input_ids.device)
+    changed = (m & (input_ids != reconstructed_ids.to(input_ids.device))).sum(-1)
+    return changed, m.sum(-1)
+
+
+def _changed_tokens_stats(changed: Tensor, selected: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum statistics of one batch from per-sequence counts.
+
+    Returns:
+        ``sequence_stats`` ``[3]``: (n, Σc_b, Σc_b²) over sequences with at least one selected
+        token; ``token_counts`` ``[2]`` int64: (Σ changed, Σ selected).
+    """
+    has_tokens = selected > 0
+    rate = torch.where(has_tokens, changed.to(torch.float64) / selected.clamp_min(1), 0.0)
+    sequence_stats = mean_stats(rate, has_tokens)
+    token_counts = torch.stack([changed.sum(), selected.sum()]).to(torch.int64)
+    return sequence_stats, token_counts
+
+
+def _token_rate_stats(token_counts: Tensor) -> Tensor:
+    """(n, Σx, Σx²) of the 0/1 "changed" indicator over selected tokens (x² = x)."""
+    changed, selected = token_counts.to(torch.float64).unbind(-1)
+    return torch.stack([selected, changed, changed], dim=-1)
+
+
+def percentage_changed_ids(
+    input_ids: Tensor, reconstructed_ids: Tensor, noise_mask: Tensor | None = None
+) -> Tensor:
+    r"""Fraction of selected tokens per sequence whose id the reconstruction changed.
+
+    .. math::
+        c_b = \frac{\sum_t m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_t m_{bt}}
+
+    Args:
+        input_ids: original token ids ``[B, T]``.
+        reconstructed_ids: ids after the transform (e.g. nearest-token decoding) ``[B, T]``.
+        noise_mask: bool ``[B, T]``, True for the tokens to compare (default: all).
+
+    Returns:
+        ``[B]`` float64 fractions; NaN for a sequence without selected tokens.
+
+    Example:
+        >>> import torch
+        >>> ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        >>> rec = torch.tensor([[1, 2, 3], [1, 2, 6]])
+        >>> mask = torch.tensor([[True, False, True], [True, True, True]])
+        >>> percentage_changed_ids(ids, rec, mask)
+        tensor([0.0000, 0.6667], dtype=torch.float64)
+    """
+    changed, selected = _changed_tokens_update(input_ids, reconstructed_ids, noise_mask)
+    return safe_div(changed.to(torch.float64), selected.to(torch.float64))
+
+
+def changed_token_rate(
+    input_ids: Tensor, reconstructed_ids: Tensor, noise_mask: Tensor | None = None
+) -> dict[str, Tensor]:
+    r"""Share of changed token ids, per sequence then averaged, and over all tokens.
+
+    .. math::
+        \text{sequence\_mean} = \operatorname{mean}_{b:\,\sum_t m_{bt} > 0} c_b,
+        \qquad
+        \text{token\_rate} = \frac{\sum_{b,t} m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_{b,t} m_{bt}}
+
+    with :math:`c_b` from :func:`percentage_changed_ids`. Sequences without selected tokens are
+    left out of ``sequence_mean``; no selected token at all gives NaN.
+
+    Example:
+        >>> import torch
+        >>> ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        >>> rec = torch.tensor([[1, 2, 3], [1, 2, 6]])
+        >>> mask = torch.tensor([[True, False, True], [True, True, True]])
+        >>> {k: round(v.item(), 4) for k, v in changed_token_rate(ids, rec, mask).items()}
+        {'sequence_mean': 0.3333, 'token_rate': 0.4}
+    """
+    sequence_stats, token_counts = _changed_tokens_stats(
+        *_changed_tokens_update(input_ids, reconstructed_ids, noise_mask)
+    )
+    return _changed_tokens_compute(sequence_stats, token_counts)
+
+
+def _changed_tokens_compute(sequence_stats: Tensor, token_counts: Tensor) -> dict[str, Tensor]:
+    token_stats = _token_rate_stats(token_counts)
+    return {
+        "sequence_mean": safe_div(sequence_stats[1], sequence_stats[0]),
+        "token_rate": safe_div(token_stats[1], token_stats[0]),
+    }
+
+
+# ---------------------------------------------------------------------------------- activations
+def _activation_check(
+    reconstruction: Tensor, target: Tensor, mask: Tensor | None, num_features: int | None
+) -> None:
+    """Raise ``TypeError``/``ValueError`` unless both inputs are ``[..., D]`` and ``mask`` is ``[...]``."""
+    _check_vectors("target", target, num_features)
+    check_float("reconstruction", reconstruction)
+    check_same_shape("reconstruction", reconstruction, "target", target)
+    if mask is not None:
+        check_mask("mask", mask, target.shape[:-1])
+
+
+def _activation_update(
+    reconstruction: Tensor, target: Tensor, mask: Tensor | None = None
+) -> tuple[Tensor, ...]:
+    """Sum statistics of one batch of ``[..., D]`` vectors (only vectors where ``mask`` is True).
+
+    Everything is computed in float64: with a large offset (activations around 1000 with unit
+    spread) float32 squares would lose the variance that ``explained_variance`` needs.
+
+    Returns:
+        ``mse_stats`` ``[3]`` and ``cosine_stats`` ``[3]`` (n, Σv, Σv²) of the per-vector mean
+        squared error and cosine (the cosine only where both norms are non-zero);
+        ``norm_sums`` ``[2]``: (Σ‖x̂ − x‖², Σ‖x‖²); ``target_sum`` ``[D]``: Σx.
+    """
+    d = target.shape[-1]
+    x = target.detach().reshape(-1, d).to(torch.float64)
+    x_hat = reconstruction.detach().reshape(-1, d).to(device=x.device, dtype=torch.float64)
+    selected = _selection(mask, target.shape[:-1], x.device).reshape(-1)
+    # torch.where, not a product: masked-out vectors may hold NaN
+    x = torch.where(selected[:, None], x, 0.0)
+    x_hat = torch.where(selected[:, None], x_hat, 0.0)
+    sq_err = (x_hat - x).square().sum(-1)
+    sq_norm = x.square().sum(-1)
+    sq_norm_hat = x_hat.square().sum(-1)
+    cos_den = (sq_norm * sq_norm_hat).sqrt()
+    has_cos = selected & (cos_den != 0)
+    cosine = torch.where(has_cos, (x_hat * x).sum(-1) / torch.where(has_cos, cos_den, 1.0), 0.0)
+    mse_stats = mean_stats(sq_err / d, selected)
+    cosine_stats = mean_stats(cosine, has_cos)
+    norm_sums = torch.stack([sq_err.sum(), sq_norm.sum()])
+    return mse_stats, cosine_stats, norm_sums, x.sum(0)
+
+
+def _activation_compute(
+    mse_stats: Tensor, cosine_stats: Tensor, norm_sums: Tensor, target_sum: Tensor
+) -> dict[str, Tensor]:
+    """The four statistics from the sums of :func:`_activation_update`."""
+    n = mse_stats[0]
+    sq_err, sq_norm = norm_sums.unbind(-1)
+    # Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖²/n; clamp the rounding of a zero variance to exactly 0 (-> NaN)
+    total_variance = (sq_norm - safe_div(target_sum.square().sum(), n)).clamp_min(0.0)
+    return {
+        "mse": safe_div(mse_stats[1], n),
+        "normalized_mse": safe_div(sq_err, sq_norm),
+        "explained_variance": 1.0 - safe_div(sq_err, total_variance),
+        "cosine_similarity": safe_div(cosine_stats[1], cosine_stats[0]),
+    }
+
+
+def activation_reconstruction(
+    reconstruction: Tensor, target: Tensor, mask: Tensor | None = None
+) -> dict[str, Tensor]:
+    r"""How well ``reconstruction`` reproduces ``target``, over the selected ``[..., D]`` vectors.
+
+    .. math::
+        \text{mse} = \frac{1}{n}\sum_i \frac{\lVert \hat{x}_i - x_i \rVert^2}{D},\quad
+        \text{normalized\_mse} = \frac{\sum_i \lVert \hat{x}_i - x_i \rVert^2}{\sum_i \lVert x_i \rVert^2},
+
+    .. math::
+        \text{explained\_variance} = 1 - \frac{\sum_i \lVert \hat{x}_i - x_i \rVert^2}
+        {\sum_i \lVert x_i - \bar{x} \rVert^2},\quad
+        \text{cosine\_similarity} = \frac{1}{n'}\sum_i \frac{\langle \hat{x}_i, x_i\rangle}
+        {\lVert \hat{x}_i \rVert\,\lVert x_i \rVert}
+
+    with :math:`\bar{x}` the mean vector of the selected targets, and the cosine averaged over
+    the :math:`n'` vectors where both norms are non-zero.
+
+    Args:
+        reconstruction: ``[..., D]`` (e.g. SAE output).
+        target: ``[..., D]`` (the activations it reconstructs).
+        mask: bool over the leading shape ``[...]``, True for vectors to include (default: all).
+
+    Returns:
+        dict of float64 scalars ``mse``, ``normalized_mse``, ``explained_variance``,
+        ``cosine_similarity`` (NaN where undefined, e.g. no vectors).
+
+    Example:
+        >>> import torch
+        >>> target = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
+        >>> rec = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 1.0]])
+        >>> {k: round(v.item(), 4) for k, v in activation_reconstruction(rec, target).items()}
+        {'mse': 0.3333, 'normalized_mse': 0.1333, 'explained_variance': 0.7, 'cosine_similarity': 0.9829}
+    """
+    _activation_check(reconstruction, target, mask, None)
+    return _activation_compute(*_activation_update(reconstruction, target, mask))
+
+
+# ---------------------------------------------------------------------------------- feature sparsity
+#: log10 firing-density bin edges of the density histogram: one bin per decade from 1e-8 to 1.
+DENSITY_EDGES_LOG10: tuple[float, ...] = tuple(float(e) for e in range(-8, 1))
+
+
+def _feature_sparsity_check(
+    feature_activations: Tensor, mask: Tensor | None, num_features: int | None
+) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``feature_activations`` is ``[..., F]`` and ``mask`` ``[...]``."""
+    _check_vectors("feature_activations", feature_activations, num_features)
+    if mask is not None:
+        check_mask("mask", mask, feature_activations.shape[:-1])
+
+
+def _feature_sparsity_update(feature_activations: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]:
+    """Sum statistics of one batch of ``[..., F]`` feature activations (vectors where ``mask``).
+
+    Returns:
+        ``firing_counts`` ``[F]`` int64 (vectors where each feature is non-zero), ``vector_count``
+        (int64 scalar), and ``l0_stats``, ``l1_stats`` ``[3]`` (n, Σv, Σv²) of the per-vector
+        non-zero count and L1 norm.
+    """
+    f = feature_activations.shape[-1]
+    a = feature_activations.detach().reshape(-1, f)
+    selected = _selection(mask, feature_activations.shape[:-1], a.device).reshape(-1)
+    a = torch.where(selected[:, None], a, 0)
+    firing = a != 0
+    l0 = firing.sum(-1)
+    l1 = a.to(torch.float64).abs().sum(-1)
+    firing_counts = firing.sum(0, dtype=torch.int64)
+    vector_count = selected.sum(dtype=torch.int64)
+    return firing_counts, vector_count, mean_stats(l0, selected), mean_stats(l1, selected)
+
+
+def _density_histogram(
+    firing_counts: Tensor, vector_count: Tensor, edges: Sequence[float] = DENSITY_EDGES_LOG10
+) -> Tensor:
+    """Number of features per firing-density bin: ``[never fired, bin 1, ..., bin B]``.
+
+    Bin ``k >= 1`` holds densities with log10 in ``[edges[k-1], edges[k])`` (the last bin also holds
+    density 1, densities below ``10**edges[0]`` go to bin 1), as ``numpy.histogram`` bins them.
+    NaN when no vector was seen.
+    """
+    num_bins = len(edges) - 1
+    n = vector_count.to(torch.float64)
+    if not bool(n > 0):
+        return torch.full((num_bins + 1,), float("nan"), dtype=torch.float64, device=firing_counts.device)
+    fired = firing_counts > 0
+    log_density = torch.log10(firing_counts.to(torch.float64).clamp_min(1) / n)
+    edge_t = torch.tensor(edges, dtype=torch.float64, device=firing_counts.device)
+    bin_idx = (torch.searchsorted(edge_t, log_density, right=True) - 1).clamp(0, num_bins - 1) + 1
+    bin_idx = torch.where(fired, bin_idx, 0)
+    return torch.bincount(bin_idx, minlength=num_bins + 1).to(torch.float64)
+
+
+def dead_fraction_key(threshold: float) -> str:
+    """Output key of the dead fraction at ``threshold``, e.g. ``"dead_fraction@1e-06"``."""
+    return f"dead_fraction@{threshold:g}"
+
+
+def _feature_sparsity_compute(
+    firing_counts: Tensor,
+    vector_count: Tensor,
+    l0_stats: Tensor,
+    l1_stats: Tensor,
+    dead_thresholds: Sequence[float],
+) -> dict[str, Tensor]:
+    """``l0``, ``l1``, ``dead_fraction@{thr}`` and ``density_histogram`` from the summed states."""
+    frequency = safe_div(firing_counts.to(torch.float64), vector_count.to(torch.float64))
+    out = {"l0": safe_div(l0_stats[1], l0_stats[0]), "l1": safe_div(l1_stats[1], l1_stats[0])}
+    for threshold in dead_thresholds:
+        dead = (frequency <= threshold).to(torch.float64).mean()
+        out[dead_fraction_key(threshold)] = (
+            dead if bool(vector_count > 0) else frequency.new_tensor(float("nan"))
+        )
+    out["density_histogram"] = _density_histogram(firing_counts, vector_count)
+    return out
+
+
+def feature_sparsity(
+    feature_activations: Tensor,
+    mask: Tensor | None = None,
+    dead_thresholds: Sequence[float] = (0.0, 1e-6, 1e-5),
+) -> dict[str, Tensor]:
+    r"""Sparsity of feature activations ``[..., F]`` over the selected vectors.
+
+    .. math::
+        \text{l0} = \frac{1}{n}\sum_i \lVert a_i \rVert_0,\quad
+        \text{l1} = \frac{1}{n}\sum_i \lVert a_i \rVert_1,\quad
+        \text{dead\_fraction@}\tau = \frac{1}{F}\,\#\{f : \nu_f \le \tau\},\quad
+        \nu_f = \frac{1}{n}\sum_i [a_{if} \neq 0]
+
+    ``density_histogram`` ``[9]`` counts features per firing density :math:`\nu_f`: bin 0 holds
+    features that never fired, bins 1..8 one decade of :math:`\log_{10}\nu_f` each, from
+    :math:`[-8, -7)` to :math:`[-1, 0]` (densities below 1e-8 go to bin 1).
+
+    Args:
+        feature_activations: ``[..., F]`` (e.g. SAE feature activations).
+        mask: bool over the leading shape ``[...]``, True for vectors to include (default: all).
+        dead_thresholds: firing frequencies at or below which a feature counts as dead.
+
+    Example:
+        >>> import torch
+        >>> acts = torch.tensor([[0.0, 2.0, 0.0], [1.0, -1.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.5, 0.0]])
+        >>> out = feature_sparsity(acts, dead_thresholds=(0.0, 0.3))
+        >>> {k: round(v.item(), 4) for k, v in out.items() if k != "density_histogram"}
+        {'l0': 1.25, 'l1': 1.875, 'dead_fraction@0': 0.3333, 'dead_fraction@0.3': 0.6667}
+        >>> out["density_histogram"].tolist()
+        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]
+    """
+    _feature_sparsity_check(feature_activations, mask, None)
+    return _feature_sparsity_compute(*_feature_sparsity_update(feature_activations, mask), dead_thresholds)

@@ -1,0 +1,54 @@
+"""Shared test helpers: comparing metric outputs, building metrics from registry entries."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metrics_suite.base import DiagnosticMetric
+from metrics_suite.registry import RegisteredMetric
+
+
+def make_metric(entry: RegisteredMetric, **kwargs: Any) -> DiagnosticMetric:
+    """The entry's metric built with its conformance ``init_kwargs`` (plus ``kwargs``)."""
+    return entry.cls(**{**entry.example.init_kwargs, **kwargs})
+
+
+def example_batches(entry: RegisteredMetric, sizes: list[int], seed: int = 0) -> list[dict[str, Any]]:
+    """Deterministic batches of the given sizes for ``entry``."""
+    g = torch.Generator().manual_seed(seed)
+    return [entry.example.make_batch(g, n) for n in sizes]
+
+
+def flat(metric: DiagnosticMetric, value: Any) -> dict[str, float]:
+    """A compute() result flattened to python floats."""
+    return {k: float(v) for k, v in metric.flatten_output(value).items()}
+
+
+def compare(
+    actual: dict[str, float], expected: dict[str, float], rtol: float = 1e-9, atol: float = 1e-12
+) -> list[str]:
+    """Differences between two flat results (NaN equals NaN); empty when they agree."""
+    problems = []
+    if actual.keys() != expected.keys():
+        problems.append(f"keys differ: {sorted(actual)} vs {sorted(expected)}")
+    for key in sorted(actual.keys() & expected.keys()):
+        a, e = actual[key], expected[key]
+        if math.isnan(a) and math.isnan(e):
+            continue
+        if not math.isclose(a, e, rel_tol=rtol, abs_tol=atol):
+            problems.append(f"{key}: {a!r} != {e!r}")
+    return problems
+
+
+def state_snapshot(metric: DiagnosticMetric) -> dict[str, Tensor]:
+    return {name: t.detach().clone() for name, t in metric.state_items()}
+
+
+def states_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        x.dtype == b[k].dtype and x.shape == b[k].shape and torch.equal(x, b[k]) for k, x in a.items()
+    )

@@ -1,0 +1,214 @@
+"""DiagnosticCollection routing and keys, the registry, and configuration."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import metrics_suite as ms
+from metrics_suite.base import DiagnosticMetric, mean_and_stderr, mean_stats
+from metrics_suite.collection import DiagnosticCollection
+from metrics_suite.reconstruction import ReconstructionScore
+from tests.helpers import state_snapshot, states_equal
+
+
+def _losses(n: int = 4, components: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, components) if components > 1 else (n,)
+    clean = torch.rand(shape, generator=g)
+    zero = clean + 1 + torch.rand(shape, generator=g)
+    return {
+        "source_model_loss": clean,
+        "source_model_loss_with_reconstruction": clean + (zero - clean) * torch.rand(shape, generator=g),
+        "source_model_loss_with_zero_ablation": zero,
+    }
+
+
+class _Sum(DiagnosticMetric):
+    """A tiny stand-in metric: the mean of ``value`` (exercises routing of another input name)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_mean_state("stats")
+
+    def update(self, value: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError("`value` must be a tensor")
+        self.stats += mean_stats(value if mask is None else value[mask])
+
+    def compute(self):
+        return self.mean_output(self.stats, "mean")
+
+
+def test_registry_lists_the_four_suites() -> None:
+    suites = ms.available()
+    assert list(suites) == ["reconstruction", "utility", "noise", "credit"]
+    assert "reconstruction_score" in suites["reconstruction"]
+
+
+def test_unknown_suite_or_metric_lists_what_exists() -> None:
+    with pytest.raises(ValueError, match="available suites"):
+        ms.suite("recon")
+    with pytest.raises(ValueError, match="reconstruction_score"):
+        ms.suite("reconstruction", reconstructon_score={})
+
+
+def test_overrides_configure_exclude_and_validate() -> None:
+    col = ms.suite("reconstruction", reconstruction_score={"num_components": 3, "reduction": "itemwise_mean"})
+    metric = col["reconstruction/reconstruction_score"]
+    assert (metric.num_components, metric.reduction) == (3, "itemwise_mean")
+    assert "reconstruction/reconstruction_score" not in ms.suite("reconstruction", reconstruction_score=False)
+    with pytest.raises(ValueError, match=r"(?s)reconstruction/reconstruction_score.*num_components"):
+        ms.suite("reconstruction", reconstruction_score={"num_components": 0})
+    with pytest.raises(ValueError, match="reduction"):
+        ReconstructionScore(reduction="mean")
+
+
+def test_build_from_dict_json_and_toml(tmp_path) -> None:
+    cfg = {"suites": ["reconstruction"], "metrics": {"reconstruction_score": {"num_components": 2}}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    (tmp_path / "c.toml").write_text(
+        'suites = ["reconstruction"]\n[metrics.reconstruction_score]\nnum_components = 2\n'
+    )
+    for source in (cfg, ms.SuiteConfig(**cfg), tmp_path / "c.json", str(tmp_path / "c.toml")):
+        col = ms.build(source)
+        assert col["reconstruction/reconstruction_score"].num_components == 2
+    with pytest.raises(ValidationError, match="suites"):
+        ms.build({"suites": ["nope"]})
+    with pytest.raises(ValidationError, match="extra"):
+        ms.build({"suite": ["utility"]})
+    (tmp_path / "c.yaml").write_text("")
+    with pytest.raises(ValueError, match=r"\.json or \.toml"):
+        ms.build(tmp_path / "c.yaml")
+
+
+def test_routing_by_name_and_flat_keys() -> None:
+    col = DiagnosticCollection(
+        {"reconstruction/score": ReconstructionScore(num_components=2), "other/sum": _Sum(with_stderr=True)}
+    )
+    inputs = _losses(6, components=2)
+    col.update(**inputs)  # _Sum lacks `value`: skipped
+    col.update(value=torch.tensor([1.0, 2.0, 3.0, 4.0]))  # only _Sum
+    out = col.compute()
+    expected_score = ms.functional.reconstruction_score(*inputs.values())
+    assert set(out) == {
+        "reconstruction/score/component_0",
+        "reconstruction/score/component_1",
+        "reconstruction/score/nonfinite_count",
+        "other/sum/mean",
+        "other/sum/mean_stderr",
+        "other/sum/nonfinite_count",
+    }
+    assert torch.allclose(out["reconstruction/score/component_1"], expected_score[1], rtol=1e-12)
+    assert out["other/sum/mean"].item() == 2.5
+    # stderr of [1, 2, 3, 4]: sample std / sqrt(n)
+    assert out["other/sum/mean_stderr"].item() == pytest.approx(torch.tensor([1.0, 2, 3, 4]).std().item() / 2)
+    assert all(v.ndim == 0 for v in out.values())
+
+
+def test_unknown_input_raises_and_positional_inputs_are_rejected() -> None:
+    col = ms.suite("reconstruction")
+    with pytest.raises(TypeError, match="source_model_los"):
+        col.update(source_model_los=torch.ones(2))
+    with pytest.raises(TypeError, match="keyword"):
+        col.update(torch.ones(2))
+
+
+def test_never_updated_metrics_warn_once_and_are_nan() -> None:
+    col = DiagnosticCollection({"a/score": ReconstructionScore(), "b/sum": _Sum()})
+    col.update(value=torch.ones(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = col.compute()
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "a/score" in messages[0], messages
+    assert torch.isnan(out["a/score"]) and out["b/sum/mean"] == 1.0
+
+
+def test_failed_update_rolls_back_the_whole_collection() -> None:
+    col = DiagnosticCollection({"b/sum": _Sum(), "a/score": ReconstructionScore()})
+    col.update(value=torch.ones(3), **_losses())
+    before = {name: state_snapshot(m) for name, m in col.items(keep_base=True)}
+    bad = _losses()
+    bad["source_model_loss"] = bad["source_model_loss"][:2]
+    with pytest.raises(ValueError, match="source_model_loss"):
+        col.update(value=torch.ones(3), **bad)  # _Sum is updated first, then the score rejects
+    for name, m in col.items(keep_base=True):
+        assert states_equal(state_snapshot(m), before[name]), name
+        assert m.update_count == 1
+
+
+def test_forward_gives_batch_values_and_accumulates() -> None:
+    col = DiagnosticCollection({"b/sum": _Sum()})
+    assert col(value=torch.tensor([1.0, 3.0]))["b/sum/mean"] == 2.0
+    assert col(value=torch.tensor([5.0, 7.0]))["b/sum/mean"] == 6.0
+    assert col.compute()["b/sum/mean"] == 4.0
+
+
+def test_per_metric_compute_still_works_and_compute_restores_state() -> None:
+    col = ms.suite("reconstruction")
+    inputs = _losses()
+    col.update(**inputs)
+    metric = col["reconstruction/reconstruction_score"]
+    first = col.compute()["reconstruction/reconstruction_score"]
+    assert torch.equal(metric.compute(), first)  # Lightning may call each metric's compute
+    col.update(**inputs)  # same items again: same ratio, twice the sums
+    assert torch.allclose(col.compute()["reconstruction/reconstruction_score"], first, rtol=1e-12)
+    assert torch.allclose(metric.loss_sums[0, 0], 2 * inputs["source_model_loss"].double().sum())
+
+
+def test_mean_and_stderr_match_numpy() -> None:
+    import numpy as np
+
+    x = torch.randn(101, dtype=torch.float64)
+    mean, stderr = mean_and_stderr(mean_stats(x))
+    assert mean.item() == pytest.approx(np.mean(x.numpy()), rel=1e-12)
+    assert stderr.item() == pytest.approx(np.std(x.numpy(), ddof=1) / np.sqrt(101), rel=1e-9)
+    empty_mean, empty_err = mean_and_stderr(torch.zeros(3, dtype=torch.float64))
+    assert torch.isnan(empty_mean) and torch.isnan(empty_err)
+
+
+def test_nan_strategy() -> None:
+    inputs = _losses(4)
+    bad = dict(inputs)
+    bad["source_model_loss"] = inputs["source_model_loss"].clone()
+    bad["source_model_loss"][1] = float("nan")
+    finite_rows = {k: v[[0, 2, 3]] for k, v in inputs.items()}
+
+    skip = ReconstructionScore()
+    skip.update(**bad)
+    with pytest.warns(UserWarning, match="skipped 1 item"):
+        value = skip.compute()
+    assert value == ms.functional.reconstruction_score(*finite_rows.values())
+    assert skip.nonfinite_count == 1
+
+    error = ReconstructionScore(nan_strategy="error")
+    before = state_snapshot(error)
+    with pytest.raises(ValueError, match="NaN"):
+        error.update(**bad)
+    assert states_equal(state_snapshot(error), before)
+
+    propagate = ReconstructionScore(nan_strategy="propagate")
+    propagate.update(**bad)
+    assert torch.isnan(propagate.compute())
+
+    col = DiagnosticCollection({"a/score": ReconstructionScore()})
+    col.update(**bad)
+    with pytest.warns(UserWarning, match="skipped"):
+        assert col.compute()["a/score/nonfinite_count"] == 1
+
+
+def test_set_dtype_and_half_keep_float64_accumulators() -> None:
+    metric = ReconstructionScore()
+    metric.update(**_losses())
+    metric.half()
+    metric.set_dtype(torch.float16)
+    assert metric.loss_sums.dtype == torch.float64 and metric.nonfinite_count.dtype == torch.int64
+    module = torch.nn.Module()
+    module.metric = metric
+    module.to(torch.bfloat16)
+    assert metric.loss_sums.dtype == torch.float64

@@ -1,0 +1,150 @@
+"""The conformance kit: invariants of DESIGN.md section 1, checked for every registered metric.
+
+A metric gets these tests by registering a ConformanceExample (see metrics_suite/conformance.py).
+Real multi-process checks live in tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from metrics_suite.registry import RegisteredMetric, registered
+from tests.helpers import compare, example_batches, flat, make_metric, state_snapshot, states_equal
+
+ENTRIES = registered()
+SHARDABLE = [e for e in ENTRIES if e.example.shardable]
+
+
+def _ids(entries: list[RegisteredMetric]) -> list[str]:
+    return [f"{e.suite}/{e.name}" for e in entries]
+
+
+def _one_pass(entry: RegisteredMetric, batches: list[dict]) -> dict[str, float]:
+    metric = make_metric(entry)
+    for batch in batches:
+        metric.update(**batch)
+    return flat(metric, metric.compute())
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
+def test_declared_contract(entry: RegisteredMetric) -> None:
+    """Sum-reduced fixed-size float64/int64 tensor states; full_state_update False."""
+    metric = make_metric(entry)
+    assert metric.full_state_update is False
+    assert metric._reductions, "a metric needs states"
+    for name, default in metric._defaults.items():
+        assert isinstance(default, torch.Tensor), f"{name} is a list state"
+        assert default.dtype in (torch.float64, torch.int64), f"{name} has dtype {default.dtype}"
+        assert metric._reductions[name] is not None and metric._reductions[name].__name__ == "dim_zero_sum"
+    shapes = {name: t.shape for name, t in metric.state_items()}
+    for batch in example_batches(entry, [3, 5, 2]):
+        metric.update(**batch)
+    assert shapes == {name: t.shape for name, t in metric.state_items()}, "state shapes depend on the data"
+
+
+@pytest.mark.parametrize("entry", SHARDABLE, ids=_ids(SHARDABLE))
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_sharding_invariance(entry: RegisteredMetric, data: st.DataObject) -> None:
+    """Any split of the same items into batches gives the same result as one pass."""
+    sizes = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=5), label="batch sizes")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    (whole,) = example_batches(entry, [sum(sizes)], seed=seed)
+    one_pass = _one_pass(entry, [whole])
+    sharded = _one_pass(entry, entry.example.split(whole, sizes))
+    assert not compare(sharded, one_pass, rtol=entry.example.rtol)
+
+
+@pytest.mark.parametrize("entry", SHARDABLE, ids=_ids(SHARDABLE))
+def test_merge_is_addition(entry: RegisteredMetric) -> None:
+    """Summing the states of metrics fed disjoint parts equals one metric fed everything."""
+    batches = example_batches(entry, [4, 3, 5, 2])
+    parts = [make_metric(entry) for _ in range(3)]
+    for i, batch in enumerate(batches):
+        parts[i % 2].update(**batch)  # parts[2] never updates, like an idle rank
+    merged = make_metric(entry)
+    for name, _ in merged.state_items():
+        setattr(merged, name, sum(getattr(p, name) for p in parts))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not compare(flat(merged, merged.compute()), _one_pass(entry, batches), rtol=entry.example.rtol)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
+def test_state_dict_and_pickle_mid_epoch(entry: RegisteredMetric) -> None:
+    """Saving mid-epoch and resuming gives the uninterrupted result."""
+    batches = example_batches(entry, [3, 4, 2])
+    uninterrupted = make_metric(entry)
+    first = make_metric(entry)
+    for batch in batches[:2]:
+        uninterrupted.update(**batch)
+        first.update(**batch)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = make_metric(entry)
+    resumed.load_state_dict(torch.load(buffer))
+    unpickled = pickle.loads(pickle.dumps(first))
+    for metric in (uninterrupted, resumed, unpickled):
+        metric.update(**batches[2])
+    expected = flat(uninterrupted, uninterrupted.compute())
+    assert not compare(flat(resumed, resumed.compute()), expected)
+    assert not compare(flat(unpickled, unpickled.compute()), expected)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
+def test_bad_input_raises_and_leaves_state_unchanged(entry: RegisteredMetric) -> None:
+    g = torch.Generator().manual_seed(1)
+    bad_inputs = entry.example.bad_inputs(g)
+    assert bad_inputs, "register at least one bad input"
+    metric = make_metric(entry)
+    metric.update(**example_batches(entry, [3])[0])
+    before = state_snapshot(metric)
+    count = metric.update_count
+    for i, bad in enumerate(bad_inputs):
+        with pytest.raises((ValueError, TypeError)) as info:
+            metric.update(**bad)
+        assert "`" in str(info.value), f"bad input {i}: the message should name the argument: {info.value}"
+        assert states_equal(state_snapshot(metric), before), f"bad input {i} changed the state"
+    # the metric still works after the rejected updates
+    metric.update(**example_batches(entry, [2], seed=5)[0])
+    assert metric.update_count == count + 1 + len(bad_inputs)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
+def test_forward_returns_batch_value_and_accumulates(entry: RegisteredMetric) -> None:
+    b1, b2 = example_batches(entry, [3, 4])
+    metric = make_metric(entry)
+    batch_value = metric(**b1)
+    fresh = make_metric(entry)
+    fresh.update(**b1)
+    assert not compare(flat(metric, batch_value), flat(fresh, fresh.compute()))
+    metric(**b2)
+    assert not compare(flat(metric, metric.compute()), _one_pass(entry, [b1, b2]), rtol=entry.example.rtol)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
+def test_no_data_gives_nan_not_an_error(entry: RegisteredMetric) -> None:
+    metric = make_metric(entry)
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        value = flat(metric, metric.compute())
+    assert value, "compute() returned nothing"
+    assert not any(math.isinf(v) for v in value.values()), value
+    assert any(math.isnan(v) for v in value.values()), f"expected NaN for no data: {value}"
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
+def test_reset_returns_to_empty(entry: RegisteredMetric) -> None:
+    metric = make_metric(entry)
+    empty = state_snapshot(metric)
+    metric.update(**example_batches(entry, [3])[0])
+    metric.reset()
+    assert states_equal(state_snapshot(metric), empty)
