@@ -83,11 +83,10 @@ def fused_all_reduce(
     return out
 
 
-def safe_div(num: Tensor, den: Tensor) -> Tensor:
+def safe_div(num: Tensor, den: Tensor | float) -> Tensor:
     """``num / den`` where ``den != 0``, NaN elsewhere (never inf from an empty denominator)."""
     den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
-    nan = torch.full_like(num / torch.ones_like(den), float("nan"))
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), nan)
+    return torch.where(den != 0, num / den, float("nan"))
 
 
 def mean_stats(values: Tensor, weights: Tensor | None = None, dim: int | tuple[int, ...] = 0) -> Tensor:
@@ -187,21 +186,36 @@ class DiagnosticMetric(Metric):
             raise ValueError(f"`{name}` holds NaN or inf in {int(n_bad)} item(s) (nan_strategy='error')")
         return finite, n_bad.to(torch.int64)
 
+    def _warn_nonfinite(self) -> None:
+        # called on synced states: the count is the global one
+        if not self._warned_nonfinite and int(self.nonfinite_count) > 0:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}: skipped {int(self.nonfinite_count)} item(s) with NaN/inf inputs "
+                "(nan_strategy='skip').",
+                UserWarning,
+                stacklevel=4,
+            )
+
     def _wrap_compute(self, compute: Callable) -> Callable:
         @functools.wraps(compute)
         def compute_and_warn(*args: Any, **kwargs: Any) -> Any:
-            # runs inside the sync context: the count is the global one
-            if not self._warned_nonfinite and int(self.nonfinite_count) > 0:
-                self._warned_nonfinite = True
-                warnings.warn(
-                    f"{type(self).__name__}: skipped {int(self.nonfinite_count)} item(s) with NaN/inf inputs "
-                    "(nan_strategy='skip').",
-                    UserWarning,
-                    stacklevel=3,
-                )
+            self._warn_nonfinite()
             return compute(*args, **kwargs)
 
         return super()._wrap_compute(compute_and_warn)
+
+    def compute_on_current_states(self) -> MetricOutput:
+        """``compute()`` on the states as they are now: no sync, no cache, no torchmetrics wrapper.
+
+        :class:`~metrics_suite.collection.DiagnosticCollection` calls this after its own fused sync.
+        """
+        self._warn_nonfinite()
+        value = type(self).compute(self)
+        # clone, as torchmetrics does: a value must not alias a state that later updates modify in place
+        if isinstance(value, dict):
+            return {k: v.clone() for k, v in value.items()}
+        return value.clone()
 
     def reset(self) -> None:
         """Reset every state to zero (and re-arm the non-finite warning)."""

@@ -149,7 +149,8 @@ class DiagnosticCollection(MetricCollection):
         )
         group = next((m.process_group for _, m in items if m.process_group is not None), None)
         reduced = fused_all_reduce(states, group=group, check_layout=self.check_layout)
-        local = [(m, m._copy_state_dict(), m._update_count) for _, m in items]
+        # computes never modify states in place, so the local tensors can be restored by reference
+        local = [(m, {attr: getattr(m, attr) for attr in m._defaults}, m._update_count) for _, m in items]
         it = iter(reduced)
         global_counts = dict(zip(counts, reduced[-1].tolist()))
         for name, m in items:
@@ -177,14 +178,16 @@ class DiagnosticCollection(MetricCollection):
         with self._synced() as counts:
             never = [name for name, n in counts.items() if n == 0]
             for name, m in items:
+                if isinstance(m, DiagnosticMetric):
+                    results[name] = m.compute_on_current_states()
+                    nonfinite[name] = m.nonfinite_count.detach().clone()
+                    continue
                 to_sync = m._to_sync
                 m._to_sync = False  # states are already global
                 try:
                     with warnings.catch_warnings():
                         warnings.filterwarnings("ignore", message=f".*{_NOT_UPDATED}.*")
                         results[name] = m.compute()
-                    if isinstance(m, DiagnosticMetric):
-                        nonfinite[name] = m.nonfinite_count.detach().clone()
                 finally:
                     m._to_sync = to_sync
                     m._computed = None  # cached value is global; a later local compute must not reuse it

@@ -1,0 +1,109 @@
+"""Sync cost of one four-suite collection: our fused compute vs torchmetrics' per-state sync.
+
+Runs on real gloo processes (2 and 4 by default) and prints JSON: collectives issued per
+compute, and the median time of
+
+* ``collection.compute()`` -- one fused ``all_reduce`` (+ a 5-element layout check), then
+  every metric computed locally, states restored;
+* torchmetrics' default per-state sync alone (``Metric._sync_dist`` with ``gather_all_tensors``:
+  a barrier and two ``all_gather`` calls per state) over the same states, no compute.
+
+``ratio`` = torchmetrics time / our time (higher is better for us).
+
+Usage: python benchmarks/bench_sync.py [--world-sizes 2 4] [--repeats 30] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from metrics_suite.collection import DiagnosticCollection
+from metrics_suite.reconstruction import ReconstructionScore
+from metrics_suite.registry import registered
+from metrics_suite.testing import count_collectives, run_distributed
+
+MIN_STATES = 48
+
+
+def _build_collection() -> DiagnosticCollection:
+    metrics: dict[str, Any] = {}
+    g = torch.Generator().manual_seed(0)
+    for entry in registered():
+        metric = entry.cls(**entry.example.init_kwargs)
+        metric.update(**entry.example.make_batch(g, 8))
+        metrics[f"{entry.suite}/{entry.name}"] = metric
+    # stand-ins until the registry alone has enough states
+    i = 0
+    while sum(len(m._defaults) for m in metrics.values()) < MIN_STATES:
+        metric = ReconstructionScore(num_components=4)
+        metric.update(
+            torch.rand(8, 4, generator=g), torch.rand(8, 4, generator=g), torch.rand(8, 4, generator=g) + 1
+        )
+        metrics[f"standin/score_{i}"] = metric
+        i += 1
+    return DiagnosticCollection(metrics)
+
+
+def _median_ms(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _torchmetrics_sync(collection: DiagnosticCollection) -> None:
+    for metric in collection.values(copy_state=False):
+        cache = metric._copy_state_dict()
+        Metric._sync_dist(metric, gather_all_tensors)  # torchmetrics' own per-state sync
+        for attr, value in cache.items():
+            setattr(metric, attr, value)
+
+
+def _worker(rank: int, world_size: int, repeats: int) -> dict[str, Any]:
+    collection = _build_collection()
+    with count_collectives() as ours_calls:
+        collection.compute()
+    with count_collectives() as tm_calls:
+        _torchmetrics_sync(collection)
+    ours_ms = _median_ms(collection.compute, repeats)
+    tm_ms = _median_ms(lambda: _torchmetrics_sync(collection), repeats)
+    return {
+        "world_size": world_size,
+        "metrics": len(collection),
+        "states": sum(len(m._defaults) for m in collection.values(copy_state=False)),
+        "ours_collection_compute": {"median_ms": round(ours_ms, 3), "collectives": dict(ours_calls)},
+        "torchmetrics_per_state_sync": {"median_ms": round(tm_ms, 3), "collectives": dict(tm_calls)},
+        "ratio": round(tm_ms / ours_ms, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    results = [run_distributed(_worker, ws, args.repeats, timeout=600)[0] for ws in args.world_sizes]
+    text = json.dumps({"benchmark": "sync", "results": results}, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
