@@ -148,3 +148,60 @@ def test_reset_returns_to_empty(entry: RegisteredMetric) -> None:
     metric.update(**example_batches(entry, [3])[0])
     metric.reset()
     assert states_equal(state_snapshot(metric), empty)
+
+
+def _float_batch_keys(entry: RegisteredMetric, batch: dict) -> list[str]:
+    keys = entry.example.batch_keys or tuple(batch)
+    return [k for k in keys if isinstance(batch[k], torch.Tensor) and batch[k].is_floating_point()]
+
+
+FLOAT_INPUT = [e for e in ENTRIES if _float_batch_keys(e, example_batches(e, [2])[0])]
+
+
+@pytest.mark.parametrize("entry", FLOAT_INPUT, ids=_ids(FLOAT_INPUT))
+def test_nan_strategy_on_every_metric(entry: RegisteredMetric) -> None:
+    """skip: counted, result stays finite where the clean result is; error: raises, state kept;
+    propagate: the NaN reaches the result."""
+    (batch,) = example_batches(entry, [4], seed=3)
+    key = _float_batch_keys(entry, batch)[0]
+    poisoned = dict(batch)
+    poisoned[key] = batch[key].clone()
+    poisoned[key].view(-1)[0] = float("nan")
+
+    clean = make_metric(entry)
+    clean.update(**batch)
+    clean_value = flat(clean, clean.compute())
+
+    skip = make_metric(entry)
+    skip.update(**poisoned)
+    assert int(skip.nonfinite_count) >= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skipped_value = flat(skip, skip.compute())
+    for k, v in clean_value.items():
+        assert math.isnan(v) or not math.isnan(skipped_value[k]), f"{k} became NaN under nan_strategy='skip'"
+
+    error = make_metric(entry, nan_strategy="error")
+    error.update(**batch)
+    before = state_snapshot(error)
+    with pytest.raises(ValueError, match="NaN"):
+        error.update(**poisoned)
+    assert states_equal(state_snapshot(error), before)
+
+    propagate = make_metric(entry, nan_strategy="propagate")
+    propagate.update(**poisoned)
+    assert int(propagate.nonfinite_count) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("entry", FLOAT_INPUT, ids=_ids(FLOAT_INPUT))
+def test_half_precision_inputs(entry: RegisteredMetric, dtype: torch.dtype) -> None:
+    """Half inputs give the float32 result of the same (rounded) values."""
+    (batch,) = example_batches(entry, [5], seed=4)
+    keys = _float_batch_keys(entry, batch)
+    half = {k: (v.to(dtype) if k in keys else v) for k, v in batch.items()}
+    upcast = {k: (v.float() if k in keys else v) for k, v in half.items()}
+    a, b = make_metric(entry), make_metric(entry)
+    a.update(**half)
+    b.update(**upcast)
+    assert not compare(flat(a, a.compute()), flat(b, b.compute()), rtol=1e-5, atol=1e-6)
