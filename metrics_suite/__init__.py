@@ -7,6 +7,7 @@
 
 from metrics_suite import credit, noise, reconstruction, utility
 from metrics_suite.base import DiagnosticMetric, fused_all_reduce
+from metrics_suite.capture import ForwardCapture, record
 from metrics_suite.collection import DiagnosticCollection
 from metrics_suite.config import SuiteConfig, load_config
 from metrics_suite.conformance import ConformanceExample
@@ -25,12 +26,14 @@ __all__ = [
     "ConformanceExample",
     "DiagnosticCollection",
     "DiagnosticMetric",
+    "ForwardCapture",
     "SuiteConfig",
     "__version__",
     "available",
     "build",
     "fused_all_reduce",
     "load_config",
+    "record",
     "register",
     "registered",
     "suite",

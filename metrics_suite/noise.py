@@ -13,9 +13,9 @@ from metrics_suite.conformance import ConformanceExample
 from metrics_suite.functional.noise import (
     NOISE_STATISTICS,
     _noise_check,
+    _noise_per_position,
     _noise_update,
     _position_mask,
-    _position_shape,
 )
 from metrics_suite.registry import register
 
@@ -118,13 +118,11 @@ class NoiseStatistics(DiagnosticMetric):
         """Add one batch (``noise_mask`` broadcasts over ``input``'s shape without ``dim``)."""
         if self.validate_args:
             _noise_check(input, mean, noise, noise_mask, self.dim)
-        positions = _position_shape(input.shape, self.dim)
-        selected = _position_mask(noise_mask, positions, input.device)
-        finite = torch.ones(positions, dtype=torch.bool, device=input.device)
-        for x in (input, mean, noise):
-            finite = finite & torch.isfinite(x).all(self.dim)  # broadcasts a smaller mean/noise
+        values, defined = _noise_per_position(input, mean, noise, self.dim)
+        selected = _position_mask(noise_mask, values.shape[1:], values.device)
+        finite = torch.isfinite(values[:3]).all(0)  # the norms of input, mean and noise
         keep, skipped = self.nonfinite_filter("input/mean/noise", finite | ~selected)
-        stats = _noise_update(input, mean, noise, selected & keep, self.dim)
+        stats = _noise_update(values, defined, selected & keep)
         self.nonfinite_count += skipped
         self.statistic_stats += stats.to(self.statistic_stats.device)
 

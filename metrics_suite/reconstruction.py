@@ -16,9 +16,11 @@ from metrics_suite.functional.reconstruction import (
     _activation_check,
     _activation_compute,
     _activation_update,
+    _activation_vector_stats,
     _changed_tokens_check,
     _changed_tokens_stats,
     _changed_tokens_update,
+    _feature_l1,
     _feature_sparsity_check,
     _feature_sparsity_compute,
     _feature_sparsity_update,
@@ -129,7 +131,7 @@ class ReconstructionScore(DiagnosticMetric):
         )
         if self.validate_args:
             _reconstruction_score_check(*losses, self.num_components, component_idx)
-        finite = torch.stack([torch.isfinite(x).reshape(x.shape[0], -1).all(1) for x in losses]).all(0)
+        finite = torch.stack([torch.isfinite(x).all(1) if x.ndim == 2 else torch.isfinite(x) for x in losses]).all(0)
         keep, skipped = self.nonfinite_filter("source_model_loss*", finite)
         loss_sums, ratio_stats = _reconstruction_score_update(
             source_model_loss,
@@ -289,7 +291,8 @@ class ActivationReconstruction(DiagnosticMetric):
     :math:`\sum_i x_i` ``[D]`` and :math:`\sum_i \lVert x_i \rVert^2` (all per-vector math is done in
     float64, so activations with a large offset keep their variance). Vectors where
     :math:`\hat{x}_i` or :math:`x_i` is zero are left out of ``cosine_similarity`` only. No data,
-    or zero target variance for ``explained_variance``: NaN.
+    or zero target variance for ``explained_variance`` (a variance below 1e-12 of
+    :math:`\sum_i \lVert x_i \rVert^2` is float64 rounding and counts as zero): NaN.
 
     Args:
         num_features: the size ``D`` of the last dimension.
@@ -327,9 +330,10 @@ class ActivationReconstruction(DiagnosticMetric):
         if self.validate_args:
             _activation_check(reconstruction, target, mask, self.num_features)
         selected = _selection(mask, target.shape[:-1], target.device)
-        finite = torch.isfinite(reconstruction).all(-1) & torch.isfinite(target).all(-1)
+        vector_stats = _activation_vector_stats(reconstruction, target)
+        finite = torch.isfinite(vector_stats).all(0).reshape(selected.shape)
         keep, skipped = self.nonfinite_filter("reconstruction/target", finite | ~selected)
-        sums = _activation_update(reconstruction, target, selected & keep)
+        sums = _activation_update(reconstruction, target, selected & keep, vector_stats)
         self.nonfinite_count += skipped
         for name, value in zip(("mse_stats", "cosine_stats", "norm_sums", "target_sum"), sums):
             state = getattr(self, name)
@@ -457,9 +461,10 @@ class FeatureSparsity(DiagnosticMetric):
         if self.validate_args:
             _feature_sparsity_check(feature_activations, mask, self.num_features)
         selected = _selection(mask, feature_activations.shape[:-1], feature_activations.device)
-        finite = torch.isfinite(feature_activations).all(-1)
+        l1 = _feature_l1(feature_activations)
+        finite = torch.isfinite(l1).reshape(selected.shape)
         keep, skipped = self.nonfinite_filter("feature_activations", finite | ~selected)
-        sums = _feature_sparsity_update(feature_activations, selected & keep)
+        sums = _feature_sparsity_update(feature_activations, selected & keep, l1)
         self.nonfinite_count += skipped
         for name, value in zip(("firing_counts", "vector_count", "l0_stats", "l1_stats"), sums):
             state = getattr(self, name)

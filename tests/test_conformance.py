@@ -205,3 +205,14 @@ def test_half_precision_inputs(entry: RegisteredMetric, dtype: torch.dtype) -> N
     a.update(**half)
     b.update(**upcast)
     assert not compare(flat(a, a.compute()), flat(b, b.compute()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("entry", SHARDABLE, ids=_ids(SHARDABLE))
+def test_empty_batch_is_a_no_op(entry: RegisteredMetric) -> None:
+    """A batch with zero items (e.g. the tail of a sharded loader) adds nothing and does not raise."""
+    metric = make_metric(entry)
+    metric.update(**example_batches(entry, [3])[0])
+    before = state_snapshot(metric)
+    (empty,) = example_batches(entry, [0])
+    metric.update(**empty)
+    assert states_equal(state_snapshot(metric), before)

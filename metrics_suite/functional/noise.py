@@ -96,7 +96,9 @@ def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) ->
 
     Returns:
         ``values`` ``[10, *positions]`` (order of :data:`NOISE_STATISTICS`, NaN where a ratio or
-        cosine has a zero denominator) and ``defined`` ``[10, *positions]`` bool.
+        cosine has a zero denominator) and ``defined`` ``[10, *positions]`` bool. A position with
+        NaN/inf in any input has a non-finite norm among the first three values, which makes them
+        the finiteness check.
     """
     dtype = torch.promote_types(torch.promote_types(input.dtype, mean.dtype), noise.dtype)
     dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -112,27 +114,27 @@ def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) ->
     ratios = [
         _div_defined(mu_norm, mu_norm + eps_norm),
         _div_defined(mu_norm, eps_norm),
-        _div_defined((x * mu).sum(dim), x_norm * mu_norm),
+        _div_defined(torch.linalg.vecdot(x, mu, dim=dim), x_norm * mu_norm),
         _div_defined(shifted_norm, x_norm + shifted_norm),
         _div_defined(shifted_norm, x_norm),
-        _div_defined((x * shifted).sum(dim), x_norm * shifted_norm),
+        _div_defined(torch.linalg.vecdot(x, shifted, dim=dim), x_norm * shifted_norm),
     ]
     values = torch.stack([x_norm, mu_norm, eps_norm, shifted_norm, *(v for v, _ in ratios)])
     defined = torch.stack([always, always, always, always, *(d for _, d in ratios)])
     return values, defined
 
 
-def _noise_update(
-    input: Tensor, mean: Tensor, noise: Tensor, noise_mask: Tensor | None = None, dim: int = -1
-) -> Tensor:
-    """Sum statistics ``[10, 3]`` (n, Σv, Σv²) of each statistic over the selected positions.
+def _noise_update(values: Tensor, defined: Tensor, selected: Tensor) -> Tensor:
+    """Sum statistics ``[10, 3]`` (n, Σv, Σv²) of each statistic over the ``selected`` positions.
+
+    Args:
+        values, defined: :func:`_noise_per_position` output ``[10, *positions]``.
+        selected: bool ``[*positions]``.
 
     A position enters a statistic only where that statistic is defined (non-zero denominator).
-    ``noise_mask`` must be validated; it is broadcast over the position shape.
     """
-    values, defined = _noise_per_position(input, mean, noise, dim)
-    selected = _position_mask(noise_mask, values.shape[1:], values.device)
     weights = (defined & selected).reshape(len(NOISE_STATISTICS), -1)
+    # where, not a product: values are NaN where undefined
     values = torch.where(weights, values.reshape(len(NOISE_STATISTICS), -1), 0.0)
     return mean_stats(values, weights, dim=1)
 
@@ -180,7 +182,8 @@ def noise_statistics(
         >>> out = noise_statistics(x, mu, eps)
         >>> out["input_norm"].tolist(), out["mean_domination_ratio"].tolist()
         ([5.0, 1.0], [nan, 1.0])
-        >>> [round(v, 4) for v in out["noise_cosine_similarity"].tolist()]
+        >>> cosines = [round(v, 4) for v in out["noise_cosine_similarity"].tolist()]
+        >>> cosines
         [0.8, 0.7071]
     """
     _noise_check(input, mean, noise, noise_mask, dim)

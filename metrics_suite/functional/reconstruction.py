@@ -15,6 +15,7 @@ from metrics_suite.validation import (
     check_mask,
     check_ndim,
     check_same_shape,
+    compute_dtype,
     shape_str,
 )
 
@@ -190,6 +191,17 @@ def reconstruction_score(
 
 
 # ---------------------------------------------------------------------------------- shared helpers
+#: Elements of one float64 working chunk (32 MiB): bounds the extra memory of an update to
+#: a few chunks, however many ``[..., D]`` vectors a batch holds.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(n_rows: int, row_size: int) -> list[slice]:
+    """Consecutive row slices of at most ``_CHUNK_ELEMENTS`` elements (at least one row each)."""
+    step = max(1, _CHUNK_ELEMENTS // max(row_size, 1))
+    return [slice(start, start + step) for start in range(0, n_rows, step)]
+
+
 def _selection(mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
     """``mask`` as a bool tensor (all True when ``None``); expects an already validated mask."""
     if mask is None:
@@ -329,36 +341,63 @@ def _activation_check(
         check_mask("mask", mask, target.shape[:-1])
 
 
+def _activation_vector_stats(reconstruction: Tensor, target: Tensor) -> Tensor:
+    """Per-vector ``[3, N]`` float64 (‖x̂ − x‖², ‖x‖², ‖x̂‖²) of ``[..., D]`` inputs (``N`` vectors).
+
+    Computed in float64: with a large offset (activations around 1000 with unit spread) float32
+    squares would lose the variance that ``explained_variance`` needs. A vector holding NaN/inf
+    gets non-finite entries (float64 squares of float32-range values never overflow), so this
+    doubles as the finiteness check.
+    """
+    d = target.shape[-1]
+    x_all = target.detach().reshape(-1, d)
+    x_hat_all = reconstruction.detach().reshape(-1, d).to(x_all.device)
+    parts = [x_all.new_zeros((3, 0), dtype=torch.float64)]
+    for rows in _row_chunks(x_all.shape[0], d):
+        x = x_all[rows].to(torch.float64)
+        x_hat = x_hat_all[rows].to(torch.float64)
+        norms = [torch.linalg.vector_norm(v, dim=-1) for v in (x_hat - x, x, x_hat)]
+        parts.append(torch.stack(norms).square())
+    return torch.cat(parts, dim=1)
+
+
 def _activation_update(
-    reconstruction: Tensor, target: Tensor, mask: Tensor | None = None
-) -> tuple[Tensor, ...]:
+    reconstruction: Tensor, target: Tensor, mask: Tensor | None = None, vector_stats: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sum statistics of one batch of ``[..., D]`` vectors (only vectors where ``mask`` is True).
 
-    Everything is computed in float64: with a large offset (activations around 1000 with unit
-    spread) float32 squares would lose the variance that ``explained_variance`` needs.
+    Args:
+        reconstruction, target: ``[..., D]``.
+        mask: bool over the leading shape (all True when ``None``).
+        vector_stats: :func:`_activation_vector_stats` of the inputs, if already computed.
 
     Returns:
         ``mse_stats`` ``[3]`` and ``cosine_stats`` ``[3]`` (n, Σv, Σv²) of the per-vector mean
         squared error and cosine (the cosine only where both norms are non-zero);
-        ``norm_sums`` ``[2]``: (Σ‖x̂ − x‖², Σ‖x‖²); ``target_sum`` ``[D]``: Σx.
+        ``norm_sums`` ``[2]``: (Σ‖x̂ − x‖², Σ‖x‖²); ``target_sum`` ``[D]``: Σx. Rows are processed
+        in chunks, so the float64 copies never exceed a few ``_CHUNK_ELEMENTS``.
     """
     d = target.shape[-1]
-    x = target.detach().reshape(-1, d).to(torch.float64)
-    x_hat = reconstruction.detach().reshape(-1, d).to(device=x.device, dtype=torch.float64)
-    selected = _selection(mask, target.shape[:-1], x.device).reshape(-1)
+    if vector_stats is None:
+        vector_stats = _activation_vector_stats(reconstruction, target)
+    selected = _selection(mask, target.shape[:-1], vector_stats.device).reshape(-1)
     # torch.where, not a product: masked-out vectors may hold NaN
-    x = torch.where(selected[:, None], x, 0.0)
-    x_hat = torch.where(selected[:, None], x_hat, 0.0)
-    sq_err = (x_hat - x).square().sum(-1)
-    sq_norm = x.square().sum(-1)
-    sq_norm_hat = x_hat.square().sum(-1)
+    sq_err, sq_norm, sq_norm_hat = torch.where(selected, vector_stats, 0.0)
+    # ⟨x̂, x⟩ by polarisation: exact enough in float64, and no extra pass over the data
+    dot = 0.5 * (sq_norm + sq_norm_hat - sq_err)
     cos_den = (sq_norm * sq_norm_hat).sqrt()
     has_cos = selected & (cos_den != 0)
-    cosine = torch.where(has_cos, (x_hat * x).sum(-1) / torch.where(has_cos, cos_den, 1.0), 0.0)
-    mse_stats = mean_stats(sq_err / d, selected)
-    cosine_stats = mean_stats(cosine, has_cos)
+    cosine = torch.where(has_cos, dot / torch.where(has_cos, cos_den, 1.0), 0.0)
+    x_all = target.detach().reshape(-1, d)
+    target_sum = torch.zeros(d, dtype=torch.float64, device=x_all.device)
+    for rows in _row_chunks(x_all.shape[0], d):
+        target_sum += x_all[rows].to(torch.float64).masked_fill_(~selected[rows, None], 0.0).sum(0)
     norm_sums = torch.stack([sq_err.sum(), sq_norm.sum()])
-    return mse_stats, cosine_stats, norm_sums, x.sum(0)
+    return mean_stats(sq_err / d, selected), mean_stats(cosine, has_cos), norm_sums, target_sum
+
+
+#: Relative resolution below which Σ‖x − x̄‖² counts as zero (float64 eps is 2.2e-16).
+_VARIANCE_RESOLUTION = 1e-12
 
 
 def _activation_compute(
@@ -367,8 +406,10 @@ def _activation_compute(
     """The four statistics from the sums of :func:`_activation_update`."""
     n = mse_stats[0]
     sq_err, sq_norm = norm_sums.unbind(-1)
-    # Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖²/n; clamp the rounding of a zero variance to exactly 0 (-> NaN)
-    total_variance = (sq_norm - safe_div(target_sum.square().sum(), n)).clamp_min(0.0)
+    # Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖²/n. A variance below float64 resolution of Σ‖x‖² is rounding
+    # noise of a zero variance: make it exactly 0 (-> NaN) rather than a huge negative score
+    total_variance = sq_norm - safe_div(target_sum.square().sum(), n)
+    total_variance = torch.where(total_variance > _VARIANCE_RESOLUTION * sq_norm, total_variance, 0.0)
     return {
         "mse": safe_div(mse_stats[1], n),
         "normalized_mse": safe_div(sq_err, sq_norm),
@@ -429,8 +470,30 @@ def _feature_sparsity_check(
         check_mask("mask", mask, feature_activations.shape[:-1])
 
 
-def _feature_sparsity_update(feature_activations: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]:
+def _feature_l1(feature_activations: Tensor) -> Tensor:
+    """Per-vector L1 norm ``[N]`` (float64) of ``[..., F]`` activations.
+
+    Computed in float32 (float64 for float64 input) and accumulated in float64 across vectors. A
+    vector holding NaN/inf gets a non-finite norm, so this doubles as the finiteness check.
+    """
+    f = feature_activations.shape[-1]
+    a_all = feature_activations.detach().reshape(-1, f)
+    dtype = compute_dtype(a_all)
+    parts = [a_all.new_zeros(0, dtype=torch.float64)]
+    for rows in _row_chunks(a_all.shape[0], f):
+        parts.append(torch.linalg.vector_norm(a_all[rows], ord=1, dim=-1, dtype=dtype).to(torch.float64))
+    return torch.cat(parts)
+
+
+def _feature_sparsity_update(
+    feature_activations: Tensor, mask: Tensor | None = None, l1: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sum statistics of one batch of ``[..., F]`` feature activations (vectors where ``mask``).
+
+    Args:
+        feature_activations: ``[..., F]``.
+        mask: bool over the leading shape (all True when ``None``).
+        l1: :func:`_feature_l1` of the activations, if already computed.
 
     Returns:
         ``firing_counts`` ``[F]`` int64 (vectors where each feature is non-zero), ``vector_count``
@@ -438,15 +501,30 @@ def _feature_sparsity_update(feature_activations: Tensor, mask: Tensor | None = 
         non-zero count and L1 norm.
     """
     f = feature_activations.shape[-1]
-    a = feature_activations.detach().reshape(-1, f)
-    selected = _selection(mask, feature_activations.shape[:-1], a.device).reshape(-1)
-    a = torch.where(selected[:, None], a, 0)
-    firing = a != 0
-    l0 = firing.sum(-1)
-    l1 = a.to(torch.float64).abs().sum(-1)
-    firing_counts = firing.sum(0, dtype=torch.int64)
+    a_all = feature_activations.detach().reshape(-1, f)
+    if l1 is None:
+        l1 = _feature_l1(feature_activations)
+    selected = _selection(mask, feature_activations.shape[:-1], a_all.device).reshape(-1)
+    dtype = compute_dtype(a_all)
+    weights = selected.to(dtype)
+    firing_counts = torch.zeros(f, dtype=torch.float64, device=a_all.device)
+    l0_parts = [a_all.new_zeros(0, dtype=dtype)]
+    for rows in _row_chunks(a_all.shape[0], f):
+        # 0/1 in float: row sums and the weighted column sum (a GEMV) are exact integers, as a
+        # chunk holds far fewer than 2**24 rows and features
+        fires = (a_all[rows] != 0).to(dtype)
+        l0_parts.append(fires.sum(-1))
+        firing_counts += (weights[rows] @ fires).to(torch.float64)
+    # where, not a product: masked-out or skipped vectors may hold NaN
+    l0 = torch.where(selected, torch.cat(l0_parts).to(torch.float64), 0.0)
+    l1 = torch.where(selected, l1, 0.0)
     vector_count = selected.sum(dtype=torch.int64)
-    return firing_counts, vector_count, mean_stats(l0, selected), mean_stats(l1, selected)
+    return (
+        firing_counts.round().to(torch.int64),
+        vector_count,
+        mean_stats(l0, selected),
+        mean_stats(l1, selected),
+    )
 
 
 def _density_histogram(

@@ -1,0 +1,210 @@
+"""Capture named tensors of a module's forward pass with hooks, to feed metrics without touching the training step.
+
+A noise layer's ``input``, ``mean`` and ``noise`` (or any other tensors) are picked up during the
+normal forward pass and handed to a collection afterwards::
+
+    capture = ForwardCapture(model.noise_layer, inputs={"input": "x"})
+    with capture:
+        loss = model(batch)  # the layer calls record(self, "mean", mean), record(self, "noise", noise)
+    collection.update(**capture.pop())
+
+A tensor can come from three places:
+
+* a forward argument (``inputs``: capture name -> parameter name of ``forward`` or position),
+* the forward output (``output``: a capture name for a tensor output, or capture name -> index/key
+  into a tuple/dict output),
+* :func:`record` calls inside ``forward`` (no-ops unless a capture is attached), or module
+  attributes read after ``forward`` (``attributes``: capture name -> attribute name).
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["ForwardCapture", "record"]
+
+# module -> captures attached to it (weak keys: no attribute is added to the user's module)
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, tuple[ForwardCapture, ...]] = weakref.WeakKeyDictionary()
+
+
+def record(module: nn.Module, name: str, tensor: Any) -> None:
+    """Hand ``tensor`` (or any value) to every :class:`ForwardCapture` attached to ``module`` under ``name``.
+
+    Call it inside ``module.forward``; without an attached capture it does nothing, so a layer
+    can always call it.
+
+    Example:
+        >>> import torch
+        >>> class Shift(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         shift = torch.ones_like(x)
+        ...         record(self, "mean", shift)
+        ...         return x + shift
+        >>> layer = Shift()
+        >>> with ForwardCapture(layer) as capture:
+        ...     _ = layer(torch.zeros(2))
+        >>> capture.tensors
+        {'mean': tensor([1., 1.])}
+    """
+    for capture in _ACTIVE.get(module, ()):
+        capture._store(name, tensor)
+
+
+class ForwardCapture:
+    """Capture named tensors from one module's forward pass.
+
+    Args:
+        module: the module to watch (e.g. a noise layer).
+        inputs: forward arguments to capture: ``{capture name: parameter name or position}``, or a
+            sequence of parameter names captured under their own names.
+        output: capture name for a tensor output, or ``{capture name: index or key}`` into a
+            tuple/list/dict output.
+        attributes: ``{capture name: attribute name}`` of ``module`` read after each forward.
+        names: the names :attr:`tensors` must hold; it raises ``LookupError`` when one is missing
+            (e.g. the module did not run). ``None``: whatever was captured.
+        detach: detach captured tensors from the autograd graph (default), so holding them does
+            not keep the graph alive.
+
+    Tensors passed to :func:`record` inside the module's forward are captured too. Each forward
+    overwrites the previous values; read them with :attr:`tensors` or :meth:`pop`.
+
+    Use as a context manager (hooks removed on exit) or call :meth:`attach`/:meth:`remove`.
+
+    Example:
+        >>> import torch
+        >>> class NoiseLayer(torch.nn.Module):
+        ...     def __init__(self, d):
+        ...         super().__init__()
+        ...         self.mu = torch.nn.Parameter(torch.full((d,), 0.5))
+        ...     def forward(self, x):
+        ...         mean, noise = self.mu.expand_as(x), 0.1 * torch.randn_like(x)
+        ...         record(self, "mean", mean)
+        ...         record(self, "noise", noise)
+        ...         return x + mean + noise
+        >>> layer = NoiseLayer(4)
+        >>> capture = ForwardCapture(layer, inputs={"input": "x"}, names=("input", "mean", "noise"))
+        >>> with capture:
+        ...     _ = layer(torch.randn(2, 3, 4))
+        >>> {name: tuple(t.shape) for name, t in capture.tensors.items()}
+        {'input': (2, 3, 4), 'mean': (2, 3, 4), 'noise': (2, 3, 4)}
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        inputs: Mapping[str, str | int] | Sequence[str] | None = None,
+        output: str | Mapping[str, int | str] | None = None,
+        attributes: Mapping[str, str] | None = None,
+        names: Sequence[str] | None = None,
+        detach: bool = True,
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
+        if isinstance(inputs, str):
+            raise TypeError("`inputs` must be a mapping or a sequence of names, not a str")
+        self.module = module
+        self.output = output
+        self.attributes = dict(attributes or {})
+        self.names = None if names is None else tuple(names)
+        self.detach = detach
+        self._signature = inspect.signature(module.forward)
+        requested = dict(inputs) if isinstance(inputs, Mapping) else {name: name for name in inputs or ()}
+        #: capture name -> parameter name of ``module.forward``
+        self.inputs = {name: self._parameter_name(name, param) for name, param in requested.items()}
+        self._captured: dict[str, Any] = {}
+        self._handle: RemovableHandle | None = None
+
+    def _parameter_name(self, name: str, param: str | int) -> str:
+        """Resolve a parameter name or position of ``module.forward``."""
+        params = [
+            p.name
+            for p in self._signature.parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        if isinstance(param, int) and not isinstance(param, bool) and 0 <= param < len(params):
+            return params[param]
+        if isinstance(param, str) and param in params:
+            return param
+        raise ValueError(
+            f"`inputs[{name!r}]`: {type(self.module).__name__}.forward has no parameter {param!r}; "
+            f"parameters: {params}"
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self) -> ForwardCapture:
+        """Register the hooks (idempotent)."""
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._hook, with_kwargs=True)
+            _ACTIVE[self.module] = (*_ACTIVE.get(self.module, ()), self)
+        return self
+
+    def remove(self) -> None:
+        """Remove the hooks; captured tensors stay readable."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+            active = tuple(c for c in _ACTIVE.get(self.module, ()) if c is not self)
+            if active:
+                _ACTIVE[self.module] = active
+            else:
+                _ACTIVE.pop(self.module, None)
+
+    def __enter__(self) -> ForwardCapture:
+        return self.attach()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.remove()
+
+    def _store(self, name: str, value: Any) -> None:
+        self._captured[name] = value.detach() if self.detach and isinstance(value, Tensor) else value
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+        if self.inputs:
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            for name, param in self.inputs.items():
+                self._store(name, bound.arguments[param])
+        if isinstance(self.output, str):
+            self._store(self.output, result)
+        elif self.output is not None:
+            for name, key in self.output.items():
+                self._store(name, result[key])
+        for name, attr in self.attributes.items():
+            self._store(name, getattr(module, attr))
+
+    # ------------------------------------------------------------------ results
+    @property
+    def tensors(self) -> dict[str, Any]:
+        """The values of the latest forward, ``{name: tensor}`` (ready for ``collection.update(**...)``).
+
+        Values are tensors (detached with ``detach=True``) or whatever a captured argument,
+        output or attribute holds (e.g. an int ``layer`` index).
+        """
+        if self.names is None:
+            return dict(self._captured)
+        missing = [n for n in self.names if n not in self._captured]
+        if missing:
+            raise LookupError(
+                f"ForwardCapture of {type(self.module).__name__}: nothing captured for {missing} "
+                f"(captured: {sorted(self._captured)}); did the module run its forward while attached?"
+            )
+        return {n: self._captured[n] for n in self.names}
+
+    def pop(self) -> dict[str, Any]:
+        """:attr:`tensors`, then forget them (so a stale value is never fed twice)."""
+        out = self.tensors
+        self.clear()
+        return out
+
+    def clear(self) -> None:
+        """Forget the captured tensors."""
+        self._captured.clear()
