@@ -1,3 +1,652 @@
-"""Credit suite: credit-assignment signals against ground truth. (filled by the credit issue)"""
+"""Credit suite: credit-assignment signals (alternatives to backprop) checked against ground truth.
 
-__all__: list[str] = []
+Every metric but :class:`FeatureDrift` is kept per layer: ``num_layers`` at construction, a
+``layer`` index per ``update``. A per-layer value is a scalar when ``num_layers == 1`` and a
+``[num_layers]`` vector otherwise (NaN for layers never updated); a collection flattens vectors
+as ``.../layer_{i}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt, StrictBool, validate_call
+from torch import Tensor, nn
+
+from metrics_suite.base import DiagnosticMetric, MetricOutput, mean_stats, safe_div
+from metrics_suite.conformance import ConformanceExample
+from metrics_suite.functional.credit import (
+    Difference,
+    LossFn,
+    _bridge_check,
+    _credit_cosine_check,
+    _drift_check,
+    _drift_compute,
+    _drift_groups,
+    _drift_sq,
+    _flatten_items,
+    _hidden_credit_check,
+    _named_tensors,
+    _nudging_delta,
+    _pearson_compute,
+    _pearson_sums,
+    _per_item_cosine,
+    _perturbation_pairs,
+    bridge_target,
+)
+from metrics_suite.registry import register
+from metrics_suite.validation import check_index
+
+__all__ = ["BridgeResidual", "CreditCosine", "FeatureDrift", "NudgingDelta", "PerturbationCorrelation"]
+
+
+def _items_finite(*tensors: Tensor) -> Tensor:
+    """Bool ``[N]``: True where every element of the item is finite in all ``tensors``."""
+    finite = torch.isfinite(_flatten_items(tensors[0])).all(1)
+    for t in tensors[1:]:
+        finite = finite & torch.isfinite(_flatten_items(t)).all(1).to(finite.device)
+    return finite
+
+
+def _per_layer(value: Tensor, num_layers: int) -> Tensor:
+    """A scalar for one layer, else the ``[num_layers]`` vector."""
+    return value[0] if num_layers == 1 else value
+
+
+class _PerLayerMetric(DiagnosticMetric):
+    """Shared plumbing of the per-layer credit metrics."""
+
+    vector_label = "layer"
+
+    def __init__(self, num_layers: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_layers = num_layers
+
+    def _layer(self, layer: Any) -> int:
+        # checked even with validate_args=False: a negative index would silently hit another layer
+        return check_index("layer", layer, self.num_layers, "num_layers")
+
+    def _layer_means(self, stats: Tensor, name: str) -> dict[str, Tensor]:
+        """``{name: mean}`` (plus ``{name}_stderr``) per layer from ``[L, 3]`` mean statistics."""
+        return {k: _per_layer(v, self.num_layers) for k, v in self.mean_output(stats, name).items()}
+
+
+# ---------------------------------------------------------------------------------------------- examples
+class _QuadraticLoss:
+    """Item-wise loss ½ Σ_j w_j (h_j − c_j)² (plus a cross term), picklable for spawned DDP workers."""
+
+    def __init__(self, center: Tensor, scale: Tensor) -> None:
+        self.center = center
+        self.scale = scale
+
+    def gradient(self, hidden: Tensor) -> Tensor:
+        diff = hidden - self.center.to(hidden)
+        return self.scale.to(hidden) * diff + 0.2 * diff.sum(-1, keepdim=True)
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        diff = hidden - self.center.to(hidden)
+        return 0.5 * (self.scale.to(hidden) * diff.square()).sum(-1) + 0.1 * diff.sum(-1).square()
+
+
+def _example_loss(dim: int = 6) -> _QuadraticLoss:
+    return _QuadraticLoss(torch.linspace(-1.0, 1.0, dim, dtype=torch.float64), torch.linspace(0.5, 2.0, dim))
+
+
+def _credit_batch(g: torch.Generator, n: int) -> dict[str, Any]:
+    """Hidden states, a noisy gradient as credit, and the quadratic loss."""
+    loss_fn = _example_loss()
+    hidden = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    credit = loss_fn.gradient(hidden) + torch.randn(n, 6, generator=g, dtype=torch.float64)
+    return {"hidden": hidden, "credit": credit, "loss_fn": loss_fn, "layer": 0}
+
+
+def _credit_bad(g: torch.Generator) -> list[dict[str, Any]]:
+    good = _credit_batch(g, 4)
+    return [
+        {**good, "credit": good["credit"][:, :5]},  # shape mismatch
+        {**good, "hidden": good["hidden"].long()},  # dtype
+        {**good, "loss_fn": good["hidden"]},  # not callable
+        {**good, "layer": 1},  # out of range
+        {**good, "layer": "0"},  # not an int
+    ]
+
+
+def _cosine_batch(g: torch.Generator, n: int) -> dict[str, Any]:
+    reference = torch.randn(n, 3, 2, generator=g, dtype=torch.float64)
+    credit = reference + torch.randn(n, 3, 2, generator=g, dtype=torch.float64)
+    return {"credit": credit.float(), "reference": reference, "layer": 0}
+
+
+def _cosine_bad(g: torch.Generator) -> list[dict[str, Any]]:
+    good = _cosine_batch(g, 4)
+    return [
+        {**good, "reference": good["reference"][:3]},  # N mismatch
+        {**good, "reference": good["reference"].reshape(4, 6)},  # shape mismatch
+        {**good, "credit": good["credit"].long()},  # dtype
+        {**good, "layer": -1},  # out of range
+    ]
+
+
+def _bridge_batch(g: torch.Generator, n: int) -> dict[str, Any]:
+    next_values = torch.randn(n, 5, generator=g) + torch.linspace(0.0, 1.0, 5)
+    value = next_values.mean(1) + 0.3 * torch.randn(n, generator=g)
+    return {"value": value, "next_values": next_values, "layer": 0}
+
+
+def _bridge_bad(g: torch.Generator) -> list[dict[str, Any]]:
+    good = _bridge_batch(g, 4)
+    return [
+        {**good, "value": good["value"][:, None]},  # [B, 1]
+        {**good, "next_values": good["next_values"][:3]},  # B mismatch
+        {**good, "next_values": good["next_values"][:, :0]},  # K = 0
+        {**good, "value": good["value"].long()},  # dtype
+        {**good, "layer": 2},  # out of range
+    ]
+
+
+def _drift_reference() -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    return {
+        "encoder.weight": torch.randn(4, 3, generator=g),
+        "encoder.bias": torch.randn(4, generator=g),
+        "head.weight": torch.randn(2, 4, generator=g, dtype=torch.float64),
+    }
+
+
+def _drift_batch(g: torch.Generator, n: int) -> dict[str, Any]:
+    params = {
+        k: w + 0.1 * torch.randn(w.shape, generator=g, dtype=w.dtype) for k, w in _drift_reference().items()
+    }
+    return {"params": params}
+
+
+def _drift_bad(g: torch.Generator) -> list[dict[str, Any]]:
+    params = _drift_batch(g, 1)["params"]
+    return [
+        {"params": {k: v for k, v in params.items() if k != "head.weight"}},  # missing
+        {"params": {**params, "encoder.bias": params["encoder.bias"][:3]}},  # shape
+        {"params": {**params, "encoder.weight": params["encoder.weight"].long()}},  # dtype
+        {"params": list(params.values())},  # not a mapping
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+@register(
+    "credit",
+    "cosine",
+    example=ConformanceExample(
+        make_batch=_cosine_batch, bad_inputs=_cosine_bad, init_kwargs={"num_layers": 1}
+    ),
+)
+class CreditCosine(_PerLayerMetric):
+    r"""Mean per-item cosine between a credit signal and a reference, per layer.
+
+    .. math::
+        \Gamma_l = \frac{1}{|S_l|} \sum_{i \in S_l}
+        \frac{\langle a_i, r_i\rangle}{\lVert a_i\rVert\, \lVert r_i\rVert}
+
+    over the items :math:`S_l` seen for layer :math:`l` on all ranks, with :math:`a_i` and
+    :math:`r_i` the flattened credit and reference of item :math:`i` (``[N, ...] → [N, -1]``).
+    With the backprop gradient as reference this is the offline BP cosine; with the exact costate
+    (:func:`~metrics_suite.functional.credit.lq_costates`) the exact costate cosine. Items where either
+    norm is zero have no defined cosine and are left out (they are not counted as non-finite).
+    Cosines are computed in float64.
+
+    Args:
+        num_layers: number of layers tracked.
+        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr=True`` returns
+            ``{"cosine", "cosine_stderr"}``).
+
+    ``update(credit, reference, layer=0)`` takes ``[N, ...]`` tensors of one shape.
+    ``compute()`` returns a float64 scalar (one layer) or ``[num_layers]``.
+
+    Example:
+        >>> import torch
+        >>> from metrics_suite import CreditCosine
+        >>> metric = CreditCosine(num_layers=2)
+        >>> credit = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+        >>> reference = torch.tensor([[1.0, 1.0], [1.0, 1.0], [3.0, 4.0]])
+        >>> metric.update(credit, reference, layer=0)
+        >>> metric.compute()  # layer 0: (0.7071 + 1) / 2 (zero credit left out); layer 1: no data
+        tensor([0.8536,    nan], dtype=torch.float64)
+    """
+
+    higher_is_better = True
+
+    cosine_stats: Tensor
+
+    @validate_call
+    def __init__(self, num_layers: PositiveInt = 1, **kwargs: Any) -> None:
+        super().__init__(num_layers, **kwargs)
+        self.add_mean_state("cosine_stats", (num_layers,))
+
+    def update(self, credit: Tensor, reference: Tensor, layer: int = 0) -> None:
+        """Add the cosines of one batch of items to ``layer``."""
+        layer = self._layer(layer)
+        if self.validate_args:
+            _credit_cosine_check(credit, reference)
+        cosine, defined = _per_item_cosine(credit, reference)
+        keep, skipped = self.nonfinite_filter("credit` or `reference", _items_finite(credit, reference))
+        use = keep & defined
+        stats = mean_stats(torch.where(use, cosine, 0.0), use)
+        self.nonfinite_count += skipped
+        self.cosine_stats[layer] += stats.to(self.cosine_stats.device)
+
+    def compute(self) -> MetricOutput:
+        """Mean cosine per layer."""
+        out = self._layer_means(self.cosine_stats, "cosine")
+        return out if self.with_stderr else out["cosine"]
+
+
+@register(
+    "credit",
+    "perturbation_correlation",
+    example=ConformanceExample(
+        make_batch=_credit_batch,
+        bad_inputs=_credit_bad,
+        init_kwargs={"num_layers": 1, "num_directions": 4, "seed": 0},
+        batch_keys=("hidden", "credit"),
+        shardable=False,
+    ),
+)
+class PerturbationCorrelation(_PerLayerMetric):
+    r"""Correlation between the loss change a credit signal predicts and the true change, per layer.
+
+    For each item :math:`i` and :math:`M` random unit directions :math:`v_{im}` (uniform on the
+    sphere of the flattened item, drawn afresh per item and per update):
+
+    .. math::
+        x_{im} = \langle a_i, \varepsilon v_{im}\rangle, \qquad
+        y_{im} = \mathcal{L}(h_i + \varepsilon v_{im}) - \mathcal{L}(h_i)
+        \quad\Big(\text{central: } \tfrac12\big[\mathcal{L}(h_i + \varepsilon v_{im})
+        - \mathcal{L}(h_i - \varepsilon v_{im})\big]\Big),
+
+    and :math:`\rho_l` is the Pearson correlation of all pairs seen for layer :math:`l` on all ranks:
+
+    .. math::
+        \rho = \frac{n\sum xy - \sum x \sum y}{\sqrt{n\sum x^2 - (\sum x)^2}\,\sqrt{n\sum y^2 - (\sum y)^2}}.
+
+    The state is the six float64 sums per layer. They are raw (not centred) moments so that they
+    stay sums; the predicted changes have mean zero by the symmetry of the directions, so their
+    moments do not cancel, and the forward-difference curvature offset of :math:`y` is
+    :math:`O(\varepsilon^2)`, far below what float64 resolves. NaN without pairs or with zero
+    variance (e.g. an all-zero credit).
+
+    All ``M`` directions go through ``loss_fn`` in batched calls of at most ``chunk_size`` rows (see
+    :func:`~metrics_suite.functional.credit.perturbation_pairs`), under ``torch.no_grad()``;
+    ``loss_fn`` must be item-wise, and sees whole copies of the batch stacked (row ``s·N + i`` is
+    item ``i``: tile per-item targets with ``targets.repeat(R // N)``).
+
+    Sharding: the directions come from the metric's own generator, so a different split of the same
+    data (or a different number of ranks) draws different directions, and :math:`\rho` agrees only up
+    to Monte-Carlo noise. Random directions that depend only on the item would be needed for exact
+    invariance; the metric therefore is registered with ``shardable=False``. Its sums still merge
+    exactly across ranks.
+
+    Args:
+        num_layers: number of layers tracked.
+        epsilon: step size :math:`\varepsilon`.
+        num_directions: directions per item :math:`M`.
+        difference: ``"forward"`` or ``"central"`` differences.
+        seed: seed of the metric's ``torch.Generator`` (CPU; directions are moved to the input's
+            device). ``None`` draws the seed from torch's global RNG at construction, so
+            ``torch.manual_seed`` makes runs reproducible. ``reset()`` does not rewind the generator;
+            its state is saved in ``state_dict()`` (as extra state, not a metric state), so a resumed
+            run continues the same stream.
+        chunk_size: maximum rows per ``loss_fn`` call (default ``2**22 // D``, at least one direction).
+        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` has no
+            effect: :math:`\rho` is not a mean).
+
+    ``update(hidden, credit, loss_fn, layer=0)``: ``hidden`` and ``credit`` ``[N, d]`` (or
+    ``[N, *F]``), ``loss_fn`` maps ``[R, d]`` to per-item losses ``[R]``. Items whose inputs or losses
+    are not finite follow ``nan_strategy``.
+
+    Example:
+        >>> import torch
+        >>> from metrics_suite import PerturbationCorrelation
+        >>> hidden = torch.randn(32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        >>> loss_fn = lambda h: 0.5 * (h**2).sum(-1)  # gradient = hidden
+        >>> metric = PerturbationCorrelation(difference="central", seed=0)
+        >>> metric.update(hidden, hidden, loss_fn)
+        >>> round(metric.compute().item(), 6)
+        1.0
+        >>> noisy = PerturbationCorrelation(seed=0)
+        >>> noisy.update(hidden, hidden + torch.randn(32, 4, dtype=torch.float64), loss_fn)
+        >>> 0.0 < noisy.compute().item() < 0.99
+        True
+    """
+
+    higher_is_better = True
+
+    pair_sums: Tensor
+
+    @validate_call
+    def __init__(
+        self,
+        num_layers: PositiveInt = 1,
+        epsilon: PositiveFloat = 1e-3,
+        num_directions: PositiveInt = 32,
+        difference: Difference = "forward",
+        seed: NonNegativeInt | None = None,
+        chunk_size: PositiveInt | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_layers, **kwargs)
+        self.epsilon = epsilon
+        self.num_directions = num_directions
+        self.difference = difference
+        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
+        self.chunk_size = chunk_size
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.add_sum_state("pair_sums", (num_layers, 6))
+
+    def update(self, hidden: Tensor, credit: Tensor, loss_fn: LossFn, layer: int = 0) -> None:
+        """Add the (predicted, true) pairs of one batch to ``layer``."""
+        layer = self._layer(layer)
+        if self.validate_args:
+            _hidden_credit_check(hidden, credit, loss_fn)
+        rng_state = self.generator.get_state()
+        try:  # a rejected batch must not advance the generator either
+            predicted, true = _perturbation_pairs(
+                hidden,
+                credit,
+                loss_fn,
+                self.epsilon,
+                self.num_directions,
+                self.difference,
+                self.generator,
+                self.chunk_size,
+            )
+            finite = _items_finite(hidden, credit).to(predicted.device) & _items_finite(predicted, true)
+            keep, skipped = self.nonfinite_filter("hidden`, `credit` or `loss_fn", finite)
+        except Exception:
+            self.generator.set_state(rng_state)
+            raise
+        sums = _pearson_sums(predicted[keep], true[keep])
+        self.nonfinite_count += skipped
+        self.pair_sums[layer] += sums.to(self.pair_sums.device)
+
+    def get_extra_state(self) -> dict[str, Tensor]:
+        """The generator state, saved by ``state_dict()`` so a resumed run draws the same directions."""
+        return {"generator_state": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        """Restore the generator state saved by :meth:`get_extra_state`."""
+        self.generator.set_state(state["generator_state"])
+
+    def compute(self) -> Tensor:
+        """Pearson correlation per layer."""
+        return _per_layer(_pearson_compute(self.pair_sums), self.num_layers)
+
+
+@register(
+    "credit",
+    "nudging",
+    example=ConformanceExample(
+        make_batch=_credit_batch,
+        bad_inputs=_credit_bad,
+        init_kwargs={"num_layers": 1, "eta": 0.05},
+        batch_keys=("hidden", "credit"),
+    ),
+)
+class NudgingDelta(_PerLayerMetric):
+    r"""Does a small step against the credit signal lower the loss? Per layer.
+
+    .. math::
+        \hat a_i = \frac{a_i}{\operatorname{rms}(a_i) + 10^{-6}}, \qquad
+        \Delta_i = \mathcal{L}(h_i - \eta\, \hat a_i) - \mathcal{L}(h_i),
+
+    with the RMS over the flattened item. Returns ``delta`` (mean :math:`\Delta_i`) and
+    ``improved_fraction`` (share of items with :math:`\Delta_i < 0`) over all items of the layer on
+    all ranks; ``with_stderr=True`` adds ``delta_stderr`` and ``improved_fraction_stderr``.
+    Both losses of a batch come from one ``loss_fn`` call on ``2N`` rows, under ``torch.no_grad()``.
+
+    Args:
+        num_layers: number of layers tracked.
+        eta: step size :math:`\eta` (in units of the credit's RMS).
+        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options.
+
+    ``update(hidden, credit, loss_fn, layer=0)`` as in :class:`PerturbationCorrelation`.
+
+    Example:
+        >>> import torch
+        >>> from metrics_suite import NudgingDelta
+        >>> hidden = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.3, -0.2]])
+        >>> loss_fn = lambda h: 0.5 * (h**2).sum(-1)  # gradient = hidden
+        >>> metric = NudgingDelta(eta=0.1)
+        >>> metric.update(hidden, hidden * torch.tensor([[1.0], [1.0], [-1.0]]), loss_fn)
+        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}
+        {'delta': -0.1311, 'improved_fraction': 0.6667}
+    """
+
+    higher_is_better = None  # delta: lower is better; improved_fraction: higher is better
+
+    delta_stats: Tensor
+    improved_stats: Tensor
+
+    @validate_call
+    def __init__(self, num_layers: PositiveInt = 1, eta: PositiveFloat = 0.01, **kwargs: Any) -> None:
+        super().__init__(num_layers, **kwargs)
+        self.eta = eta
+        self.add_mean_state("delta_stats", (num_layers,))
+        self.add_mean_state("improved_stats", (num_layers,))
+
+    def update(self, hidden: Tensor, credit: Tensor, loss_fn: LossFn, layer: int = 0) -> None:
+        """Add the loss changes of one batch to ``layer``."""
+        layer = self._layer(layer)
+        if self.validate_args:
+            _hidden_credit_check(hidden, credit, loss_fn)
+        delta = _nudging_delta(hidden, credit, loss_fn, self.eta)
+        finite = _items_finite(hidden, credit).to(delta.device) & torch.isfinite(delta)
+        keep, skipped = self.nonfinite_filter("hidden`, `credit` or `loss_fn", finite)
+        delta = torch.where(keep, delta, 0.0)
+        delta_stats = mean_stats(delta, keep)
+        improved_stats = mean_stats((delta < 0).to(torch.float64), keep)
+        self.nonfinite_count += skipped
+        self.delta_stats[layer] += delta_stats.to(self.delta_stats.device)
+        self.improved_stats[layer] += improved_stats.to(self.improved_stats.device)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``delta`` and ``improved_fraction`` per layer."""
+        return {
+            **self._layer_means(self.delta_stats, "delta"),
+            **self._layer_means(self.improved_stats, "improved_fraction"),
+        }
+
+
+@register(
+    "credit",
+    "bridge_residual",
+    example=ConformanceExample(
+        make_batch=_bridge_batch, bad_inputs=_bridge_bad, init_kwargs={"num_layers": 1}
+    ),
+)
+class BridgeResidual(_PerLayerMetric):
+    r"""Mean absolute residual of a value function against its soft-min (bridge) target, per layer.
+
+    .. math::
+        V^{target}_b = -\lambda \operatorname{logsumexp}_k\!\big(-V^{next}_{bk}/\lambda\big) + \lambda \log K,
+        \qquad
+        r = \operatorname{mean}_b \big|V_b - V^{target}_b\big|,
+
+    over all items of the layer on all ranks, in float64. :math:`V^{target}` lies between the
+    minimum and the mean of the :math:`K` next values. Build the inputs from a value network and a
+    target network with :func:`~metrics_suite.functional.credit.bridge_values`.
+
+    Args:
+        num_layers: number of layers (or value functions) tracked.
+        lam: temperature :math:`\lambda > 0`.
+        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr=True`` returns
+            ``{"bridge_residual", "bridge_residual_stderr"}``).
+
+    ``update(value, next_values, layer=0)``: ``value`` ``[B]``, ``next_values`` ``[B, K]``.
+
+    Example:
+        >>> import torch
+        >>> from metrics_suite import BridgeResidual
+        >>> metric = BridgeResidual(lam=1.0)
+        >>> metric.update(torch.tensor([0.5, 0.0]), torch.tensor([[0.0, 1.0], [2.0, 2.0]]))
+        >>> round(metric.compute().item(), 4)  # (|0.5 - 0.3799| + |0 - 2|) / 2
+        1.0601
+    """
+
+    higher_is_better = False
+
+    residual_stats: Tensor
+
+    @validate_call
+    def __init__(self, num_layers: PositiveInt = 1, lam: PositiveFloat = 0.1, **kwargs: Any) -> None:
+        super().__init__(num_layers, **kwargs)
+        self.lam = lam
+        self.add_mean_state("residual_stats", (num_layers,))
+
+    def update(self, value: Tensor, next_values: Tensor, layer: int = 0) -> None:
+        """Add the residuals of one batch to ``layer``."""
+        layer = self._layer(layer)
+        if self.validate_args:
+            _bridge_check(value, next_values)
+        residual = (value.to(torch.float64) - bridge_target(next_values, self.lam).to(value.device)).abs()
+        keep, skipped = self.nonfinite_filter("value` or `next_values", _items_finite(value, next_values))
+        stats = mean_stats(torch.where(keep, residual, 0.0), keep)
+        self.nonfinite_count += skipped
+        self.residual_stats[layer] += stats.to(self.residual_stats.device)
+
+    def compute(self) -> MetricOutput:
+        """Mean absolute residual per layer."""
+        out = self._layer_means(self.residual_stats, "bridge_residual")
+        return out if self.with_stderr else out["bridge_residual"]
+
+
+@register(
+    "credit",
+    "feature_drift",
+    example=ConformanceExample(
+        make_batch=_drift_batch,
+        bad_inputs=_drift_bad,
+        init_kwargs={"reference": _drift_reference()},
+        batch_keys=(),
+        shardable=False,
+    ),
+    needs_config=True,
+)
+class FeatureDrift(DiagnosticMetric):
+    r"""How far parameters have moved from a reference (e.g. their initial values).
+
+    .. math::
+        \text{drift}(W) = \frac{\lVert W - W_{init}\rVert_F}{\lVert W_{init}\rVert_F},
+        \qquad
+        \text{drift}(\text{module}) = \sqrt{\frac{\sum_{W \in \text{module}} \lVert W - W_{init}\rVert_F^2}
+        {\sum_{W \in \text{module}} \lVert W_{init}\rVert_F^2}}
+        \ (\texttt{group\_by\_module=True}).
+
+    ``compute()`` returns ``{name: value}`` for the parameters of the **latest** ``update``: each
+    update replaces the state (it does not accumulate), and ``forward()`` follows the same rule.
+    Names are parameter names (``"layer1.weight"``: the dots are kept, so a collection reports
+    ``credit/feature_drift/layer1.weight``) or, grouped, module names (the parameter name up to the
+    last dot; ``"root"`` for top-level parameters).
+
+    Distributed: parameters are replicated, so the state holds per parameter the float64
+    :math:`\lVert W - W_{init}\rVert_F^2` of the latest update and a count set to 1 by that update;
+    the sync sums both over ranks, and their ratio is the replicated value. A rank that never
+    updated adds 0/0; a parameter no rank has seen is NaN. :math:`\lVert W_{init}\rVert_F^2` is a
+    buffer computed at construction, not a state (states are summed by the sync). ``merge_state``
+    sums as the sync does (it merges ranks, not successive updates).
+
+    The reference is copied at construction (memory: one copy of the referenced parameters, kept
+    on the metric's device). A parameter with non-finite values follows ``nan_strategy``
+    (``"skip"``: NaN for that parameter, counted in ``nonfinite_count`` of the latest update).
+    A zero reference norm (e.g. a zero-initialised bias) gives NaN for that parameter; grouping by
+    module avoids it.
+
+    Args:
+        reference: an ``nn.Module`` (its ``named_parameters()``; buffers are ignored) or a mapping
+            of names to float tensors.
+        group_by_module: report one value per module instead of per parameter.
+        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options.
+
+    ``update(params)`` takes a module or a mapping holding every reference name with the reference
+    shape; extra names are ignored (so the whole model can be passed for a partial reference).
+
+    Example:
+        >>> import torch
+        >>> from metrics_suite import FeatureDrift
+        >>> model = torch.nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.fill_(1.0), model.bias.fill_(1.0)
+        >>> metric = FeatureDrift(model, group_by_module=True)
+        >>> with torch.no_grad():
+        ...     model.weight[1, 1] = 3.0
+        >>> metric.update(model)
+        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}  # sqrt(4 / 6)
+        {'root': 0.8165}
+    """
+
+    higher_is_better = None
+    vector_label = "layer"
+
+    drift_sq: Tensor
+    drift_count: Tensor
+    reference_sq_norms: Tensor
+    group_index: Tensor
+
+    @validate_call(config=ConfigDict(arbitrary_types_allowed=True))
+    def __init__(
+        self,
+        reference: nn.Module | Mapping[str, Tensor],
+        group_by_module: StrictBool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        ref = _named_tensors("reference", reference)
+        if not ref:
+            raise ValueError("`reference` holds no parameters")
+        self.group_by_module = group_by_module
+        self.parameter_names = list(ref)
+        self.output_names, group_index = _drift_groups(self.parameter_names, group_by_module)
+        for i, w in enumerate(ref.values()):
+            self.register_buffer(f"reference_{i}", w.clone(), persistent=False)
+        sq_norms = torch.stack([w.to(torch.float64).square().sum().cpu() for w in ref.values()])
+        self.register_buffer("reference_sq_norms", sq_norms, persistent=False)
+        self.register_buffer("group_index", group_index, persistent=False)
+        self.add_sum_state("drift_sq", (len(ref),))
+        self.add_count_state("drift_count", (len(ref),))
+
+    def _reference(self) -> dict[str, Tensor]:
+        return {k: getattr(self, f"reference_{i}") for i, k in enumerate(self.parameter_names)}
+
+    def update(self, params: nn.Module | Mapping[str, Tensor]) -> None:
+        """Replace the state with the drift of ``params``."""
+        current = _named_tensors("params", params)
+        reference = self._reference()
+        if self.validate_args:
+            _drift_check(current, reference)
+        drift_sq = _drift_sq(current, reference).to(self.drift_sq.device)
+        finite = torch.stack([torch.isfinite(current[k]).all().to(drift_sq.device) for k in reference])
+        keep, skipped = self.nonfinite_filter("params", finite)
+        self.drift_sq = torch.where(keep, drift_sq, 0.0)
+        self.drift_count = keep.to(self.drift_count.dtype)
+        self.nonfinite_count = skipped.to(self.nonfinite_count.device)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Update and return the drift of this batch (which is also the accumulated value).
+
+        torchmetrics' ``forward`` adds the batch state to the previous one; here an update replaces
+        the state, so the previous state is cleared first (and restored if the update fails).
+        """
+        saved, count = self._copy_state_dict(), self._update_count
+        self.reset()
+        self._update_count = count
+        try:
+            return super().forward(*args, **kwargs)
+        except Exception:
+            for attr, value in saved.items():
+                setattr(self, attr, value)
+            raise
+
+    def compute(self) -> dict[str, Tensor]:
+        """Relative drift per parameter (or module) of the latest update."""
+        per_param = safe_div(self.drift_sq, self.drift_count.to(torch.float64))
+        values = _drift_compute(per_param, self.reference_sq_norms, self.group_index, len(self.output_names))
+        return dict(zip(self.output_names, values.unbind(0)))

@@ -1,3 +1,676 @@
-"""Functional forms of the credit suite."""
+"""Functional forms of the credit suite: credit-assignment signals checked against ground truth.
 
-__all__: list[str] = []
+Shapes use suffixes: ``N`` items (samples), ``D`` flattened features of one item, ``M`` random
+directions, ``K`` next states, ``L`` layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from metrics_suite.base import safe_div
+from metrics_suite.validation import (
+    check_float,
+    check_ndim,
+    check_same_shape,
+    check_shape,
+    compute_dtype,
+    shape_str,
+)
+
+__all__ = [
+    "bridge_residual",
+    "bridge_target",
+    "bridge_values",
+    "credit_cosine",
+    "feature_drift",
+    "lq_costates",
+    "lq_forward",
+    "nudging_delta",
+    "perturbation_correlation",
+    "perturbation_pairs",
+]
+
+#: Maps a batch of hidden states ``[N, *F]`` to one loss per item ``[N]``.
+LossFn = Callable[[Tensor], Tensor]
+Difference = Literal["forward", "central"]
+#: Perturbed rows per ``loss_fn`` call are capped at this many elements by default (16 MB in float32).
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+#: Keys of the six Pearson sums of :func:`_pearson_sums`, in order.
+PEARSON_SUMS = ("n", "sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy")
+#: Added to the per-item RMS of the credit in :func:`nudging_delta`.
+RMS_EPS = 1e-6
+
+
+def _flatten_items(x: Tensor) -> Tensor:
+    """``[N, ...] -> [N, D]`` (also for ``N = 0`` and for ``[N]``, where ``D = 1``)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
+# ---------------------------------------------------------------------------------------------- LQ chain
+def _lq_check(weights: Sequence[Tensor], h0: Tensor, Q: Tensor | None) -> None:
+    check_float("h0", h0)
+    check_ndim("h0", h0, 2)
+    dim = h0.shape[1]
+    for l, A in enumerate(weights):
+        check_float(f"weights[{l}]", A)
+        check_shape(f"weights[{l}]", A, (None, dim))
+        dim = A.shape[0]
+    if Q is not None:
+        check_float("Q", Q)
+        check_shape("Q", Q, (dim, dim))
+
+
+def _lq_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lq_forward(weights: Sequence[Tensor], h0: Tensor) -> list[Tensor]:
+    r"""Run the linear chain :math:`h_{l+1} = A_l h_l` on a batch (``h @ A_l.T``).
+
+    Args:
+        weights: ``[A_0, ..., A_{L-1}]``, ``A_l`` of shape ``[d_{l+1}, d_l]`` (a ``[L, d, d]`` tensor works too).
+        h0: ``[B, d_0]`` inputs.
+
+    Returns:
+        ``[h_0, ..., h_L]``, each ``[B, d_l]``, in at least float32.
+
+    Example:
+        >>> import torch
+        >>> A = [torch.tensor([[2.0, 0.0], [1.0, 1.0]])]
+        >>> lq_forward(A, torch.tensor([[1.0, 3.0]]))[1]
+        tensor([[2., 4.]])
+    """
+    weights = list(weights)
+    _lq_check(weights, h0, None)
+    dtype = _lq_dtype(h0, *weights)
+    hs = [h0.to(dtype)]
+    for A in weights:
+        hs.append(hs[-1] @ A.to(dtype).T)
+    return hs
+
+
+def lq_costates(weights: Sequence[Tensor], Q: Tensor, h0: Tensor) -> list[Tensor]:
+    r"""Exact costates of the linear chain :math:`h_{l+1} = A_l h_l` with a quadratic terminal loss.
+
+    With :math:`\mathcal{L} = \tfrac12 \sum_b h_{L,b}^\top Q\, h_{L,b}`:
+
+    .. math::
+        p_L = Q_s h_L, \qquad p_l = A_l^\top p_{l+1}, \qquad Q_s = \tfrac12 (Q + Q^\top),
+
+    so :math:`p_l = \partial \mathcal{L} / \partial h_l` exactly. For a symmetric :math:`Q` (the usual
+    case) :math:`Q_s = Q` and :math:`p_L = Q h_L`; a non-symmetric :math:`Q` only enters the loss
+    through its symmetric part, which is therefore what is used, so the costates always equal the
+    autograd gradients.
+
+    Args:
+        weights: ``[A_0, ..., A_{L-1}]``, ``A_l`` of shape ``[d_{l+1}, d_l]``.
+        Q: ``[d_L, d_L]`` terminal cost matrix.
+        h0: ``[B, d_0]`` inputs.
+
+    Returns:
+        ``[p_0, ..., p_L]``, each ``[B, d_l]`` (batched: ``p_L = h_L @ Q_s``, ``p_l = p_{l+1} @ A_l``).
+
+    Example:
+        >>> import torch
+        >>> A = [torch.tensor([[2.0, 0.0], [1.0, 1.0]])]
+        >>> p0, p1 = lq_costates(A, torch.eye(2), torch.tensor([[1.0, 3.0]]))
+        >>> p1, p0
+        (tensor([[2., 4.]]), tensor([[8., 4.]]))
+    """
+    weights = list(weights)
+    _lq_check(weights, h0, Q)
+    dtype = _lq_dtype(h0, Q, *weights)
+    h_last = lq_forward(weights, h0)[-1]
+    q = Q.to(dtype)
+    p = h_last @ (0.5 * (q + q.T))
+    costates = [p]
+    for A in reversed(weights):
+        p = p @ A.to(dtype)
+        costates.append(p)
+    return costates[::-1]
+
+
+# ---------------------------------------------------------------------------------------------- cosine
+def _flat_pair(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
+    check_float(name, x)
+    check_float(ref_name, ref)
+    check_same_shape(ref_name, ref, name, x)
+    if x.ndim < 1:
+        raise ValueError(
+            f"`{name}` must have a leading batch dimension [N, ...], got shape {shape_str(x.shape)}"
+        )
+
+
+def _credit_cosine_check(credit: Tensor, reference: Tensor) -> None:
+    _flat_pair("credit", credit, "reference", reference)
+
+
+def _per_item_cosine(credit: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+    """Cosine of the flattened items in float64, and a bool ``[N]``: True where both norms are non-zero.
+
+    Items go through float64 in chunks of about ``DEFAULT_CHUNK_ELEMENTS``, so the extra memory
+    stays bounded for large activations.
+    """
+    a, r = _flatten_items(credit), _flatten_items(reference.to(credit.device))
+    rows = max(1, DEFAULT_CHUNK_ELEMENTS // max(a.shape[1], 1))
+    dots, norms = torch.zeros(2, a.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[0], rows):
+        a64, r64 = a[start : start + rows].to(torch.float64), r[start : start + rows].to(torch.float64)
+        dots[start : start + rows] = (a64 * r64).sum(1)
+        norms[start : start + rows] = a64.norm(dim=1) * r64.norm(dim=1)
+    return safe_div(dots, norms), norms != 0
+
+
+def credit_cosine(credit: Tensor, reference: Tensor) -> Tensor:
+    r"""Mean per-item cosine between a credit signal and a reference (e.g. the backprop gradient).
+
+    .. math::
+        \Gamma = \frac{1}{|S|} \sum_{i \in S} \frac{\langle a_i, r_i\rangle}{\lVert a_i\rVert\, \lVert r_i\rVert}
+
+    over the items whose flattened credit :math:`a_i` and reference :math:`r_i` both have a non-zero
+    norm (:math:`S`); the cosine of a zero vector is undefined, so such items are left out.
+
+    Args:
+        credit: ``[N, ...]`` credit signal.
+        reference: ``[N, ...]`` reference of the same shape (backprop gradient or exact costate).
+
+    Returns:
+        A float64 scalar; NaN when no item has both norms non-zero.
+
+    Example:
+        >>> import torch
+        >>> credit = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+        >>> reference = torch.tensor([[1.0, 1.0], [1.0, 1.0], [3.0, 4.0]])
+        >>> round(credit_cosine(credit, reference).item(), 4)  # (0.7071 + 1) / 2, third item left out
+        0.8536
+    """
+    _credit_cosine_check(credit, reference)
+    cos, defined = _per_item_cosine(credit, reference)
+    return safe_div(torch.where(defined, cos, 0.0).sum(), defined.sum().to(torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def _check_loss_fn(loss_fn: object) -> None:
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable ([N, ...] -> [N]), got {type(loss_fn).__name__}")
+
+
+def _evaluate(loss_fn: LossFn, rows: Tensor) -> Tensor:
+    """``loss_fn(rows)`` as float64 ``[rows]``, with a clear error for a wrong output."""
+    out = loss_fn(rows)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"`loss_fn` must return a tensor of per-item losses, got {type(out).__name__}")
+    if out.shape != (rows.shape[0],):
+        raise ValueError(
+            f"`loss_fn` must map [N, ...] inputs to per-item losses [N]; for {shape_str(rows.shape)} inputs "
+            f"it returned {shape_str(out.shape)}"
+        )
+    return out.detach().to(torch.float64)
+
+
+def _hidden_credit_check(hidden: Tensor, credit: Tensor, loss_fn: object) -> None:
+    _flat_pair("hidden", hidden, "credit", credit)
+    _check_loss_fn(loss_fn)
+
+
+# ---------------------------------------------------------------------------------------------- perturbation
+def _fill_unit_directions(out: Tensor, generator: torch.Generator | None) -> None:
+    """Fill ``out`` ``[..., D]`` with directions uniform on the unit sphere (normalised Gaussians).
+
+    Drawn in place when the generator lives on ``out``'s device (no large temporary), else drawn on
+    the generator's device (CPU without a generator) and copied.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    if out.device == device:
+        out.normal_(generator=generator)
+    else:
+        out.copy_(torch.randn(out.shape, generator=generator, dtype=out.dtype, device=device))
+    out.div_(out.norm(dim=-1, keepdim=True))
+
+
+def perturbation_pairs(
+    hidden: Tensor,
+    credit: Tensor,
+    loss_fn: LossFn,
+    epsilon: float = 1e-3,
+    num_directions: int = 32,
+    difference: Difference = "forward",
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Predicted and true loss changes along random directions, the pairs behind :func:`perturbation_correlation`.
+
+    For each item :math:`i` and each of :math:`M` directions :math:`v_{im}` drawn uniformly on the unit
+    sphere of the flattened item:
+
+    .. math::
+        x_{im} = \langle a_i, \varepsilon v_{im}\rangle, \qquad
+        y_{im} = \mathcal{L}(h_i + \varepsilon v_{im}) - \mathcal{L}(h_i)
+        \quad\Big(\text{central: } \tfrac12\big[\mathcal{L}(h_i + \varepsilon v_{im})
+        - \mathcal{L}(h_i - \varepsilon v_{im})\big]\Big).
+
+    All perturbed inputs are evaluated in batched ``loss_fn`` calls of at most ``chunk_size`` rows
+    (whole directions per call; the unperturbed rows ride along in the first call), not in ``M``
+    separate calls. ``loss_fn`` runs under ``torch.no_grad()`` and must be item-wise (no coupling
+    between rows, e.g. no batch-norm in training mode). Its input holds whole copies of the batch,
+    block after block: row ``s·N + i`` is (a perturbation of) item ``i``, so a loss with per-item
+    targets can tile them (``targets.repeat(R // N)``). Inputs are perturbed in at least float32
+    (float16/bfloat16 inputs reach ``loss_fn`` as float32: a perturbation of size ``epsilon`` would
+    round away in half precision).
+
+    Args:
+        hidden: ``[N, *F]`` hidden states (``[N, d]`` in the usual case).
+        credit: ``[N, *F]`` credit signal :math:`a` (e.g. a gradient estimate w.r.t. ``hidden``).
+        loss_fn: maps ``[R, *F]`` to per-item losses ``[R]``.
+        epsilon: step size :math:`\varepsilon`.
+        num_directions: :math:`M`.
+        difference: ``"forward"`` or ``"central"``.
+        generator: random source of the directions (drawn on its device, then moved to ``hidden``'s);
+            ``None`` uses torch's global RNG. It advances by ``M·N·D`` normal draws per call, in chunks
+            of whole directions, so the same generator state and ``chunk_size`` give the same pairs.
+        chunk_size: maximum rows per ``loss_fn`` call (at least one direction's rows are sent);
+            default ``2**22 // D``.
+
+    Returns:
+        ``(predicted, true)``, each float64 ``[N, M]``.
+
+    Example:
+        >>> import torch
+        >>> hidden = torch.tensor([[1.0, 2.0], [0.5, -1.0]], dtype=torch.float64)
+        >>> loss_fn = lambda h: 0.5 * (h**2).sum(-1)  # gradient = hidden
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = perturbation_pairs(hidden, hidden, loss_fn, num_directions=4, difference="central", generator=g)
+        >>> x.shape, bool(torch.allclose(x, y, rtol=1e-9, atol=1e-15))
+        (torch.Size([2, 4]), True)
+    """
+    _hidden_credit_check(hidden, credit, loss_fn)
+    return _perturbation_pairs(
+        hidden, credit, loss_fn, epsilon, num_directions, difference, generator, chunk_size
+    )
+
+
+def _perturbation_pairs(
+    hidden: Tensor,
+    credit: Tensor,
+    loss_fn: LossFn,
+    epsilon: float,
+    num_directions: int,
+    difference: Difference,
+    generator: torch.Generator | None,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`perturbation_pairs` without the input checks."""
+    n_items, features = hidden.shape[0], tuple(hidden.shape[1:])
+    dim = math.prod(features)
+    dtype = compute_dtype(hidden)
+    h = hidden.detach().reshape(n_items, dim).to(dtype)
+    a = credit.detach().reshape(n_items, dim).to(device=h.device, dtype=dtype)
+    if n_items == 0 or num_directions == 0:
+        empty = torch.zeros(n_items, num_directions, dtype=torch.float64, device=h.device)
+        return empty, empty.clone()
+    central = difference == "central"
+    # a "slot" is the rows of one loss_fn input block: one direction (2N rows when central), or the
+    # N unperturbed rows of forward differences, which share the first call
+    slot_rows = 2 * n_items if central else n_items
+    max_rows = chunk_size if chunk_size is not None else DEFAULT_CHUNK_ELEMENTS // max(dim, 1)
+    slots_per_call = max(1, max_rows // slot_rows)
+    predicted_MN, true_MN = [], []
+    base: Tensor | None = None
+    start = 0
+    with torch.no_grad():
+        while start < num_directions:
+            base_rows = 0 if central or base is not None else 1
+            m = min(slots_per_call - base_rows, num_directions - start)
+            if m == 0:  # one slot per call: the unperturbed rows get their own call
+                base = _evaluate(loss_fn, h.view(n_items, *features))
+                continue
+            # the directions are drawn straight into the loss_fn input buffer, then shifted by h
+            rows = torch.empty(
+                2 * m if central else base_rows + m, n_items, dim, dtype=dtype, device=h.device
+            )
+            dirs_mND = rows[:m] if central else rows[base_rows:]
+            _fill_unit_directions(dirs_mND, generator)
+            # [N, M, D] @ [N, D, 1]: a strided view, no copy of the directions
+            predicted_MN.append(
+                epsilon * torch.bmm(dirs_mND.transpose(0, 1), a[:, :, None])[:, :, 0].T.double()
+            )
+            if central:
+                torch.add(h, dirs_mND, alpha=-epsilon, out=rows[m:])
+                dirs_mND.mul_(epsilon).add_(h)
+                plus, minus = _evaluate(loss_fn, rows.view(-1, *features)).view(2, m, n_items)
+                true_MN.append(0.5 * (plus - minus))
+            else:
+                rows[:base_rows] = h
+                dirs_mND.mul_(epsilon).add_(h)
+                losses = _evaluate(loss_fn, rows.view(-1, *features)).view(base_rows + m, n_items)
+                if base is None:
+                    base = losses[0]
+                true_MN.append(losses[base_rows:] - base)
+            start += m
+    return torch.cat(predicted_MN).T, torch.cat(true_MN).T
+
+
+def _pearson_sums(x: Tensor, y: Tensor) -> Tensor:
+    """The six float64 sums (n, Σx, Σy, Σx², Σy², Σxy) over all elements of ``x`` and ``y``."""
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+    return torch.stack([n, x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()])
+
+
+def _pearson_compute(sums: Tensor) -> Tensor:
+    """Pearson correlation from ``[..., 6]`` sums; NaN without data or with zero variance."""
+    n, sx, sy, sxx, syy, sxy = sums.unbind(-1)
+    cov = sxy - safe_div(sx * sy, n)
+    var_x = (sxx - safe_div(sx * sx, n)).clamp_min(0.0)
+    var_y = (syy - safe_div(sy * sy, n)).clamp_min(0.0)
+    return safe_div(cov, torch.sqrt(var_x * var_y)).clamp(-1.0, 1.0)
+
+
+def perturbation_correlation(
+    hidden: Tensor,
+    credit: Tensor,
+    loss_fn: LossFn,
+    epsilon: float = 1e-3,
+    num_directions: int = 32,
+    difference: Difference = "forward",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Pearson correlation between predicted and true loss changes over all (item, direction) pairs.
+
+    .. math::
+        \rho = \frac{n\sum xy - \sum x \sum y}{\sqrt{n\sum x^2 - (\sum x)^2}\,\sqrt{n\sum y^2 - (\sum y)^2}}
+
+    with the pairs of :func:`perturbation_pairs`. 1 means the credit predicts the loss change along
+    every direction; about 0 means it carries no information. NaN without pairs or when either side
+    has zero variance.
+
+    Example:
+        >>> import torch
+        >>> hidden = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        >>> loss_fn = lambda h: 0.5 * (h**2).sum(-1)
+        >>> g = torch.Generator().manual_seed(1)
+        >>> round(perturbation_correlation(hidden, hidden, loss_fn, difference="central", generator=g).item(), 6)
+        1.0
+        >>> round(perturbation_correlation(hidden, -hidden, loss_fn, difference="central", generator=g).item(), 6)
+        -1.0
+    """
+    x, y = perturbation_pairs(hidden, credit, loss_fn, epsilon, num_directions, difference, generator)
+    return _pearson_compute(_pearson_sums(x, y))
+
+
+# ---------------------------------------------------------------------------------------------- nudging
+def nudging_delta(hidden: Tensor, credit: Tensor, loss_fn: LossFn, eta: float = 0.01) -> Tensor:
+    r"""Per-item loss change after a small step against the RMS-normalised credit.
+
+    .. math::
+        \hat a_i = \frac{a_i}{\operatorname{rms}(a_i) + 10^{-6}}, \qquad
+        \Delta_i = \mathcal{L}(h_i - \eta\, \hat a_i) - \mathcal{L}(h_i),
+
+    with the RMS over the flattened item. A useful credit signal gives :math:`\Delta_i < 0`. Both
+    losses come from one ``loss_fn`` call on ``2N`` rows (the batch, then the nudged batch), under
+    ``torch.no_grad()``, in at least float32.
+
+    Args:
+        hidden: ``[N, *F]`` hidden states.
+        credit: ``[N, *F]`` credit signal :math:`a`.
+        loss_fn: maps ``[R, *F]`` to per-item losses ``[R]``.
+        eta: step size :math:`\eta`.
+
+    Returns:
+        float64 ``[N]`` loss changes :math:`\Delta_i`.
+
+    Example:
+        >>> import torch
+        >>> hidden = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64)
+        >>> loss_fn = lambda h: 0.5 * (h**2).sum(-1)  # gradient = hidden
+        >>> bool((nudging_delta(hidden, hidden, loss_fn) < 0).all())
+        True
+        >>> bool((nudging_delta(hidden, -hidden, loss_fn) > 0).all())
+        True
+    """
+    _hidden_credit_check(hidden, credit, loss_fn)
+    return _nudging_delta(hidden, credit, loss_fn, eta)
+
+
+def _nudging_delta(hidden: Tensor, credit: Tensor, loss_fn: LossFn, eta: float) -> Tensor:
+    """:func:`nudging_delta` without the input checks."""
+    n_items, features = hidden.shape[0], tuple(hidden.shape[1:])
+    if n_items == 0:
+        return torch.zeros(0, dtype=torch.float64, device=hidden.device)
+    dtype = compute_dtype(hidden)
+    h = _flatten_items(hidden.detach()).to(dtype)
+    a = _flatten_items(credit.detach()).to(device=h.device, dtype=dtype)
+    a_hat = a / (a.square().mean(1, keepdim=True).sqrt() + RMS_EPS)
+    with torch.no_grad():
+        losses = _evaluate(loss_fn, torch.cat([h, h - eta * a_hat]).reshape(-1, *features))
+    return losses[n_items:] - losses[:n_items]
+
+
+# ---------------------------------------------------------------------------------------------- bridge
+def _bridge_check(value: Tensor, next_values: Tensor) -> None:
+    check_float("value", value)
+    check_ndim("value", value, 1)
+    check_float("next_values", next_values)
+    check_shape("next_values", next_values, (value.shape[0], None))
+    if next_values.shape[1] == 0:
+        raise ValueError(
+            f"`next_values` must hold at least one next value per item, got {shape_str(next_values.shape)}"
+        )
+
+
+def bridge_target(next_values: Tensor, lam: float = 0.1) -> Tensor:
+    r"""Soft-min target of a value function over :math:`K` sampled next states.
+
+    .. math::
+        V^{target} = -\lambda \log \frac{1}{K}\sum_{k=1}^K e^{-V^{next}_k/\lambda}
+        = -\lambda \operatorname{logsumexp}_k(-V^{next}_k/\lambda) + \lambda \log K,
+
+    which lies between :math:`\min_k V^{next}_k` (as :math:`\lambda \to 0`) and their mean
+    (as :math:`\lambda \to \infty`).
+
+    Args:
+        next_values: ``[B, K]`` values of the sampled next states.
+        lam: temperature :math:`\lambda > 0`.
+
+    Returns:
+        float64 ``[B]``.
+
+    Example:
+        >>> import torch
+        >>> bridge_target(torch.tensor([[0.0, 1.0]]), lam=1.0)  # -log((1 + e^-1) / 2)
+        tensor([0.3799], dtype=torch.float64)
+    """
+    check_float("next_values", next_values)
+    check_ndim("next_values", next_values, 2)
+    v = next_values.to(torch.float64)
+    return -lam * torch.logsumexp(-v / lam, dim=1) + lam * math.log(v.shape[1])
+
+
+def bridge_residual(value: Tensor, next_values: Tensor, lam: float = 0.1) -> Tensor:
+    r"""Mean absolute residual of the soft Bellman (bridge) equation, :math:`\operatorname{mean}_b |V_b - V^{target}_b|`.
+
+    See :func:`bridge_target` for :math:`V^{target}`.
+
+    Args:
+        value: ``[B]`` values of the current states.
+        next_values: ``[B, K]`` (target-network) values of :math:`K` sampled next states.
+        lam: temperature :math:`\lambda > 0`.
+
+    Returns:
+        A float64 scalar (NaN for ``B = 0``).
+
+    Example:
+        >>> import torch
+        >>> value = torch.tensor([0.5, 0.0])
+        >>> next_values = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+        >>> round(bridge_residual(value, next_values, lam=1.0).item(), 4)  # (|0.5 - 0.3799| + |0 - 2|) / 2
+        1.0601
+    """
+    _bridge_check(value, next_values)
+    residual = (value.to(torch.float64) - bridge_target(next_values, lam)).abs()
+    return safe_div(residual.sum(), torch.tensor(float(residual.numel()), dtype=torch.float64))
+
+
+def _network_values(net: Callable[[Tensor], Tensor], inputs: Tensor, name: str) -> Tensor:
+    out = net(inputs)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"`{name}` must return a tensor, got {type(out).__name__}")
+    if out.ndim == 2 and out.shape[1] == 1:
+        out = out[:, 0]
+    if out.shape != (inputs.shape[0],):
+        raise ValueError(
+            f"`{name}` must map [N, ...] states to values [N] or [N, 1]; for {shape_str(inputs.shape)} "
+            f"states it returned {shape_str(out.shape)}"
+        )
+    return out
+
+
+def bridge_values(
+    value_net: Callable[[Tensor], Tensor],
+    target_net: Callable[[Tensor], Tensor],
+    states: Tensor,
+    next_states: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Evaluate a value network and a target network into the inputs of :class:`~metrics_suite.BridgeResidual`.
+
+    Runs under ``torch.no_grad()``; the target network sees all ``B·K`` next states in one call.
+
+    Args:
+        value_net: maps states ``[N, *S]`` to values ``[N]`` (or ``[N, 1]``).
+        target_net: the same for the (target) value of next states.
+        states: ``[B, *S]`` current states.
+        next_states: ``[B, K, *S]`` sampled (e.g. noisy) next states of each current state.
+
+    Returns:
+        ``(value [B], next_values [B, K])``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(3, 1)
+        >>> states = torch.randn(4, 3)
+        >>> next_states = states[:, None] + 0.1 * torch.randn(4, 5, 3)
+        >>> value, next_values = bridge_values(net, net, states, next_states)
+        >>> value.shape, next_values.shape
+        (torch.Size([4]), torch.Size([4, 5]))
+    """
+    check_float("states", states)
+    check_ndim("states", states, tuple(range(1, 8)))
+    check_float("next_states", next_states)
+    check_shape("next_states", next_states, (states.shape[0], None, *states.shape[1:]))
+    batch, k = next_states.shape[:2]
+    with torch.no_grad():
+        value = _network_values(value_net, states, "value_net")
+        flat_next = next_states.reshape(batch * k, *states.shape[1:])
+        next_values = _network_values(target_net, flat_next, "target_net").reshape(batch, k)
+    return value, next_values
+
+
+# ---------------------------------------------------------------------------------------------- drift
+def _named_tensors(name: str, params: object) -> dict[str, Tensor]:
+    """``{name: tensor}`` of a module's parameters or of a name→tensor mapping (checked)."""
+    if isinstance(params, nn.Module):
+        return {k: p.detach() for k, p in params.named_parameters()}
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"`{name}` must be an nn.Module or a mapping of names to tensors, got {type(params).__name__}"
+        )
+    out: dict[str, Tensor] = {}
+    for key, value in params.items():
+        if not isinstance(key, str):
+            raise TypeError(f"`{name}` keys must be parameter names (str), got {type(key).__name__}")
+        out[key] = check_float(f"{name}[{key!r}]", value).detach()
+    return out
+
+
+def _module_name(param_name: str) -> str:
+    """The module owning ``param_name`` (``"layer1.weight"`` → ``"layer1"``; top-level → ``"root"``)."""
+    owner = param_name.rpartition(".")[0]
+    return owner if owner else "root"
+
+
+def _drift_sq(params: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> Tensor:
+    """Float64 ``[P]``: ``‖W − W_0‖²`` per reference parameter (``params`` already checked)."""
+    return torch.stack(
+        [
+            (params[k].to(device=w0.device, dtype=torch.float64) - w0.to(torch.float64)).square().sum()
+            for k, w0 in reference.items()
+        ]
+    )
+
+
+def _drift_check(params: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> None:
+    missing = [k for k in reference if k not in params]
+    if missing:
+        raise ValueError(f"`params` lacks reference parameter(s) {missing}; it has {sorted(params)}")
+    for k, w0 in reference.items():
+        if params[k].shape != w0.shape:
+            raise ValueError(
+                f"`params[{k!r}]` must have the reference shape {shape_str(w0.shape)}, got {shape_str(params[k].shape)}"
+            )
+
+
+def _drift_groups(names: Sequence[str], group_by_module: bool) -> tuple[list[str], Tensor]:
+    """Output names, and the output index ``[P]`` (int64) of each parameter."""
+    keys = [_module_name(k) for k in names] if group_by_module else list(names)
+    groups = list(dict.fromkeys(keys))
+    position = {g: i for i, g in enumerate(groups)}
+    return groups, torch.tensor([position[k] for k in keys], dtype=torch.int64)
+
+
+def _drift_compute(drift_sq: Tensor, ref_sq: Tensor, group_index: Tensor, num_groups: int) -> Tensor:
+    """Relative drift per group, ``sqrt(Σ_group ‖ΔW‖² / Σ_group ‖W_0‖²)``; a NaN member makes its group NaN."""
+    index = group_index.to(drift_sq.device)
+    num = torch.zeros(num_groups, dtype=torch.float64, device=drift_sq.device).index_add_(0, index, drift_sq)
+    den = torch.zeros_like(num).index_add_(0, index, ref_sq.to(num))
+    return torch.sqrt(safe_div(num, den))
+
+
+def feature_drift(
+    params: nn.Module | Mapping[str, Tensor],
+    reference: nn.Module | Mapping[str, Tensor],
+    group_by_module: bool = False,
+) -> dict[str, Tensor]:
+    r"""Relative distance of parameters from their reference (initial) values.
+
+    .. math::
+        \text{drift}(W) = \frac{\lVert W - W_{init}\rVert_F}{\lVert W_{init}\rVert_F},
+        \qquad
+        \text{drift}(\text{module}) = \sqrt{\frac{\sum_{W \in \text{module}} \lVert W - W_{init}\rVert_F^2}
+        {\sum_{W \in \text{module}} \lVert W_{init}\rVert_F^2}}.
+
+    Args:
+        params: an ``nn.Module`` (its ``named_parameters()``) or a mapping of names to tensors; it
+            must hold every reference name with the reference shape (extra names are ignored).
+        reference: the initial parameters, likewise.
+        group_by_module: one value per owning module (the name up to the last dot; ``"root"`` for
+            top-level parameters) instead of one per parameter.
+
+    Returns:
+        ``{name: float64 scalar}`` in reference order; NaN where the reference norm is zero
+        (e.g. a zero-initialised bias on its own).
+
+    Example:
+        >>> import torch
+        >>> reference = {"layer.weight": torch.ones(2, 2), "layer.bias": torch.zeros(2)}
+        >>> params = {"layer.weight": torch.tensor([[1.0, 1.0], [1.0, 3.0]]), "layer.bias": torch.ones(2)}
+        >>> {k: round(v.item(), 4) for k, v in feature_drift(params, reference).items()}
+        {'layer.weight': 1.0, 'layer.bias': nan}
+        >>> {k: round(v.item(), 4) for k, v in feature_drift(params, reference, group_by_module=True).items()}
+        {'layer': 1.2247}
+    """
+    ref = _named_tensors("reference", reference)
+    current = _named_tensors("params", params)
+    _drift_check(current, ref)
+    names, group_index = _drift_groups(list(ref), group_by_module)
+    ref_sq = torch.stack([w.to(torch.float64).square().sum().cpu() for w in ref.values()])
+    values = _drift_compute(_drift_sq(current, ref).cpu(), ref_sq, group_index, len(names))
+    return dict(zip(names, values.unbind(0)))

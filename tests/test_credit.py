@@ -1,0 +1,548 @@
+"""Credit suite: each metric against an independent reference (autograd, numpy/scipy, slow loops)."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import scipy.special
+import scipy.stats
+import torch
+from torch import Tensor
+
+import metrics_suite as ms
+from metrics_suite import BridgeResidual, CreditCosine, FeatureDrift, NudgingDelta, PerturbationCorrelation
+from metrics_suite.functional import (
+    bridge_residual,
+    bridge_target,
+    bridge_values,
+    credit_cosine,
+    feature_drift,
+    lq_costates,
+    lq_forward,
+    nudging_delta,
+    perturbation_pairs,
+)
+from metrics_suite.functional import credit as credit_functional
+from metrics_suite.registry import registered
+
+F64 = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class Quadratic:
+    """Item-wise ½ (h − c)ᵀ Q (h − c) with a symmetric positive definite Q; exact gradient known."""
+
+    def __init__(self, dim: int, seed: int = 0) -> None:
+        g = _gen(seed)
+        m = torch.randn(dim, dim, generator=g, dtype=F64)
+        self.Q = m @ m.T / dim + torch.eye(dim, dtype=F64)
+        self.c = torch.randn(dim, generator=g, dtype=F64)
+        self.calls: list[int] = []
+
+    def __call__(self, h: Tensor) -> Tensor:
+        self.calls.append(h.shape[0])
+        diff = h - self.c.to(h)
+        return 0.5 * ((diff @ self.Q.to(h)) * diff).sum(-1)
+
+    def gradient(self, h: Tensor) -> Tensor:
+        return (h - self.c.to(h)) @ self.Q.to(h)
+
+
+def _states(metric: ms.DiagnosticMetric) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in metric.state_items()}
+
+
+def _assert_states_equal(metric: ms.DiagnosticMetric, before: dict[str, Tensor]) -> None:
+    for k, v in metric.state_items():
+        assert torch.equal(v, before[k]), k
+
+
+# ---------------------------------------------------------------------------------------------- LQ chain
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_lq_costates_equal_autograd_gradients(symmetric: bool) -> None:
+    g = _gen(0)
+    dims = [5, 4, 6, 3]
+    weights = [torch.randn(dims[i + 1], dims[i], generator=g, dtype=F64) for i in range(3)]
+    Q = torch.randn(3, 3, generator=g, dtype=F64)
+    Q = Q @ Q.T if symmetric else Q
+    h0 = torch.randn(7, 5, generator=g, dtype=F64)
+
+    hs = [h0.clone().requires_grad_(True)]
+    for A in weights:
+        hs.append(hs[-1] @ A.T)
+        hs[-1].retain_grad()
+    (0.5 * ((hs[-1] @ Q.T) * hs[-1]).sum()).backward()
+    grads = [h.grad for h in hs]
+
+    costates = lq_costates(weights, Q, h0)
+    assert len(costates) == 4
+    for p, grad in zip(costates, grads):
+        torch.testing.assert_close(p, grad, rtol=1e-9, atol=1e-9)
+    if symmetric:  # DESIGN: p_L = Q h_L
+        torch.testing.assert_close(costates[-1], lq_forward(weights, h0)[-1] @ Q.T, rtol=1e-12, atol=0)
+
+
+def test_lq_forward_matches_loop_and_checks_shapes() -> None:
+    g = _gen(1)
+    weights = torch.randn(3, 4, 4, generator=g, dtype=F64)  # a [L, d, d] tensor works as a sequence
+    h0 = torch.randn(2, 4, generator=g, dtype=F64)
+    hs = lq_forward(weights, h0)
+    h = h0.numpy()
+    for l in range(3):
+        h = h @ weights[l].numpy().T
+        np.testing.assert_allclose(hs[l + 1].numpy(), h, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"weights\[1\]"):
+        lq_forward([torch.randn(4, 4), torch.randn(4, 3)], torch.randn(2, 4))
+    with pytest.raises(ValueError, match="`Q` must have shape \\[4, 4\\]"):
+        lq_costates([torch.randn(4, 4)], torch.randn(3, 3), torch.randn(2, 4))
+
+
+# ---------------------------------------------------------------------------------------------- cosine
+@pytest.mark.parametrize("chunk_elements", [None, 13])  # 13: two items per float64 chunk
+def test_credit_cosine_matches_numpy_loop_and_skips_zero_norms(
+    chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if chunk_elements is not None:
+        monkeypatch.setattr(credit_functional, "DEFAULT_CHUNK_ELEMENTS", chunk_elements)
+    g = _gen(2)
+    credit = torch.randn(9, 3, 2, generator=g)
+    reference = credit + torch.randn(9, 3, 2, generator=g)
+    credit[4] = 0.0  # undefined cosine: left out
+    cosines = []
+    for a, r in zip(credit.double().numpy(), reference.double().numpy()):
+        a, r = a.ravel(), r.ravel()
+        if np.linalg.norm(a) and np.linalg.norm(r):
+            cosines.append(a @ r / np.linalg.norm(a) / np.linalg.norm(r))
+    expected = np.mean(cosines)
+
+    metric = CreditCosine(num_layers=3, with_stderr=True)
+    metric.update(credit[:5], reference[:5], layer=1)
+    metric.update(credit[5:], reference[5:], layer=1)
+    out = metric.compute()
+    assert out["cosine"].shape == (3,)
+    np.testing.assert_allclose(out["cosine"][1].item(), expected, rtol=1e-12)
+    np.testing.assert_allclose(out["cosine_stderr"][1].item(), scipy.stats.sem(cosines), rtol=1e-9)
+    assert torch.isnan(out["cosine"][[0, 2]]).all()  # layers never updated
+    np.testing.assert_allclose(credit_cosine(credit, reference).item(), expected, rtol=1e-12)
+
+
+def test_credit_cosine_against_exact_lq_costates() -> None:
+    g = _gen(3)
+    weights = [torch.randn(4, 4, generator=g, dtype=F64) for _ in range(2)]
+    Q, h0 = torch.eye(4, dtype=F64), torch.randn(6, 4, generator=g, dtype=F64)
+    costates = lq_costates(weights, Q, h0)
+    metric = CreditCosine(num_layers=3)
+    for layer, p in enumerate(costates):
+        metric.update(p if layer != 2 else -p, p, layer=layer)
+    torch.testing.assert_close(
+        metric.compute(), torch.tensor([1.0, 1.0, -1.0], dtype=F64), rtol=0, atol=1e-12
+    )
+
+
+# ---------------------------------------------------------------------------------------------- perturbation
+def test_central_difference_with_exact_gradient_gives_rho_one() -> None:
+    loss_fn = Quadratic(8)
+    hidden = torch.randn(16, 8, generator=_gen(4), dtype=F64)
+    metric = PerturbationCorrelation(difference="central", seed=0)
+    metric.update(hidden, loss_fn.gradient(hidden), loss_fn)
+    assert abs(metric.compute().item() - 1.0) < 1e-9
+
+
+def test_forward_difference_with_exact_gradient_is_nearly_one() -> None:
+    loss_fn = Quadratic(8)
+    hidden = torch.randn(16, 8, generator=_gen(5), dtype=F64)
+    metric = PerturbationCorrelation(epsilon=1e-2, seed=1)
+    metric.update(hidden, loss_fn.gradient(hidden), loss_fn)
+    assert 0.99 < metric.compute().item() < 1.0
+
+
+def test_random_credit_has_small_correlation() -> None:
+    loss_fn = Quadratic(8)
+    hidden = torch.randn(128, 8, generator=_gen(6), dtype=F64)
+    metric = PerturbationCorrelation(seed=2)
+    metric.update(hidden, torch.randn(128, 8, generator=_gen(7), dtype=F64), loss_fn)
+    assert abs(metric.compute().item()) < 0.06  # 4096 pairs: standard error about 0.016
+
+
+def test_rho_equals_scipy_pearsonr_over_pooled_pairs() -> None:
+    loss_fn = Quadratic(6)
+    g = _gen(8)
+    batches = []
+    for n in (10, 7):
+        hidden = torch.randn(n, 6, generator=g, dtype=F64)
+        batches.append((hidden, loss_fn.gradient(hidden) + 2 * torch.randn(n, 6, generator=g, dtype=F64)))
+    metric = PerturbationCorrelation(num_layers=2, num_directions=5, epsilon=0.05, seed=123)
+    rng = _gen(123)
+    pairs = []
+    for hidden, credit in batches:
+        metric.update(hidden, credit, loss_fn, layer=1)
+        pairs.append(perturbation_pairs(hidden, credit, loss_fn, 0.05, 5, generator=rng))
+    x = torch.cat([p[0] for p in pairs]).numpy().ravel()
+    y = torch.cat([p[1] for p in pairs]).numpy().ravel()
+    rho = metric.compute()
+    assert torch.isnan(rho[0])
+    assert 0.1 < rho[1].item() < 0.99  # informative but imperfect credit
+    np.testing.assert_allclose(rho[1].item(), scipy.stats.pearsonr(x, y).statistic, rtol=1e-10)
+
+
+def test_perturbation_pairs_match_a_per_direction_loop() -> None:
+    """The batched pairs equal a straightforward loop over the same directions."""
+    loss_fn = Quadratic(5)
+    hidden = torch.randn(4, 5, generator=_gen(9), dtype=F64)
+    credit = torch.randn(4, 5, generator=_gen(10), dtype=F64)
+    for difference in ("forward", "central"):
+        x, y = perturbation_pairs(hidden, credit, loss_fn, 0.1, 3, difference, generator=_gen(11))
+        v = torch.randn(3, 4, 5, generator=_gen(11), dtype=F64)
+        v = v / v.norm(dim=-1, keepdim=True)
+        for m in range(3):
+            step = 0.1 * v[m]
+            lower = loss_fn(hidden - step) if difference == "central" else loss_fn(hidden)
+            scale = 0.5 if difference == "central" else 1.0
+            torch.testing.assert_close(x[:, m], (credit * step).sum(1), rtol=1e-12, atol=0)
+            torch.testing.assert_close(
+                y[:, m], scale * (loss_fn(hidden + step) - lower), rtol=1e-9, atol=1e-15
+            )
+
+
+@pytest.mark.parametrize(
+    ("difference", "chunk_size", "calls"),
+    [
+        ("forward", None, [44]),  # N = 4 unperturbed rows + 10 directions x 4 rows, one call
+        ("central", None, [80]),
+        ("forward", 8, [8, 8, 8, 8, 8, 4]),  # the unperturbed rows share the first call
+        ("forward", 4, [4] * 11),
+        ("central", 17, [16] * 5),
+        ("central", 3, [8] * 10),  # at least one direction per call
+    ],
+)
+def test_directions_are_evaluated_in_batched_calls(
+    difference: str, chunk_size: int | None, calls: list[int]
+) -> None:
+    loss_fn = Quadratic(3)
+    hidden = torch.randn(4, 3, generator=_gen(12), dtype=F64)
+    x, y = perturbation_pairs(hidden, hidden, loss_fn, 1e-3, 10, difference, _gen(0), chunk_size)  # type: ignore[arg-type]
+    assert x.shape == y.shape == (4, 10)
+    assert loss_fn.calls == calls
+
+
+def test_perturbation_degenerate_data_gives_nan() -> None:
+    loss_fn = Quadratic(4)
+    hidden = torch.randn(8, 4, generator=_gen(13), dtype=F64)
+    metric = PerturbationCorrelation(seed=0)
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        assert torch.isnan(metric.compute())  # no data
+    metric.update(hidden, torch.zeros_like(hidden), loss_fn)  # predicted changes all zero
+    assert torch.isnan(metric.compute())
+
+
+def test_perturbation_seed_none_follows_global_rng() -> None:
+    torch.manual_seed(31)
+    a = PerturbationCorrelation()
+    torch.manual_seed(31)
+    b = PerturbationCorrelation()
+    assert a.seed == b.seed
+    loss_fn = Quadratic(4)
+    hidden = torch.randn(8, 4, generator=_gen(14), dtype=F64)
+    credit = torch.randn(8, 4, generator=_gen(15), dtype=F64)
+    a.update(hidden, credit, loss_fn)
+    b.update(hidden, credit, loss_fn)
+    assert torch.equal(a.compute(), b.compute())
+
+
+def test_rejected_perturbation_update_keeps_state_and_generator() -> None:
+    loss_fn = Quadratic(4)
+    hidden = torch.randn(8, 4, generator=_gen(16), dtype=F64)
+    metric = PerturbationCorrelation(seed=3)
+    metric.update(hidden, hidden, loss_fn)
+    before, rng = _states(metric), metric.generator.get_state()
+    with pytest.raises(ValueError, match=r"`loss_fn` must map .* returned \[264, 1\]"):
+        metric.update(hidden, hidden, lambda h: loss_fn(h)[:, None])
+    with pytest.raises(ValueError, match="nan_strategy='error'"):
+        metric.nan_strategy = "error"
+        metric.update(hidden.clone().index_fill_(0, torch.tensor([2]), float("nan")), hidden, loss_fn)
+    _assert_states_equal(metric, before)
+    assert torch.equal(metric.generator.get_state(), rng)
+
+
+def test_perturbation_skips_nonfinite_items_and_feeds_float32() -> None:
+    seen: list[torch.dtype] = []
+
+    def loss_fn(h: Tensor) -> Tensor:
+        seen.append(h.dtype)
+        return 0.5 * h.float().square().sum(-1)
+
+    hidden = torch.randn(6, 4, generator=_gen(17)).half()
+    hidden[1, 2] = float("inf")
+    metric = PerturbationCorrelation(difference="central", epsilon=1e-2, seed=0)
+    metric.update(hidden, hidden, loss_fn)
+    assert seen == [torch.float32]
+    assert metric.nonfinite_count.item() == 1
+    assert metric.pair_sums[0, 0].item() == 5 * 32
+    with pytest.warns(UserWarning, match="skipped 1 item"):
+        assert metric.compute().item() > 0.999
+
+
+# ---------------------------------------------------------------------------------------------- nudging
+def test_nudging_true_gradient_lowers_the_loss_and_its_negation_raises_it() -> None:
+    loss_fn = Quadratic(6)
+    hidden = torch.randn(20, 6, generator=_gen(18), dtype=F64)
+    grad = loss_fn.gradient(hidden)
+    metric = NudgingDelta(num_layers=3, eta=0.01)
+    metric.update(hidden, grad, loss_fn, layer=0)
+    metric.update(hidden, -grad, loss_fn, layer=2)
+    out = metric.compute()
+    assert out["improved_fraction"][0].item() == 1.0 and out["delta"][0].item() < 0
+    assert out["improved_fraction"][2].item() == 0.0 and out["delta"][2].item() > 0
+    assert torch.isnan(out["delta"][1]) and torch.isnan(out["improved_fraction"][1])
+
+
+def test_nudging_delta_matches_a_per_item_reference() -> None:
+    hidden = torch.randn(5, 2, 3, generator=_gen(19), dtype=F64)  # items may have several dims
+    credit = torch.randn(5, 2, 3, generator=_gen(20), dtype=F64)
+    flat_loss = Quadratic(6, seed=1)
+    expected = []
+    for h, a in zip(hidden.reshape(5, 6).numpy(), credit.reshape(5, 6).numpy()):
+        a_hat = a / (np.sqrt(np.mean(a**2)) + 1e-6)
+        new = flat_loss(torch.from_numpy(h - 0.05 * a_hat)[None])
+        expected.append((new - flat_loss(torch.from_numpy(h)[None])).item())
+    delta = nudging_delta(hidden, credit, lambda h: flat_loss(h.reshape(h.shape[0], 6)), eta=0.05)
+    np.testing.assert_allclose(delta.numpy(), expected, rtol=1e-9)
+
+    metric = NudgingDelta(eta=0.05, with_stderr=True)
+    metric.update(hidden[:2], credit[:2], lambda h: flat_loss(h.reshape(h.shape[0], 6)))
+    metric.update(hidden[2:], credit[2:], lambda h: flat_loss(h.reshape(h.shape[0], 6)))
+    out = metric.compute()
+    np.testing.assert_allclose(out["delta"].item(), np.mean(expected), rtol=1e-9)
+    np.testing.assert_allclose(out["delta_stderr"].item(), scipy.stats.sem(expected), rtol=1e-9)
+    np.testing.assert_allclose(out["improved_fraction"].item(), np.mean(np.array(expected) < 0))
+
+
+# ---------------------------------------------------------------------------------------------- bridge
+def test_bridge_residual_matches_scipy_logsumexp() -> None:
+    g = _gen(21)
+    next_values = torch.randn(12, 5, generator=g) * 2
+    value = torch.randn(12, generator=g)
+    lam = 0.3
+    target = -lam * scipy.special.logsumexp(-next_values.double().numpy() / lam, axis=1) + lam * np.log(5)
+    expected = np.abs(value.double().numpy() - target)
+
+    np.testing.assert_allclose(bridge_target(next_values, lam).numpy(), target, rtol=1e-12)
+    np.testing.assert_allclose(bridge_residual(value, next_values, lam).item(), expected.mean(), rtol=1e-12)
+    metric = BridgeResidual(num_layers=2, lam=lam)
+    metric.update(value[:7], next_values[:7], layer=1)
+    metric.update(value[7:], next_values[7:], layer=1)
+    out = metric.compute()
+    assert torch.isnan(out[0])
+    np.testing.assert_allclose(out[1].item(), expected.mean(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("lam", [1e-3, 0.1, 10.0, 1e4])
+def test_bridge_target_lies_between_min_and_mean(lam: float) -> None:
+    next_values = torch.randn(50, 7, generator=_gen(22), dtype=F64) * 3
+    target = bridge_target(next_values, lam)
+    assert (target >= next_values.min(1).values - 1e-12).all()
+    assert (target <= next_values.mean(1) + 1e-12).all()
+
+
+def test_bridge_values_evaluates_both_networks() -> None:
+    torch.manual_seed(0)
+    value_net, target_net = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    states = torch.randn(4, 3)
+    next_states = states[:, None] + 0.1 * torch.randn(4, 5, 3)
+    value, next_values = bridge_values(value_net, target_net, states, next_states)
+    assert not value.requires_grad and not next_values.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(value, value_net(states)[:, 0])
+        for k in range(5):
+            torch.testing.assert_close(next_values[:, k], target_net(next_states[:, k])[:, 0])
+    with pytest.raises(ValueError, match=r"`next_states` must have shape \[4, \*, 3\]"):
+        bridge_values(value_net, target_net, states, next_states[:3])
+
+
+# ---------------------------------------------------------------------------------------------- drift
+def _drift_setup() -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    g = _gen(23)
+    reference = {
+        "enc.weight": torch.randn(4, 3, generator=g),
+        "enc.bias": torch.randn(4, generator=g),
+        "scale": torch.randn(2, generator=g, dtype=F64),
+    }
+    params = {k: w + 0.2 * torch.randn(w.shape, generator=g, dtype=w.dtype) for k, w in reference.items()}
+    return reference, params
+
+
+def test_feature_drift_matches_hand_norms() -> None:
+    reference, params = _drift_setup()
+    per_param = {
+        k: np.linalg.norm(params[k].double().numpy() - w.double().numpy())
+        / np.linalg.norm(w.double().numpy())
+        for k, w in reference.items()
+    }
+    metric = FeatureDrift(reference)
+    metric.update(params)
+    out = metric.compute()
+    assert list(out) == ["enc.weight", "enc.bias", "scale"]
+    for k, v in per_param.items():
+        np.testing.assert_allclose(out[k].item(), v, rtol=1e-12)
+        np.testing.assert_allclose(feature_drift(params, reference)[k].item(), v, rtol=1e-12)
+
+    def sq(x: Tensor) -> float:
+        return float(x.double().square().sum())
+
+    enc = math.sqrt(
+        (sq(params["enc.weight"] - reference["enc.weight"]) + sq(params["enc.bias"] - reference["enc.bias"]))
+        / (sq(reference["enc.weight"]) + sq(reference["enc.bias"]))
+    )
+    grouped = FeatureDrift(reference, group_by_module=True)
+    grouped.update(params)
+    out = grouped.compute()
+    assert list(out) == ["enc", "root"]
+    np.testing.assert_allclose(out["enc"].item(), enc, rtol=1e-12)
+    np.testing.assert_allclose(out["root"].item(), per_param["scale"], rtol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_feature_drift_summed_states_of_replicated_ranks_equal_one_process() -> None:
+    reference, params = _drift_setup()
+    single = FeatureDrift(reference)
+    single.update(params)
+    ranks = [FeatureDrift(reference) for _ in range(3)]
+    ranks[0].update(params)
+    ranks[1].update(params)  # ranks[2] never updated: contributes 0/0
+    merged = FeatureDrift(reference)
+    for name, _ in merged.state_items():
+        setattr(merged, name, sum(getattr(r, name) for r in ranks))
+    for k, v in single.compute().items():
+        torch.testing.assert_close(merged.compute()[k], v, rtol=1e-12, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_feature_drift_reports_the_latest_update() -> None:
+    reference, params = _drift_setup()
+    later = {k: 2 * v for k, v in params.items()}
+    expected = feature_drift(later, reference)
+    metric = FeatureDrift(reference)
+    metric.update(params)
+    metric.update(later)
+    assert all(torch.equal(metric.compute()[k], v) for k, v in expected.items())
+    fwd = FeatureDrift(reference)
+    fwd(params)
+    batch_value = fwd(later)
+    assert all(
+        torch.equal(batch_value[k], v) and torch.equal(fwd.compute()[k], v) for k, v in expected.items()
+    )
+    assert all(torch.isnan(v) for v in FeatureDrift(reference).compute().values())
+
+
+def test_feature_drift_takes_modules_and_copies_the_reference() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    w0, b0 = model[2].weight.detach().clone(), model[2].bias.detach().clone()
+    metric = FeatureDrift(model[2], group_by_module=True)  # reference: the head only
+    with torch.no_grad():
+        model[2].weight.add_(0.5)  # must not move the copied reference
+    # extra names (the rest of the model) are ignored
+    metric.update(dict(model.named_parameters()) | dict(model[2].named_parameters()))
+    expected = math.sqrt(w0.numel() * 0.25 / (w0.double().square().sum() + b0.double().square().sum()).item())
+    np.testing.assert_allclose(metric.compute()["root"].item(), expected, rtol=1e-6)
+    clone = pickle.loads(pickle.dumps(metric))
+    clone.update(model[2])
+    assert torch.equal(clone.compute()["root"], metric.compute()["root"])
+
+
+def test_feature_drift_nonfinite_parameter_is_nan_and_counted() -> None:
+    reference, params = _drift_setup()
+    params["enc.bias"] = params["enc.bias"].clone()
+    params["enc.bias"][0] = float("nan")
+    metric = FeatureDrift(reference)
+    metric.update(params)
+    with pytest.warns(UserWarning, match="skipped 1 item"):
+        out = metric.compute()
+    assert torch.isnan(out["enc.bias"]) and torch.isfinite(out["enc.weight"])
+    assert metric.nonfinite_count.item() == 1
+
+
+# ---------------------------------------------------------------------------------------------- contract
+def test_credit_suite_registry_and_collection_keys() -> None:
+    assert ms.available()["credit"] == [
+        "cosine",
+        "perturbation_correlation",
+        "nudging",
+        "bridge_residual",
+        "feature_drift",
+    ]
+    reference, params = _drift_setup()
+    col = ms.suite("credit", cosine={"num_layers": 2}, feature_drift={"reference": reference})
+    g = _gen(24)
+    credit = torch.randn(6, 4, generator=g)
+    col.update(credit=credit, reference=credit + torch.randn(6, 4, generator=g), layer=1)
+    col.update(params=params)
+    with pytest.warns(UserWarning, match="never updated"):
+        out = col.compute()
+    assert torch.isnan(out["credit/cosine/layer_0"]) and torch.isfinite(out["credit/cosine/layer_1"])
+    assert torch.isfinite(out["credit/feature_drift/enc.weight"])
+    assert torch.isnan(out["credit/bridge_residual"])
+
+
+@pytest.mark.parametrize("entry", [e for e in registered() if e.suite == "credit"], ids=lambda e: e.name)
+def test_bad_inputs_raise_and_leave_state_unchanged(entry) -> None:  # type: ignore[no-untyped-def]
+    ex = entry.example
+    metric = entry.cls(**ex.init_kwargs)
+    metric.update(**ex.make_batch(_gen(25), 6))
+    before = _states(metric)
+    bad_inputs = ex.bad_inputs(_gen(26))
+    assert bad_inputs
+    for bad in bad_inputs:
+        with pytest.raises((ValueError, TypeError), match="`"):
+            metric.update(**bad)
+        _assert_states_equal(metric, before)
+
+
+@pytest.mark.parametrize(
+    "entry", [e for e in registered() if e.suite == "credit" and e.example.shardable], ids=lambda e: e.name
+)
+def test_shardable_metrics_are_split_invariant(entry) -> None:  # type: ignore[no-untyped-def]
+    ex = entry.example
+    batch = ex.make_batch(_gen(27), 11)
+    whole, parts = entry.cls(**ex.init_kwargs), entry.cls(**ex.init_kwargs)
+    whole.update(**batch)
+    for part in ex.split(batch, [4, 0, 7]):
+        parts.update(**part)
+    a, b = whole.compute(), parts.compute()
+    for k in a if isinstance(a, dict) else [None]:
+        torch.testing.assert_close(a[k] if k else a, b[k] if k else b, rtol=1e-9, atol=0)
+
+
+def test_constructor_arguments_are_validated() -> None:
+    with pytest.raises(ValueError, match="num_layers"):
+        CreditCosine(num_layers=0)
+    with pytest.raises(ValueError, match="difference"):
+        PerturbationCorrelation(difference="backward")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lam"):
+        BridgeResidual(lam=0.0)
+    with pytest.raises(ValueError, match="no parameters"):
+        FeatureDrift({})
+    with pytest.raises(TypeError, match="reference"):
+        FeatureDrift({"w": torch.zeros(2, dtype=torch.int64)})
+
+
+def test_perturbation_checkpoint_resumes_the_direction_stream() -> None:
+    loss_fn = Quadratic(4)
+    g = _gen(28)
+    batches = [
+        (torch.randn(6, 4, generator=g, dtype=F64), torch.randn(6, 4, generator=g, dtype=F64))
+        for _ in range(2)
+    ]
+    uninterrupted = PerturbationCorrelation(seed=4)
+    uninterrupted.update(*batches[0], loss_fn)
+    resumed = PerturbationCorrelation(seed=99)  # another seed: the checkpoint must carry the generator
+    resumed.load_state_dict(uninterrupted.state_dict())
+    for metric in (uninterrupted, resumed):
+        metric.update(*batches[1], loss_fn)
+    assert torch.equal(resumed.compute(), uninterrupted.compute())
