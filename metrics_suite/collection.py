@@ -39,6 +39,13 @@ def _flatten(metric: Metric, value: Any) -> dict[str, Tensor]:
     return {"": value}
 
 
+def _extra_state(metric: Metric) -> Any:
+    """State a metric keeps outside its sum states (e.g. a random generator), if it declares any."""
+    if type(metric).get_extra_state is torch.nn.Module.get_extra_state:
+        return None
+    return metric.get_extra_state()
+
+
 class DiagnosticCollection(MetricCollection):
     """A :class:`torchmetrics.MetricCollection` of diagnostics with one collective per compute.
 
@@ -103,18 +110,22 @@ class DiagnosticCollection(MetricCollection):
         if args:
             raise TypeError("DiagnosticCollection.update takes keyword inputs only (e.g. clean_logits=...)")
         routed = list(self._route(inputs))
-        saved: list[tuple[Metric, dict[str, Any], int]] = []
+        saved: list[tuple[Metric, dict[str, Any], int, Any]] = []
         try:
             for _, metric, kwargs in routed:
                 if self.atomic_update:
-                    saved.append((metric, metric._copy_state_dict(), metric._update_count))
+                    saved.append(
+                        (metric, metric._copy_state_dict(), metric._update_count, _extra_state(metric))
+                    )
                 metric.update(**kwargs)
         except Exception:
-            for metric, state, count in saved:
+            for metric, state, count, extra in saved:
                 for attr, value in state.items():
                     setattr(metric, attr, value)
                 metric._update_count = count
                 metric._computed = None
+                if extra is not None:
+                    metric.set_extra_state(extra)
             raise
 
     def forward(self, *args: Any, **inputs: Any) -> dict[str, Any]:

@@ -212,3 +212,26 @@ def test_set_dtype_and_half_keep_float64_accumulators() -> None:
     module.metric = metric
     module.to(torch.bfloat16)
     assert metric.loss_sums.dtype == torch.float64
+
+
+def test_rollback_restores_extra_state_such_as_a_random_generator() -> None:
+    """A rejected collection update must not advance PerturbationCorrelation's generator."""
+    from metrics_suite.credit import PerturbationCorrelation
+
+    class Quadratic:
+        def __call__(self, h: torch.Tensor) -> torch.Tensor:
+            return 0.5 * h.pow(2).sum(-1)
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 3, generator=g)
+    col = DiagnosticCollection(
+        {"credit/pc": PerturbationCorrelation(seed=0), "a/score": ReconstructionScore()}
+    )
+    reference = PerturbationCorrelation(seed=0)
+    bad = _losses()
+    bad["source_model_loss"] = bad["source_model_loss"][:2]
+    with pytest.raises(ValueError):
+        col.update(hidden=hidden, credit=hidden, loss_fn=Quadratic(), **bad)
+    col.update(hidden=hidden, credit=hidden, loss_fn=Quadratic())
+    reference.update(hidden=hidden, credit=hidden, loss_fn=Quadratic())
+    assert states_equal(state_snapshot(col["credit/pc"]), state_snapshot(reference))
