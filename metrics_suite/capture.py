@@ -40,7 +40,7 @@ def record(module: nn.Module, name: str, tensor: Any) -> None:
     Call it inside ``module.forward``; without an attached capture it does nothing, so a layer
     can always call it.
 
-    Example:
+    Examples:
         >>> import torch
         >>> class Shift(torch.nn.Module):
         ...     def forward(self, x):
@@ -77,7 +77,7 @@ class ForwardCapture:
 
     Use as a context manager (hooks removed on exit) or call :meth:`attach`/:meth:`remove`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> class NoiseLayer(torch.nn.Module):
         ...     def __init__(self, d):

@@ -59,7 +59,7 @@ class DiagnosticCollection(MetricCollection):
 
     Compute groups are always off: our metrics never share states.
 
-    Example:
+    Examples:
         >>> import torch, metrics_suite as ms
         >>> col = ms.suite("reconstruction")
         >>> loss = torch.tensor([2.0, 2.0, 2.0])

@@ -183,12 +183,13 @@ def _drift_bad(g: torch.Generator) -> list[dict[str, Any]]:
 class CreditCosine(_PerLayerMetric):
     r"""Mean per-item cosine between a credit signal and a reference, per layer.
 
-    .. math::
-        \Gamma_l = \frac{1}{|S_l|} \sum_{i \in S_l}
-        \frac{\langle a_i, r_i\rangle}{\lVert a_i\rVert\, \lVert r_i\rVert}
+    $$
+    \Gamma_l = \frac{1}{|S_l|} \sum_{i \in S_l}
+    \frac{\langle a_i, r_i\rangle}{\lVert a_i\rVert\, \lVert r_i\rVert}
+    $$
 
-    over the items :math:`S_l` seen for layer :math:`l` on all ranks, with :math:`a_i` and
-    :math:`r_i` the flattened credit and reference of item :math:`i` (``[N, ...] → [N, -1]``).
+    over the items $S_l$ seen for layer $l$ on all ranks, with $a_i$ and
+    $r_i$ the flattened credit and reference of item $i$ (``[N, ...] → [N, -1]``).
     With the backprop gradient as reference this is the offline BP cosine; with the exact costate
     (:func:`~metrics_suite.functional.credit.lq_costates`) the exact costate cosine. Items where either
     norm is zero have no defined cosine and are left out (they are not counted as non-finite).
@@ -202,7 +203,7 @@ class CreditCosine(_PerLayerMetric):
     ``update(credit, reference, layer=0)`` takes ``[N, ...]`` tensors of one shape.
     ``compute()`` returns a float64 scalar (one layer) or ``[num_layers]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import CreditCosine
         >>> metric = CreditCosine(num_layers=2)
@@ -254,24 +255,26 @@ class CreditCosine(_PerLayerMetric):
 class PerturbationCorrelation(_PerLayerMetric):
     r"""Correlation between the loss change a credit signal predicts and the true change, per layer.
 
-    For each item :math:`i` and :math:`M` random unit directions :math:`v_{im}` (uniform on the
+    For each item $i$ and $M$ random unit directions $v_{im}$ (uniform on the
     sphere of the flattened item, drawn afresh per item and per update):
 
-    .. math::
-        x_{im} = \langle a_i, \varepsilon v_{im}\rangle, \qquad
-        y_{im} = \mathcal{L}(h_i + \varepsilon v_{im}) - \mathcal{L}(h_i)
-        \quad\Big(\text{central: } \tfrac12\big[\mathcal{L}(h_i + \varepsilon v_{im})
-        - \mathcal{L}(h_i - \varepsilon v_{im})\big]\Big),
+    $$
+    x_{im} = \langle a_i, \varepsilon v_{im}\rangle, \qquad
+    y_{im} = \mathcal{L}(h_i + \varepsilon v_{im}) - \mathcal{L}(h_i)
+    \quad\Big(\text{central: } \tfrac12\big[\mathcal{L}(h_i + \varepsilon v_{im})
+    - \mathcal{L}(h_i - \varepsilon v_{im})\big]\Big),
+    $$
 
-    and :math:`\rho_l` is the Pearson correlation of all pairs seen for layer :math:`l` on all ranks:
+    and $\rho_l$ is the Pearson correlation of all pairs seen for layer $l$ on all ranks:
 
-    .. math::
-        \rho = \frac{n\sum xy - \sum x \sum y}{\sqrt{n\sum x^2 - (\sum x)^2}\,\sqrt{n\sum y^2 - (\sum y)^2}}.
+    $$
+    \rho = \frac{n\sum xy - \sum x \sum y}{\sqrt{n\sum x^2 - (\sum x)^2}\,\sqrt{n\sum y^2 - (\sum y)^2}}.
+    $$
 
     The state is the six float64 sums per layer. They are raw (not centred) moments so that they
     stay sums; the predicted changes have mean zero by the symmetry of the directions, so their
-    moments do not cancel, and the forward-difference curvature offset of :math:`y` is
-    :math:`O(\varepsilon^2)`, far below what float64 resolves. NaN without pairs or with zero
+    moments do not cancel, and the forward-difference curvature offset of $y$ is
+    $O(\varepsilon^2)$, far below what float64 resolves. NaN without pairs or with zero
     variance (e.g. an all-zero credit).
 
     All ``M`` directions go through ``loss_fn`` in batched calls of at most ``chunk_size`` rows (see
@@ -280,15 +283,15 @@ class PerturbationCorrelation(_PerLayerMetric):
     item ``i``: tile per-item targets with ``targets.repeat(R // N)``).
 
     Sharding: the directions come from the metric's own generator, so a different split of the same
-    data (or a different number of ranks) draws different directions, and :math:`\rho` agrees only up
+    data (or a different number of ranks) draws different directions, and $\rho$ agrees only up
     to Monte-Carlo noise. Random directions that depend only on the item would be needed for exact
     invariance; the metric therefore is registered with ``shardable=False``. Its sums still merge
     exactly across ranks.
 
     Args:
         num_layers: number of layers tracked.
-        epsilon: step size :math:`\varepsilon`.
-        num_directions: directions per item :math:`M`.
+        epsilon: step size $\varepsilon$.
+        num_directions: directions per item $M$.
         difference: ``"forward"`` or ``"central"`` differences.
         seed: seed of the metric's ``torch.Generator`` (CPU; directions are moved to the input's
             device). ``None`` draws the seed from torch's global RNG at construction, so
@@ -297,13 +300,13 @@ class PerturbationCorrelation(_PerLayerMetric):
             run continues the same stream.
         chunk_size: maximum rows per ``loss_fn`` call (default ``2**22 // D``, at least one direction).
         kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` has no
-            effect: :math:`\rho` is not a mean).
+            effect: $\rho$ is not a mean).
 
     ``update(hidden, credit, loss_fn, layer=0)``: ``hidden`` and ``credit`` ``[N, d]`` (or
     ``[N, *F]``), ``loss_fn`` maps ``[R, d]`` to per-item losses ``[R]``. Items whose inputs or losses
     are not finite follow ``nan_strategy``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import PerturbationCorrelation
         >>> hidden = torch.randn(32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -394,23 +397,24 @@ class PerturbationCorrelation(_PerLayerMetric):
 class NudgingDelta(_PerLayerMetric):
     r"""Does a small step against the credit signal lower the loss? Per layer.
 
-    .. math::
-        \hat a_i = \frac{a_i}{\operatorname{rms}(a_i) + 10^{-6}}, \qquad
-        \Delta_i = \mathcal{L}(h_i - \eta\, \hat a_i) - \mathcal{L}(h_i),
+    $$
+    \hat a_i = \frac{a_i}{\operatorname{rms}(a_i) + 10^{-6}}, \qquad
+    \Delta_i = \mathcal{L}(h_i - \eta\, \hat a_i) - \mathcal{L}(h_i),
+    $$
 
-    with the RMS over the flattened item. Returns ``delta`` (mean :math:`\Delta_i`) and
-    ``improved_fraction`` (share of items with :math:`\Delta_i < 0`) over all items of the layer on
+    with the RMS over the flattened item. Returns ``delta`` (mean $\Delta_i$) and
+    ``improved_fraction`` (share of items with $\Delta_i < 0$) over all items of the layer on
     all ranks; ``with_stderr=True`` adds ``delta_stderr`` and ``improved_fraction_stderr``.
     Both losses of a batch come from one ``loss_fn`` call on ``2N`` rows, under ``torch.no_grad()``.
 
     Args:
         num_layers: number of layers tracked.
-        eta: step size :math:`\eta` (in units of the credit's RMS).
+        eta: step size $\eta$ (in units of the credit's RMS).
         kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options.
 
     ``update(hidden, credit, loss_fn, layer=0)`` as in :class:`PerturbationCorrelation`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import NudgingDelta
         >>> hidden = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.3, -0.2]])
@@ -466,24 +470,25 @@ class NudgingDelta(_PerLayerMetric):
 class BridgeResidual(_PerLayerMetric):
     r"""Mean absolute residual of a value function against its soft-min (bridge) target, per layer.
 
-    .. math::
-        V^{target}_b = -\lambda \operatorname{logsumexp}_k\!\big(-V^{next}_{bk}/\lambda\big) + \lambda \log K,
-        \qquad
-        r = \operatorname{mean}_b \big|V_b - V^{target}_b\big|,
+    $$
+    V^{target}_b = -\lambda \operatorname{logsumexp}_k\!\big(-V^{next}_{bk}/\lambda\big) + \lambda \log K,
+    \qquad
+    r = \operatorname{mean}_b \big|V_b - V^{target}_b\big|,
+    $$
 
-    over all items of the layer on all ranks, in float64. :math:`V^{target}` lies between the
-    minimum and the mean of the :math:`K` next values. Build the inputs from a value network and a
+    over all items of the layer on all ranks, in float64. $V^{target}$ lies between the
+    minimum and the mean of the $K$ next values. Build the inputs from a value network and a
     target network with :func:`~metrics_suite.functional.credit.bridge_values`.
 
     Args:
         num_layers: number of layers (or value functions) tracked.
-        lam: temperature :math:`\lambda > 0`.
+        lam: temperature $\lambda > 0$.
         kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr=True`` returns
             ``{"bridge_residual", "bridge_residual_stderr"}``).
 
     ``update(value, next_values, layer=0)``: ``value`` ``[B]``, ``next_values`` ``[B, K]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import BridgeResidual
         >>> metric = BridgeResidual(lam=1.0)
@@ -534,12 +539,13 @@ class BridgeResidual(_PerLayerMetric):
 class FeatureDrift(DiagnosticMetric):
     r"""How far parameters have moved from a reference (e.g. their initial values).
 
-    .. math::
-        \text{drift}(W) = \frac{\lVert W - W_{init}\rVert_F}{\lVert W_{init}\rVert_F},
-        \qquad
-        \text{drift}(\text{module}) = \sqrt{\frac{\sum_{W \in \text{module}} \lVert W - W_{init}\rVert_F^2}
-        {\sum_{W \in \text{module}} \lVert W_{init}\rVert_F^2}}
-        \ (\texttt{group\_by\_module=True}).
+    $$
+    \text{drift}(W) = \frac{\lVert W - W_{init}\rVert_F}{\lVert W_{init}\rVert_F},
+    \qquad
+    \text{drift}(\text{module}) = \sqrt{\frac{\sum_{W \in \text{module}} \lVert W - W_{init}\rVert_F^2}
+    {\sum_{W \in \text{module}} \lVert W_{init}\rVert_F^2}}
+    \ (\texttt{group\_by\_module=True}).
+    $$
 
     ``compute()`` returns ``{name: value}`` for the parameters of the **latest** ``update``: each
     update replaces the state (it does not accumulate), and ``forward()`` follows the same rule.
@@ -548,9 +554,9 @@ class FeatureDrift(DiagnosticMetric):
     last dot; ``"root"`` for top-level parameters).
 
     Distributed: parameters are replicated, so the state holds per parameter the float64
-    :math:`\lVert W - W_{init}\rVert_F^2` of the latest update and a count set to 1 by that update;
+    $\lVert W - W_{init}\rVert_F^2$ of the latest update and a count set to 1 by that update;
     the sync sums both over ranks, and their ratio is the replicated value. A rank that never
-    updated adds 0/0; a parameter no rank has seen is NaN. :math:`\lVert W_{init}\rVert_F^2` is a
+    updated adds 0/0; a parameter no rank has seen is NaN. $\lVert W_{init}\rVert_F^2$ is a
     buffer computed at construction, not a state (states are summed by the sync). ``merge_state``
     sums as the sync does (it merges ranks, not successive updates).
 
@@ -569,7 +575,7 @@ class FeatureDrift(DiagnosticMetric):
     ``update(params)`` takes a module or a mapping holding every reference name with the reference
     shape; extra names are ignored (so the whole model can be passed for a partial reference).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import FeatureDrift
         >>> model = torch.nn.Linear(2, 2)

@@ -54,19 +54,21 @@ def _noise_bad(g: torch.Generator) -> list[dict[str, Any]]:
 class NoiseStatistics(DiagnosticMetric):
     r"""How a noise transform's output ``input + mean + noise`` splits into signal, mean shift and noise.
 
-    ``mean`` is the learned shift :math:`\mu`, ``noise`` the zero-mean part :math:`\varepsilon`
-    (σ·ε) and :math:`s = \mu + \varepsilon` the mean-shifted noise. At each position (norms over
+    ``mean`` is the learned shift $\mu$, ``noise`` the zero-mean part $\varepsilon$
+    (σ·ε) and $s = \mu + \varepsilon$ the mean-shifted noise. At each position (norms over
     ``dim``):
 
-    .. math::
-        \text{mean\_domination\_percent} = \frac{\lVert\mu\rVert}{\lVert\mu\rVert + \lVert\varepsilon\rVert},\quad
-        \text{mean\_domination\_ratio} = \frac{\lVert\mu\rVert}{\lVert\varepsilon\rVert},\quad
-        \text{mean\_cosine\_similarity} = \frac{\langle x, \mu\rangle}{\lVert x\rVert\,\lVert\mu\rVert},
+    $$
+    \text{mean\_domination\_percent} = \frac{\lVert\mu\rVert}{\lVert\mu\rVert + \lVert\varepsilon\rVert},\quad
+    \text{mean\_domination\_ratio} = \frac{\lVert\mu\rVert}{\lVert\varepsilon\rVert},\quad
+    \text{mean\_cosine\_similarity} = \frac{\langle x, \mu\rangle}{\lVert x\rVert\,\lVert\mu\rVert},
+    $$
 
-    .. math::
-        \text{noise\_domination\_percent} = \frac{\lVert s\rVert}{\lVert x\rVert + \lVert s\rVert},\quad
-        \text{noise\_domination\_ratio} = \frac{\lVert s\rVert}{\lVert x\rVert},\quad
-        \text{noise\_cosine\_similarity} = \frac{\langle x, s\rangle}{\lVert x\rVert\,\lVert s\rVert},
+    $$
+    \text{noise\_domination\_percent} = \frac{\lVert s\rVert}{\lVert x\rVert + \lVert s\rVert},\quad
+    \text{noise\_domination\_ratio} = \frac{\lVert s\rVert}{\lVert x\rVert},\quad
+    \text{noise\_cosine\_similarity} = \frac{\langle x, s\rangle}{\lVert x\rVert\,\lVert s\rVert},
+    $$
 
     and the norms ``input_norm``, ``mean_norm``, ``unshifted_noise_norm``,
     ``mean_shifted_noise_norm``. ``compute()`` returns a dict of these ten, each the mean over the
@@ -87,7 +89,7 @@ class NoiseStatistics(DiagnosticMetric):
     ``update(input, mean, noise, noise_mask=None)``: ``mean`` and ``noise`` have ``input``'s shape
     (or broadcast to it, e.g. a ``[D]`` learned mean).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import NoiseStatistics
         >>> metric = NoiseStatistics()

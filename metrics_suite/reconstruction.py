@@ -67,15 +67,16 @@ def _score_bad(g: torch.Generator) -> list[dict[str, Any]]:
 class ReconstructionScore(DiagnosticMetric):
     r"""Share of the loss gap between zero-ablation and the clean model that a reconstruction closes.
 
-    Per component, with clean loss :math:`l`, loss with the reconstruction spliced in
-    :math:`l^{rec}` and loss with the component zero-ablated :math:`l^{zero}`:
+    Per component, with clean loss $l$, loss with the reconstruction spliced in
+    $l^{rec}$ and loss with the component zero-ablated $l^{zero}$:
 
-    .. math::
-        \text{ratio\_of\_sums} = \frac{\sum_i l^{zero}_i - \sum_i l^{rec}_i}{\sum_i l^{zero}_i - \sum_i l_i},
-        \qquad
-        \text{itemwise\_mean} = \operatorname{mean}_i \frac{l^{zero}_i - l^{rec}_i}{l^{zero}_i - l_i}.
+    $$
+    \text{ratio\_of\_sums} = \frac{\sum_i l^{zero}_i - \sum_i l^{rec}_i}{\sum_i l^{zero}_i - \sum_i l_i},
+    \qquad
+    \text{itemwise\_mean} = \operatorname{mean}_i \frac{l^{zero}_i - l^{rec}_i}{l^{zero}_i - l_i}.
+    $$
 
-    Items with :math:`l^{zero}_i = l_i` are left out of ``itemwise_mean``. No data gives NaN.
+    Items with $l^{zero}_i = l_i$ are left out of ``itemwise_mean``. No data gives NaN.
 
     Args:
         num_components: number of components (e.g. SAEs at different layers) scored at once.
@@ -90,7 +91,7 @@ class ReconstructionScore(DiagnosticMetric):
 
     ``compute()`` returns a scalar when ``num_components == 1``, else ``[num_components]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import ReconstructionScore
         >>> metric = ReconstructionScore()
@@ -131,7 +132,9 @@ class ReconstructionScore(DiagnosticMetric):
         )
         if self.validate_args:
             _reconstruction_score_check(*losses, self.num_components, component_idx)
-        finite = torch.stack([torch.isfinite(x).all(1) if x.ndim == 2 else torch.isfinite(x) for x in losses]).all(0)
+        finite = torch.stack(
+            [torch.isfinite(x).all(1) if x.ndim == 2 else torch.isfinite(x) for x in losses]
+        ).all(0)
         keep, skipped = self.nonfinite_filter("source_model_loss*", finite)
         loss_sums, ratio_stats = _reconstruction_score_update(
             source_model_loss,
@@ -185,12 +188,13 @@ def _changed_tokens_bad(g: torch.Generator) -> list[dict[str, Any]]:
 class ChangedTokenRate(DiagnosticMetric):
     r"""Share of selected tokens whose id a transform changed (e.g. nearest-token decoding of noisy embeddings).
 
-    Per sequence :math:`b`, with mask :math:`m` (``noise_mask``, all True by default):
+    Per sequence $b$, with mask $m$ (``noise_mask``, all True by default):
 
-    .. math::
-        c_b = \frac{\sum_t m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_t m_{bt}},\qquad
-        \text{sequence\_mean} = \operatorname{mean}_{b:\,\sum_t m_{bt} > 0} c_b,\qquad
-        \text{token\_rate} = \frac{\sum_{b,t} m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_{b,t} m_{bt}}
+    $$
+    c_b = \frac{\sum_t m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_t m_{bt}},\qquad
+    \text{sequence\_mean} = \operatorname{mean}_{b:\,\sum_t m_{bt} > 0} c_b,\qquad
+    \text{token\_rate} = \frac{\sum_{b,t} m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_{b,t} m_{bt}}
+    $$
 
     Sequences without a selected token are left out of ``sequence_mean``. No selected token: NaN.
     Token ids are integers, so no item is ever skipped as non-finite.
@@ -203,7 +207,7 @@ class ChangedTokenRate(DiagnosticMetric):
     ``update(input_ids, reconstructed_ids, noise_mask=None)`` takes integer ``[B, T]`` ids and a bool
     ``[B, T]`` mask. ``compute()`` returns ``{"sequence_mean", "token_rate"}``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import ChangedTokenRate
         >>> metric = ChangedTokenRate()
@@ -273,33 +277,35 @@ def _activation_bad(g: torch.Generator) -> list[dict[str, Any]]:
 class ActivationReconstruction(DiagnosticMetric):
     r"""How well a reconstruction (e.g. an SAE's output) reproduces activation vectors ``[..., D]``.
 
-    Over the selected vectors :math:`x_i` (``mask``, all by default; any leading shape) with
-    reconstructions :math:`\hat{x}_i`:
+    Over the selected vectors $x_i$ (``mask``, all by default; any leading shape) with
+    reconstructions $\hat{x}_i$:
 
-    .. math::
-        \text{mse} = \frac{1}{n}\sum_i \frac{\lVert \hat{x}_i - x_i \rVert^2}{D},\qquad
-        \text{normalized\_mse} = \frac{\sum_i \lVert \hat{x}_i - x_i \rVert^2}{\sum_i \lVert x_i \rVert^2},
+    $$
+    \text{mse} = \frac{1}{n}\sum_i \frac{\lVert \hat{x}_i - x_i \rVert^2}{D},\qquad
+    \text{normalized\_mse} = \frac{\sum_i \lVert \hat{x}_i - x_i \rVert^2}{\sum_i \lVert x_i \rVert^2},
+    $$
 
-    .. math::
-        \text{explained\_variance} = 1 - \frac{\sum_i \lVert \hat{x}_i - x_i \rVert^2}
-        {\sum_i \lVert x_i \rVert^2 - \lVert \sum_i x_i \rVert^2 / n},\qquad
-        \text{cosine\_similarity} = \operatorname{mean}_i \frac{\langle \hat{x}_i, x_i\rangle}
-        {\lVert \hat{x}_i \rVert\,\lVert x_i \rVert}
+    $$
+    \text{explained\_variance} = 1 - \frac{\sum_i \lVert \hat{x}_i - x_i \rVert^2}
+    {\sum_i \lVert x_i \rVert^2 - \lVert \sum_i x_i \rVert^2 / n},\qquad
+    \text{cosine\_similarity} = \operatorname{mean}_i \frac{\langle \hat{x}_i, x_i\rangle}
+    {\lVert \hat{x}_i \rVert\,\lVert x_i \rVert}
+    $$
 
-    The denominator of ``explained_variance`` is :math:`\sum_i \lVert x_i - \bar{x} \rVert^2` with
-    :math:`\bar{x}` the mean vector of all selected vectors on all ranks, obtained from float64 sums
-    :math:`\sum_i x_i` ``[D]`` and :math:`\sum_i \lVert x_i \rVert^2` (all per-vector math is done in
+    The denominator of ``explained_variance`` is $\sum_i \lVert x_i - \bar{x} \rVert^2$ with
+    $\bar{x}$ the mean vector of all selected vectors on all ranks, obtained from float64 sums
+    $\sum_i x_i$ ``[D]`` and $\sum_i \lVert x_i \rVert^2$ (all per-vector math is done in
     float64, so activations with a large offset keep their variance). Vectors where
-    :math:`\hat{x}_i` or :math:`x_i` is zero are left out of ``cosine_similarity`` only. No data,
+    $\hat{x}_i$ or $x_i$ is zero are left out of ``cosine_similarity`` only. No data,
     or zero target variance for ``explained_variance`` (a variance below 1e-12 of
-    :math:`\sum_i \lVert x_i \rVert^2` is float64 rounding and counts as zero): NaN.
+    $\sum_i \lVert x_i \rVert^2$ is float64 rounding and counts as zero): NaN.
 
     Args:
         num_features: the size ``D`` of the last dimension.
         kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
             ``mse_stderr`` and ``cosine_similarity_stderr``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import ActivationReconstruction
         >>> metric = ActivationReconstruction(num_features=2)
@@ -386,26 +392,27 @@ DeadThreshold = Annotated[float, Field(ge=0.0, le=1.0)]
 class FeatureSparsity(DiagnosticMetric):
     r"""Sparsity and dead features of feature activations ``[..., F]`` (e.g. an SAE's latents).
 
-    Over the selected vectors :math:`a_i` (``mask``, all by default; any leading shape), with the
-    firing frequency :math:`\nu_f` of feature :math:`f` over all vectors seen on all ranks:
+    Over the selected vectors $a_i$ (``mask``, all by default; any leading shape), with the
+    firing frequency $\nu_f$ of feature $f$ over all vectors seen on all ranks:
 
-    .. math::
-        \text{l0} = \frac{1}{n}\sum_i \lVert a_i \rVert_0,\qquad
-        \text{l1} = \frac{1}{n}\sum_i \lVert a_i \rVert_1,\qquad
-        \nu_f = \frac{1}{n}\sum_i [a_{if} \neq 0],\qquad
-        \text{dead\_fraction@}\tau = \frac{\#\{f : \nu_f \le \tau\}}{F}
+    $$
+    \text{l0} = \frac{1}{n}\sum_i \lVert a_i \rVert_0,\qquad
+    \text{l1} = \frac{1}{n}\sum_i \lVert a_i \rVert_1,\qquad
+    \nu_f = \frac{1}{n}\sum_i [a_{if} \neq 0],\qquad
+    \text{dead\_fraction@}\tau = \frac{\#\{f : \nu_f \le \tau\}}{F}
+    $$
 
     Output keys: ``l0``, ``l1``, one ``dead_fraction@{τ:g}`` per threshold (``dead_fraction@0``,
     ``dead_fraction@1e-06``, ``dead_fraction@1e-05`` by default) and ``density_histogram``, a ``[9]``
     vector of feature counts per firing density: bin 0 holds the features that never fired, bins
-    1..8 one decade of :math:`\log_{10}\nu_f` each, ``[-8, -7)`` ... ``[-1, 0]`` (edges in
+    1..8 one decade of $\log_{10}\nu_f$ each, ``[-8, -7)`` ... ``[-1, 0]`` (edges in
     :attr:`density_edges_log10`; a density below 1e-8 goes to bin 1). A collection flattens it
     to ``.../density_histogram/bin_{i}``.
 
     States: int64 per-feature firing counts ``[F]`` and a vector count (so a feature firing on only
     one rank is not dead), plus (n, Σ, Σ²) of the per-vector L0 and L1. The histogram is computed
     from the summed firing counts at ``compute()``, so it describes the densities over all data.
-    :meth:`firing_frequency` gives :math:`\nu_f` for plots. No data: NaN.
+    :meth:`firing_frequency` gives $\nu_f$ for plots. No data: NaN.
 
     Args:
         num_features: the number of features ``F``.
@@ -413,7 +420,7 @@ class FeatureSparsity(DiagnosticMetric):
         kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
             ``l0_stderr`` and ``l1_stderr``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import FeatureSparsity
         >>> metric = FeatureSparsity(num_features=3, dead_thresholds=(0.0, 0.3))

@@ -97,7 +97,7 @@ def suite(*names: str, **overrides: Mapping[str, Any] | bool) -> DiagnosticColle
             (which also adds a metric that needs configuration), ``True`` to include with
             defaults, ``False`` to leave the metric out.
 
-    Example:
+    Examples:
         >>> import metrics_suite as ms
         >>> col = ms.suite("reconstruction", reconstruction_score={"num_components": 2})
         >>> col["reconstruction/reconstruction_score"].num_components
@@ -130,7 +130,7 @@ def build(config: Any) -> DiagnosticCollection:
     """Build a collection from a :class:`~metrics_suite.config.SuiteConfig`, a dict, or a
     ``.json``/``.toml`` file path.
 
-    Example:
+    Examples:
         >>> import metrics_suite as ms
         >>> col = ms.build({"suites": ["reconstruction"], "metrics": {"reconstruction_score": False}})
         >>> "reconstruction/reconstruction_score" in col.keys()

@@ -62,7 +62,7 @@ def free_port() -> int:
 def count_collectives() -> Iterator[Counter[str]]:
     """Count calls to torch.distributed collectives inside the block.
 
-    Example:
+    Examples:
         >>> with count_collectives() as calls:
         ...     pass
         >>> sum(calls.values())

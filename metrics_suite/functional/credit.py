@@ -74,7 +74,7 @@ def _lq_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def lq_forward(weights: Sequence[Tensor], h0: Tensor) -> list[Tensor]:
-    r"""Run the linear chain :math:`h_{l+1} = A_l h_l` on a batch (``h @ A_l.T``).
+    r"""Run the linear chain $h_{l+1} = A_l h_l$ on a batch (``h @ A_l.T``).
 
     Args:
         weights: ``[A_0, ..., A_{L-1}]``, ``A_l`` of shape ``[d_{l+1}, d_l]`` (a ``[L, d, d]`` tensor works too).
@@ -83,7 +83,7 @@ def lq_forward(weights: Sequence[Tensor], h0: Tensor) -> list[Tensor]:
     Returns:
         ``[h_0, ..., h_L]``, each ``[B, d_l]``, in at least float32.
 
-    Example:
+    Examples:
         >>> import torch
         >>> A = [torch.tensor([[2.0, 0.0], [1.0, 1.0]])]
         >>> lq_forward(A, torch.tensor([[1.0, 3.0]]))[1]
@@ -99,15 +99,16 @@ def lq_forward(weights: Sequence[Tensor], h0: Tensor) -> list[Tensor]:
 
 
 def lq_costates(weights: Sequence[Tensor], Q: Tensor, h0: Tensor) -> list[Tensor]:
-    r"""Exact costates of the linear chain :math:`h_{l+1} = A_l h_l` with a quadratic terminal loss.
+    r"""Exact costates of the linear chain $h_{l+1} = A_l h_l$ with a quadratic terminal loss.
 
-    With :math:`\mathcal{L} = \tfrac12 \sum_b h_{L,b}^\top Q\, h_{L,b}`:
+    With $\mathcal{L} = \tfrac12 \sum_b h_{L,b}^\top Q\, h_{L,b}$:
 
-    .. math::
-        p_L = Q_s h_L, \qquad p_l = A_l^\top p_{l+1}, \qquad Q_s = \tfrac12 (Q + Q^\top),
+    $$
+    p_L = Q_s h_L, \qquad p_l = A_l^\top p_{l+1}, \qquad Q_s = \tfrac12 (Q + Q^\top),
+    $$
 
-    so :math:`p_l = \partial \mathcal{L} / \partial h_l` exactly. For a symmetric :math:`Q` (the usual
-    case) :math:`Q_s = Q` and :math:`p_L = Q h_L`; a non-symmetric :math:`Q` only enters the loss
+    so $p_l = \partial \mathcal{L} / \partial h_l$ exactly. For a symmetric $Q$ (the usual
+    case) $Q_s = Q$ and $p_L = Q h_L$; a non-symmetric $Q$ only enters the loss
     through its symmetric part, which is therefore what is used, so the costates always equal the
     autograd gradients.
 
@@ -119,7 +120,7 @@ def lq_costates(weights: Sequence[Tensor], Q: Tensor, h0: Tensor) -> list[Tensor
     Returns:
         ``[p_0, ..., p_L]``, each ``[B, d_l]`` (batched: ``p_L = h_L @ Q_s``, ``p_l = p_{l+1} @ A_l``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> A = [torch.tensor([[2.0, 0.0], [1.0, 1.0]])]
         >>> p0, p1 = lq_costates(A, torch.eye(2), torch.tensor([[1.0, 3.0]]))
@@ -173,11 +174,12 @@ def _per_item_cosine(credit: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]
 def credit_cosine(credit: Tensor, reference: Tensor) -> Tensor:
     r"""Mean per-item cosine between a credit signal and a reference (e.g. the backprop gradient).
 
-    .. math::
-        \Gamma = \frac{1}{|S|} \sum_{i \in S} \frac{\langle a_i, r_i\rangle}{\lVert a_i\rVert\, \lVert r_i\rVert}
+    $$
+    \Gamma = \frac{1}{|S|} \sum_{i \in S} \frac{\langle a_i, r_i\rangle}{\lVert a_i\rVert\, \lVert r_i\rVert}
+    $$
 
-    over the items whose flattened credit :math:`a_i` and reference :math:`r_i` both have a non-zero
-    norm (:math:`S`); the cosine of a zero vector is undefined, so such items are left out.
+    over the items whose flattened credit $a_i$ and reference $r_i$ both have a non-zero
+    norm ($S$); the cosine of a zero vector is undefined, so such items are left out.
 
     Args:
         credit: ``[N, ...]`` credit signal.
@@ -186,7 +188,7 @@ def credit_cosine(credit: Tensor, reference: Tensor) -> Tensor:
     Returns:
         A float64 scalar; NaN when no item has both norms non-zero.
 
-    Example:
+    Examples:
         >>> import torch
         >>> credit = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
         >>> reference = torch.tensor([[1.0, 1.0], [1.0, 1.0], [3.0, 4.0]])
@@ -249,14 +251,15 @@ def perturbation_pairs(
 ) -> tuple[Tensor, Tensor]:
     r"""Predicted and true loss changes along random directions, the pairs behind :func:`perturbation_correlation`.
 
-    For each item :math:`i` and each of :math:`M` directions :math:`v_{im}` drawn uniformly on the unit
+    For each item $i$ and each of $M$ directions $v_{im}$ drawn uniformly on the unit
     sphere of the flattened item:
 
-    .. math::
-        x_{im} = \langle a_i, \varepsilon v_{im}\rangle, \qquad
-        y_{im} = \mathcal{L}(h_i + \varepsilon v_{im}) - \mathcal{L}(h_i)
-        \quad\Big(\text{central: } \tfrac12\big[\mathcal{L}(h_i + \varepsilon v_{im})
-        - \mathcal{L}(h_i - \varepsilon v_{im})\big]\Big).
+    $$
+    x_{im} = \langle a_i, \varepsilon v_{im}\rangle, \qquad
+    y_{im} = \mathcal{L}(h_i + \varepsilon v_{im}) - \mathcal{L}(h_i)
+    \quad\Big(\text{central: } \tfrac12\big[\mathcal{L}(h_i + \varepsilon v_{im})
+    - \mathcal{L}(h_i - \varepsilon v_{im})\big]\Big).
+    $$
 
     All perturbed inputs are evaluated in batched ``loss_fn`` calls of at most ``chunk_size`` rows
     (whole directions per call; the unperturbed rows ride along in the first call), not in ``M``
@@ -269,10 +272,10 @@ def perturbation_pairs(
 
     Args:
         hidden: ``[N, *F]`` hidden states (``[N, d]`` in the usual case).
-        credit: ``[N, *F]`` credit signal :math:`a` (e.g. a gradient estimate w.r.t. ``hidden``).
+        credit: ``[N, *F]`` credit signal $a$ (e.g. a gradient estimate w.r.t. ``hidden``).
         loss_fn: maps ``[R, *F]`` to per-item losses ``[R]``.
-        epsilon: step size :math:`\varepsilon`.
-        num_directions: :math:`M`.
+        epsilon: step size $\varepsilon$.
+        num_directions: $M$.
         difference: ``"forward"`` or ``"central"``.
         generator: random source of the directions (drawn on its device, then moved to ``hidden``'s);
             ``None`` uses torch's global RNG. It advances by ``M·N·D`` normal draws per call, in chunks
@@ -283,7 +286,7 @@ def perturbation_pairs(
     Returns:
         ``(predicted, true)``, each float64 ``[N, M]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> hidden = torch.tensor([[1.0, 2.0], [0.5, -1.0]], dtype=torch.float64)
         >>> loss_fn = lambda h: 0.5 * (h**2).sum(-1)  # gradient = hidden
@@ -386,14 +389,15 @@ def perturbation_correlation(
 ) -> Tensor:
     r"""Pearson correlation between predicted and true loss changes over all (item, direction) pairs.
 
-    .. math::
-        \rho = \frac{n\sum xy - \sum x \sum y}{\sqrt{n\sum x^2 - (\sum x)^2}\,\sqrt{n\sum y^2 - (\sum y)^2}}
+    $$
+    \rho = \frac{n\sum xy - \sum x \sum y}{\sqrt{n\sum x^2 - (\sum x)^2}\,\sqrt{n\sum y^2 - (\sum y)^2}}
+    $$
 
     with the pairs of :func:`perturbation_pairs`. 1 means the credit predicts the loss change along
     every direction; about 0 means it carries no information. NaN without pairs or when either side
     has zero variance.
 
-    Example:
+    Examples:
         >>> import torch
         >>> hidden = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         >>> loss_fn = lambda h: 0.5 * (h**2).sum(-1)
@@ -411,24 +415,25 @@ def perturbation_correlation(
 def nudging_delta(hidden: Tensor, credit: Tensor, loss_fn: LossFn, eta: float = 0.01) -> Tensor:
     r"""Per-item loss change after a small step against the RMS-normalised credit.
 
-    .. math::
-        \hat a_i = \frac{a_i}{\operatorname{rms}(a_i) + 10^{-6}}, \qquad
-        \Delta_i = \mathcal{L}(h_i - \eta\, \hat a_i) - \mathcal{L}(h_i),
+    $$
+    \hat a_i = \frac{a_i}{\operatorname{rms}(a_i) + 10^{-6}}, \qquad
+    \Delta_i = \mathcal{L}(h_i - \eta\, \hat a_i) - \mathcal{L}(h_i),
+    $$
 
-    with the RMS over the flattened item. A useful credit signal gives :math:`\Delta_i < 0`. Both
+    with the RMS over the flattened item. A useful credit signal gives $\Delta_i < 0$. Both
     losses come from one ``loss_fn`` call on ``2N`` rows (the batch, then the nudged batch), under
     ``torch.no_grad()``, in at least float32.
 
     Args:
         hidden: ``[N, *F]`` hidden states.
-        credit: ``[N, *F]`` credit signal :math:`a`.
+        credit: ``[N, *F]`` credit signal $a$.
         loss_fn: maps ``[R, *F]`` to per-item losses ``[R]``.
-        eta: step size :math:`\eta`.
+        eta: step size $\eta$.
 
     Returns:
-        float64 ``[N]`` loss changes :math:`\Delta_i`.
+        float64 ``[N]`` loss changes $\Delta_i$.
 
-    Example:
+    Examples:
         >>> import torch
         >>> hidden = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64)
         >>> loss_fn = lambda h: 0.5 * (h**2).sum(-1)  # gradient = hidden
@@ -468,23 +473,24 @@ def _bridge_check(value: Tensor, next_values: Tensor) -> None:
 
 
 def bridge_target(next_values: Tensor, lam: float = 0.1) -> Tensor:
-    r"""Soft-min target of a value function over :math:`K` sampled next states.
+    r"""Soft-min target of a value function over $K$ sampled next states.
 
-    .. math::
-        V^{target} = -\lambda \log \frac{1}{K}\sum_{k=1}^K e^{-V^{next}_k/\lambda}
-        = -\lambda \operatorname{logsumexp}_k(-V^{next}_k/\lambda) + \lambda \log K,
+    $$
+    V^{target} = -\lambda \log \frac{1}{K}\sum_{k=1}^K e^{-V^{next}_k/\lambda}
+    = -\lambda \operatorname{logsumexp}_k(-V^{next}_k/\lambda) + \lambda \log K,
+    $$
 
-    which lies between :math:`\min_k V^{next}_k` (as :math:`\lambda \to 0`) and their mean
-    (as :math:`\lambda \to \infty`).
+    which lies between $\min_k V^{next}_k$ (as $\lambda \to 0$) and their mean
+    (as $\lambda \to \infty$).
 
     Args:
         next_values: ``[B, K]`` values of the sampled next states.
-        lam: temperature :math:`\lambda > 0`.
+        lam: temperature $\lambda > 0$.
 
     Returns:
         float64 ``[B]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> bridge_target(torch.tensor([[0.0, 1.0]]), lam=1.0)  # -log((1 + e^-1) / 2)
         tensor([0.3799], dtype=torch.float64)
@@ -496,19 +502,19 @@ def bridge_target(next_values: Tensor, lam: float = 0.1) -> Tensor:
 
 
 def bridge_residual(value: Tensor, next_values: Tensor, lam: float = 0.1) -> Tensor:
-    r"""Mean absolute residual of the soft Bellman (bridge) equation, :math:`\operatorname{mean}_b |V_b - V^{target}_b|`.
+    r"""Mean absolute residual of the soft Bellman (bridge) equation, $\operatorname{mean}_b |V_b - V^{target}_b|$.
 
-    See :func:`bridge_target` for :math:`V^{target}`.
+    See :func:`bridge_target` for $V^{target}$.
 
     Args:
         value: ``[B]`` values of the current states.
-        next_values: ``[B, K]`` (target-network) values of :math:`K` sampled next states.
-        lam: temperature :math:`\lambda > 0`.
+        next_values: ``[B, K]`` (target-network) values of $K$ sampled next states.
+        lam: temperature $\lambda > 0$.
 
     Returns:
         A float64 scalar (NaN for ``B = 0``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> value = torch.tensor([0.5, 0.0])
         >>> next_values = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
@@ -553,7 +559,7 @@ def bridge_values(
     Returns:
         ``(value [B], next_values [B, K])``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = torch.nn.Linear(3, 1)
         >>> states = torch.randn(4, 3)
@@ -641,11 +647,12 @@ def feature_drift(
 ) -> dict[str, Tensor]:
     r"""Relative distance of parameters from their reference (initial) values.
 
-    .. math::
-        \text{drift}(W) = \frac{\lVert W - W_{init}\rVert_F}{\lVert W_{init}\rVert_F},
-        \qquad
-        \text{drift}(\text{module}) = \sqrt{\frac{\sum_{W \in \text{module}} \lVert W - W_{init}\rVert_F^2}
-        {\sum_{W \in \text{module}} \lVert W_{init}\rVert_F^2}}.
+    $$
+    \text{drift}(W) = \frac{\lVert W - W_{init}\rVert_F}{\lVert W_{init}\rVert_F},
+    \qquad
+    \text{drift}(\text{module}) = \sqrt{\frac{\sum_{W \in \text{module}} \lVert W - W_{init}\rVert_F^2}
+    {\sum_{W \in \text{module}} \lVert W_{init}\rVert_F^2}}.
+    $$
 
     Args:
         params: an ``nn.Module`` (its ``named_parameters()``) or a mapping of names to tensors; it
@@ -658,7 +665,7 @@ def feature_drift(
         ``{name: float64 scalar}`` in reference order; NaN where the reference norm is zero
         (e.g. a zero-initialised bias on its own).
 
-    Example:
+    Examples:
         >>> import torch
         >>> reference = {"layer.weight": torch.ones(2, 2), "layer.bias": torch.zeros(2)}
         >>> params = {"layer.weight": torch.tensor([[1.0, 1.0], [1.0, 3.0]]), "layer.bias": torch.ones(2)}

@@ -145,21 +145,23 @@ def noise_statistics(
     r"""Per-position norms, domination shares and cosines of a noise transform's parts.
 
     The transform outputs ``input + mean + noise`` (``noise`` the zero-mean part, σ·ε); the
-    mean-shifted noise is :math:`s = \mu + \varepsilon`. At each position (norms over ``dim``):
+    mean-shifted noise is $s = \mu + \varepsilon$. At each position (norms over ``dim``):
 
-    .. math::
-        \text{mean\_domination\_percent} = \frac{\lVert\mu\rVert}{\lVert\mu\rVert + \lVert\varepsilon\rVert},\quad
-        \text{mean\_domination\_ratio} = \frac{\lVert\mu\rVert}{\lVert\varepsilon\rVert},\quad
-        \text{mean\_cosine\_similarity} = \cos(x, \mu),
+    $$
+    \text{mean\_domination\_percent} = \frac{\lVert\mu\rVert}{\lVert\mu\rVert + \lVert\varepsilon\rVert},\quad
+    \text{mean\_domination\_ratio} = \frac{\lVert\mu\rVert}{\lVert\varepsilon\rVert},\quad
+    \text{mean\_cosine\_similarity} = \cos(x, \mu),
+    $$
 
-    .. math::
-        \text{noise\_domination\_percent} = \frac{\lVert s\rVert}{\lVert x\rVert + \lVert s\rVert},\quad
-        \text{noise\_domination\_ratio} = \frac{\lVert s\rVert}{\lVert x\rVert},\quad
-        \text{noise\_cosine\_similarity} = \cos(x, s),
+    $$
+    \text{noise\_domination\_percent} = \frac{\lVert s\rVert}{\lVert x\rVert + \lVert s\rVert},\quad
+    \text{noise\_domination\_ratio} = \frac{\lVert s\rVert}{\lVert x\rVert},\quad
+    \text{noise\_cosine\_similarity} = \cos(x, s),
+    $$
 
-    plus ``input_norm`` :math:`\lVert x\rVert`, ``mean_norm`` :math:`\lVert\mu\rVert`,
-    ``unshifted_noise_norm`` :math:`\lVert\varepsilon\rVert` and ``mean_shifted_noise_norm``
-    :math:`\lVert s\rVert`. The "percent" statistics are fractions in [0, 1]. A ratio or cosine
+    plus ``input_norm`` $\lVert x\rVert$, ``mean_norm`` $\lVert\mu\rVert$,
+    ``unshifted_noise_norm`` $\lVert\varepsilon\rVert$ and ``mean_shifted_noise_norm``
+    $\lVert s\rVert$. The "percent" statistics are fractions in [0, 1]. A ratio or cosine
     with a zero denominator is NaN at that position.
 
     Args:
@@ -174,7 +176,7 @@ def noise_statistics(
         ``{name: values}`` for the ten statistics, each a 1-d tensor of the selected positions in
         row-major order (float32, or float64 for float64 inputs).
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
         >>> mu = torch.tensor([[0.0, 1.0], [1.0, 0.0]])

@@ -153,10 +153,11 @@ def reconstruction_score(
 ) -> Tensor:
     r"""Share of the loss gap closed by a reconstruction, per component.
 
-    .. math::
-        \text{ratio\_of\_sums} = \frac{\sum_i l^{zero}_i - \sum_i l^{rec}_i}{\sum_i l^{zero}_i - \sum_i l_i},
-        \qquad
-        \text{itemwise\_mean} = \frac{1}{N}\sum_i \frac{l^{zero}_i - l^{rec}_i}{l^{zero}_i - l_i}
+    $$
+    \text{ratio\_of\_sums} = \frac{\sum_i l^{zero}_i - \sum_i l^{rec}_i}{\sum_i l^{zero}_i - \sum_i l_i},
+    \qquad
+    \text{itemwise\_mean} = \frac{1}{N}\sum_i \frac{l^{zero}_i - l^{rec}_i}{l^{zero}_i - l_i}
+    $$
 
     1 means the reconstruction recovers the clean loss, 0 means it is as bad as zero-ablation.
     Items with ``l_zero == l`` are left out of ``itemwise_mean`` (their ratio is undefined).
@@ -170,7 +171,7 @@ def reconstruction_score(
     Returns:
         A scalar for ``[N]`` inputs, ``[C]`` for ``[N, C]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> l = torch.full((3,), 2.0)
         >>> reconstruction_score(l, l + 1, l + 3)
@@ -271,8 +272,9 @@ def percentage_changed_ids(
 ) -> Tensor:
     r"""Fraction of selected tokens per sequence whose id the reconstruction changed.
 
-    .. math::
-        c_b = \frac{\sum_t m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_t m_{bt}}
+    $$
+    c_b = \frac{\sum_t m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_t m_{bt}}
+    $$
 
     Args:
         input_ids: original token ids ``[B, T]``.
@@ -282,7 +284,7 @@ def percentage_changed_ids(
     Returns:
         ``[B]`` float64 fractions; NaN for a sequence without selected tokens.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
         >>> rec = torch.tensor([[1, 2, 3], [1, 2, 6]])
@@ -299,15 +301,16 @@ def changed_token_rate(
 ) -> dict[str, Tensor]:
     r"""Share of changed token ids, per sequence then averaged, and over all tokens.
 
-    .. math::
-        \text{sequence\_mean} = \operatorname{mean}_{b:\,\sum_t m_{bt} > 0} c_b,
-        \qquad
-        \text{token\_rate} = \frac{\sum_{b,t} m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_{b,t} m_{bt}}
+    $$
+    \text{sequence\_mean} = \operatorname{mean}_{b:\,\sum_t m_{bt} > 0} c_b,
+    \qquad
+    \text{token\_rate} = \frac{\sum_{b,t} m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_{b,t} m_{bt}}
+    $$
 
-    with :math:`c_b` from :func:`percentage_changed_ids`. Sequences without selected tokens are
+    with $c_b$ from :func:`percentage_changed_ids`. Sequences without selected tokens are
     left out of ``sequence_mean``; no selected token at all gives NaN.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
         >>> rec = torch.tensor([[1, 2, 3], [1, 2, 6]])
@@ -423,18 +426,20 @@ def activation_reconstruction(
 ) -> dict[str, Tensor]:
     r"""How well ``reconstruction`` reproduces ``target``, over the selected ``[..., D]`` vectors.
 
-    .. math::
-        \text{mse} = \frac{1}{n}\sum_i \frac{\lVert \hat{x}_i - x_i \rVert^2}{D},\quad
-        \text{normalized\_mse} = \frac{\sum_i \lVert \hat{x}_i - x_i \rVert^2}{\sum_i \lVert x_i \rVert^2},
+    $$
+    \text{mse} = \frac{1}{n}\sum_i \frac{\lVert \hat{x}_i - x_i \rVert^2}{D},\quad
+    \text{normalized\_mse} = \frac{\sum_i \lVert \hat{x}_i - x_i \rVert^2}{\sum_i \lVert x_i \rVert^2},
+    $$
 
-    .. math::
-        \text{explained\_variance} = 1 - \frac{\sum_i \lVert \hat{x}_i - x_i \rVert^2}
-        {\sum_i \lVert x_i - \bar{x} \rVert^2},\quad
-        \text{cosine\_similarity} = \frac{1}{n'}\sum_i \frac{\langle \hat{x}_i, x_i\rangle}
-        {\lVert \hat{x}_i \rVert\,\lVert x_i \rVert}
+    $$
+    \text{explained\_variance} = 1 - \frac{\sum_i \lVert \hat{x}_i - x_i \rVert^2}
+    {\sum_i \lVert x_i - \bar{x} \rVert^2},\quad
+    \text{cosine\_similarity} = \frac{1}{n'}\sum_i \frac{\langle \hat{x}_i, x_i\rangle}
+    {\lVert \hat{x}_i \rVert\,\lVert x_i \rVert}
+    $$
 
-    with :math:`\bar{x}` the mean vector of the selected targets, and the cosine averaged over
-    the :math:`n'` vectors where both norms are non-zero.
+    with $\bar{x}$ the mean vector of the selected targets, and the cosine averaged over
+    the $n'$ vectors where both norms are non-zero.
 
     Args:
         reconstruction: ``[..., D]`` (e.g. SAE output).
@@ -445,7 +450,7 @@ def activation_reconstruction(
         dict of float64 scalars ``mse``, ``normalized_mse``, ``explained_variance``,
         ``cosine_similarity`` (NaN where undefined, e.g. no vectors).
 
-    Example:
+    Examples:
         >>> import torch
         >>> target = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
         >>> rec = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 1.0]])
@@ -579,22 +584,23 @@ def feature_sparsity(
 ) -> dict[str, Tensor]:
     r"""Sparsity of feature activations ``[..., F]`` over the selected vectors.
 
-    .. math::
-        \text{l0} = \frac{1}{n}\sum_i \lVert a_i \rVert_0,\quad
-        \text{l1} = \frac{1}{n}\sum_i \lVert a_i \rVert_1,\quad
-        \text{dead\_fraction@}\tau = \frac{1}{F}\,\#\{f : \nu_f \le \tau\},\quad
-        \nu_f = \frac{1}{n}\sum_i [a_{if} \neq 0]
+    $$
+    \text{l0} = \frac{1}{n}\sum_i \lVert a_i \rVert_0,\quad
+    \text{l1} = \frac{1}{n}\sum_i \lVert a_i \rVert_1,\quad
+    \text{dead\_fraction@}\tau = \frac{1}{F}\,\#\{f : \nu_f \le \tau\},\quad
+    \nu_f = \frac{1}{n}\sum_i [a_{if} \neq 0]
+    $$
 
-    ``density_histogram`` ``[9]`` counts features per firing density :math:`\nu_f`: bin 0 holds
-    features that never fired, bins 1..8 one decade of :math:`\log_{10}\nu_f` each, from
-    :math:`[-8, -7)` to :math:`[-1, 0]` (densities below 1e-8 go to bin 1).
+    ``density_histogram`` ``[9]`` counts features per firing density $\nu_f$: bin 0 holds
+    features that never fired, bins 1..8 one decade of $\log_{10}\nu_f$ each, from
+    $[-8, -7)$ to $[-1, 0]$ (densities below 1e-8 go to bin 1).
 
     Args:
         feature_activations: ``[..., F]`` (e.g. SAE feature activations).
         mask: bool over the leading shape ``[...]``, True for vectors to include (default: all).
         dead_thresholds: firing frequencies at or below which a feature counts as dead.
 
-    Example:
+    Examples:
         >>> import torch
         >>> acts = torch.tensor([[0.0, 2.0, 0.0], [1.0, -1.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.5, 0.0]])
         >>> out = feature_sparsity(acts, dead_thresholds=(0.0, 0.3))
