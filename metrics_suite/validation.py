@@ -68,20 +68,43 @@ def check_same_shape(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
         )
 
 
+def _as_bool_mask(name: str, mask: object) -> Tensor:
+    """``mask`` as a bool tensor; integer masks must hold only 0 and 1."""
+    m = check_tensor(name, mask)
+    if m.dtype == torch.bool:
+        return m
+    if m.dtype not in INT_DTYPES:
+        raise TypeError(f"`{name}` must be a bool (or 0/1 integer) tensor, got dtype {m.dtype}")
+    if m.numel() and bool(((m != 0) & (m != 1)).any()):
+        raise ValueError(f"`{name}` must hold only 0 and 1 when given as integers")
+    return m != 0
+
+
 def check_mask(name: str, mask: object, shape: Sequence[int] | torch.Size) -> Tensor:
     """Return ``mask`` as a bool tensor of exactly ``shape``.
 
     Bool masks and integer masks holding only 0/1 are accepted; True (1) means "include".
     """
-    m = check_tensor(name, mask)
-    if m.dtype != torch.bool:
-        if m.dtype not in INT_DTYPES:
-            raise TypeError(f"`{name}` must be a bool (or 0/1 integer) tensor, got dtype {m.dtype}")
-        if m.numel() and bool(((m != 0) & (m != 1)).any()):
-            raise ValueError(f"`{name}` must hold only 0 and 1 when given as integers")
-        m = m != 0
+    m = _as_bool_mask(name, mask)
     if tuple(m.shape) != tuple(shape):
         raise ValueError(f"`{name}` must have shape {shape_str(shape)}, got {shape_str(m.shape)}")
+    return m
+
+
+def check_broadcast_mask(name: str, mask: object, shape: torch.Size, what: str = "") -> Tensor:
+    """Return ``mask`` as a bool tensor that broadcasts to ``shape`` (torch rules).
+
+    ``what`` describes ``shape`` in the error message, e.g. ``"position shape (input without dim)"``.
+    """
+    m = _as_bool_mask(name, mask)
+    try:
+        ok = torch.broadcast_shapes(m.shape, shape) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"`{name}` must broadcast to the {what or 'shape'} {shape_str(shape)}, got {shape_str(m.shape)}"
+        )
     return m
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from metrics_suite.base import mean_stats
-from metrics_suite.validation import INT_DTYPES, check_float, check_tensor, shape_str
+from metrics_suite.validation import check_broadcast_mask, check_float, shape_str
 
 __all__ = ["noise_statistics"]
 
@@ -52,25 +52,8 @@ def _noise_check(input: Tensor, mean: Tensor, noise: Tensor, noise_mask: Tensor 
                 f"got {shape_str(x.shape)}"
             )
     if noise_mask is not None:
-        _check_broadcast_mask("noise_mask", noise_mask, _position_shape(input.shape, dim))
-
-
-def _check_broadcast_mask(name: str, mask: object, shape: torch.Size) -> None:
-    """Require a bool (or 0/1 integer) tensor that broadcasts to ``shape`` (torch rules)."""
-    m = check_tensor(name, mask)
-    if m.dtype != torch.bool:
-        if m.dtype not in INT_DTYPES:
-            raise TypeError(f"`{name}` must be a bool (or 0/1 integer) tensor, got dtype {m.dtype}")
-        if m.numel() and bool(((m != 0) & (m != 1)).any()):
-            raise ValueError(f"`{name}` must hold only 0 and 1 when given as integers")
-    try:
-        ok = torch.broadcast_shapes(m.shape, shape) == shape
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"`{name}` must broadcast to the position shape {shape_str(shape)} (input without dim), "
-            f"got {shape_str(m.shape)}"
+        check_broadcast_mask(
+            "noise_mask", noise_mask, _position_shape(input.shape, dim), "position shape (input without dim)"
         )
 
 
