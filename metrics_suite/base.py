@@ -278,6 +278,12 @@ class DiagnosticMetric(Metric):
         return self
 
     # ------------------------------------------------------------------ output
+    def plot(self, val: Any = None, ax: Any = None) -> Any:
+        """Plot the value (or a list of values); see :func:`metrics_suite.plots.plot_metric`."""
+        from metrics_suite.plots import plot_metric
+
+        return plot_metric(self, val, ax)
+
     def flatten_output(self, value: MetricOutput) -> dict[str, Tensor]:
         """Flatten a ``compute()`` result into scalar entries keyed relative to the metric.
 

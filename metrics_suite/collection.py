@@ -213,6 +213,22 @@ class DiagnosticCollection(MetricCollection):
         flat.update({self._set_name(f"{name}/nonfinite_count"): count for name, count in nonfinite.items()})
         return flat
 
+    def output_keys(self) -> list[str]:
+        """The keys :meth:`compute` returns, found without any collective.
+
+        Output shapes are fixed at construction, so computing on the local states gives the same keys
+        as a synced compute.
+        """
+        results: dict[str, Any] = {}
+        for name, metric in self._metric_items():
+            if not isinstance(metric, DiagnosticMetric):
+                raise TypeError(f"{name}: output_keys() needs metrics_suite metrics, got {type(metric).__name__}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                results[name] = metric.compute_on_current_states()
+        keys = list(self._flat_results(results))
+        return keys + [self._set_name(f"{name}/nonfinite_count") for name in results]
+
     def _flat_results(self, results: dict[str, Any]) -> dict[str, Any]:
         flat: dict[str, Any] = {}
         for name, value in results.items():

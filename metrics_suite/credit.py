@@ -371,6 +371,18 @@ class PerturbationCorrelation(_PerLayerMetric):
         self.nonfinite_count += skipped
         self.pair_sums[layer] += sums.to(self.pair_sums.device)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the generator travels as bytes: torch.multiprocessing (``ddp_spawn``) cannot share its
+        # state tensor by file descriptor
+        state = super().__getstate__()
+        state["generator"] = self.generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state.pop("generator")), dtype=torch.uint8))
+        super().__setstate__({**state, "generator": generator})
+
     def get_extra_state(self) -> dict[str, Tensor]:
         """The generator state, saved by ``state_dict()`` so a resumed run draws the same directions."""
         return {"generator_state": self.generator.get_state()}

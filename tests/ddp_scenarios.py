@@ -150,3 +150,8 @@ def without_layout_check(rank: int, world_size: int) -> dict[str, int]:
         collection.compute()
     dist.barrier()
     return dict(calls)
+
+
+def spawned_compute(rank: int, world_size: int, metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Metrics sent to a spawned process (torch.multiprocessing pickling) compute what they did at home."""
+    return {name: flat(m, m.compute_on_current_states()) for name, m in metrics.items()}

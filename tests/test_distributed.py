@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from metrics_suite.registry import registered
 from metrics_suite.testing import run_distributed
 from tests import ddp_scenarios
+from tests.helpers import compare, example_batches, flat, make_metric
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -29,3 +31,16 @@ def test_layout_mismatch_fails_fast_on_every_rank() -> None:
 def test_collection_without_layout_check_is_one_all_reduce() -> None:
     calls = run_distributed(ddp_scenarios.without_layout_check, 2, timeout=120)
     assert all(c.get("all_reduce") == 1 and sum(c.values()) == 1 for c in calls), calls
+
+
+def test_every_metric_travels_to_a_spawned_process() -> None:
+    """ddp_spawn sends metrics through torch.multiprocessing's pickler (tensors by file descriptor)."""
+    metrics = {}
+    for entry in registered():
+        metric = make_metric(entry)
+        for batch in example_batches(entry, [3, 4]):
+            metric.update(**batch)
+        metrics[f"{entry.suite}/{entry.name}"] = metric
+    (remote,) = run_distributed(ddp_scenarios.spawned_compute, 1, metrics, timeout=120)
+    for name, metric in metrics.items():
+        assert not compare(remote[name], flat(metric, metric.compute_on_current_states())), name

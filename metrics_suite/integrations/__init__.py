@@ -1,0 +1,7 @@
+"""Integrations with training frameworks.
+
+Each submodule imports its framework lazily on import of that submodule only, so
+``import metrics_suite`` never needs Lightning:
+
+* :mod:`metrics_suite.integrations.lightning` — PyTorch Lightning (``pip install 'metrics_suite[lightning]'``).
+"""

@@ -1,0 +1,398 @@
+"""Lightning integration: logged values under DDP equal a single pass, epoch resets, checkpoints, adapters.
+
+One ``ddp_spawn`` run (2 gloo ranks, 2 epochs) checks several things at once; everything else runs
+in-process.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import pickle
+import re
+import warnings
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("pytorch_lightning")
+
+import metrics_suite as ms  # noqa: E402
+from metrics_suite.collection import DiagnosticCollection  # noqa: E402
+from metrics_suite.integrations.lightning import (  # noqa: E402
+    DiagnosticsCallback,
+    LoggableDiagnostics,
+    StageDiagnostics,
+    log_diagnostics,
+    output_keys,
+)
+from metrics_suite.testing import count_collectives  # noqa: E402
+from tests.helpers import compare  # noqa: E402
+
+N_VAL, VAL_BATCH = 12, 3  # 2 ranks x 2 batches x 3 items, no padding
+N_TRAIN, TRAIN_BATCH = 8, 2
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+def val_items() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(N_VAL, 2, generator=g, dtype=torch.float64) + 1
+    zero = clean + 1 + torch.rand(N_VAL, 2, generator=g, dtype=torch.float64)
+    recon = clean + (zero - clean) * torch.rand(N_VAL, 2, generator=g, dtype=torch.float64)
+    emb = torch.randn(N_VAL, 4, 3, generator=g)
+    mean = 0.5 * torch.randn(N_VAL, 4, 3, generator=g) + 0.3
+    noise = torch.rand(N_VAL, 4, 1, generator=g) * torch.randn(N_VAL, 4, 3, generator=g)
+    return TensorDataset(clean, recon, zero, emb, mean, noise)
+
+
+def train_items() -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(*(torch.randn(N_TRAIN, 5, 2, generator=g) for _ in range(3)))
+
+
+def val_inputs(batch: Any, epoch: int) -> dict[str, torch.Tensor]:
+    """Inputs that change with the epoch, so a value that mixes epochs is detectably wrong."""
+    clean, recon, zero, emb, mean, noise = batch
+    return {
+        "source_model_loss": clean,
+        "source_model_loss_with_reconstruction": recon + 0.3 * epoch,
+        "source_model_loss_with_zero_ablation": zero,
+        "input": emb * (1 + epoch),
+        "mean": mean,
+        "noise": noise,
+    }
+
+
+def train_inputs(batch: Any, epoch: int) -> dict[str, torch.Tensor]:
+    emb, mean, noise = batch
+    return {"input": emb - epoch, "mean": mean, "noise": noise}
+
+
+def val_collection() -> DiagnosticCollection:
+    return ms.suite(
+        "reconstruction", "noise", changed_tokens=False, reconstruction_score={"num_components": 2}
+    )
+
+
+def train_collection() -> DiagnosticCollection:
+    return ms.suite("noise")
+
+
+def reference(stage: str, epoch: int, items: list[int] | None = None) -> DiagnosticCollection:
+    """A collection updated in one pass over the stage's data of ``epoch`` (single process)."""
+    data, make, inputs = {
+        "val": (val_items(), val_collection, val_inputs),
+        "train": (train_items(), train_collection, train_inputs),
+    }[stage]
+    collection = make()
+    index = torch.arange(len(data)) if items is None else torch.tensor(items)
+    collection.update(**inputs(data[index], epoch))
+    return collection
+
+
+class DiagModule(pl.LightningModule):
+    """Updates train/val collections via the callback, and a LoggableDiagnostics via plain log_dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(1, 1)
+        self.diagnostics = StageDiagnostics(train=train_collection(), val=val_collection())
+        self.plain = LoggableDiagnostics(val_collection(), prefix="plain/")
+
+    def setup(self, stage: str) -> None:
+        torch.set_num_threads(1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.diagnostics["train"].update(**train_inputs(batch, self.current_epoch))
+        return self.lin(torch.ones(1, 1)).square().sum()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        inputs = val_inputs(batch, self.current_epoch)
+        self.diagnostics["val"].update(**inputs)
+        self.plain.update(**inputs)
+        self.log_dict(self.plain)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(train_items(), batch_size=TRAIN_BATCH)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(val_items(), batch_size=VAL_BATCH)
+
+
+class CountingCallback(DiagnosticsCallback):
+    """Logs how many collectives each stage's epoch-end compute issued."""
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        with count_collectives() as calls:
+            super().on_train_epoch_end(trainer, pl_module)
+        pl_module.log("collectives/train", float(sum(calls.values())))
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        with count_collectives() as calls:
+            super().on_validation_epoch_end(trainer, pl_module)
+        pl_module.log("collectives/val", float(sum(calls.values())))
+
+
+class SaveMidEpoch(pl.Callback):
+    """Saves a checkpoint after the first validation batch of epoch 0 (mid-epoch)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_validation_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == 0 and batch_idx == 0:
+            trainer.save_checkpoint(self.path)
+
+
+def read_csv_metrics(path: Path) -> dict[tuple[int, str], float]:
+    """``{(epoch, key): value}`` from a CSVLogger file."""
+    values: dict[tuple[int, str], float] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if value and key not in ("epoch", "step"):
+                    values[(int(float(row["epoch"])), key)] = float(value)
+    return values
+
+
+def floats(values: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in values.items()}
+
+
+def quiet_trainer(**kwargs: Any) -> Any:
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|litlogger).*")
+    return pl.Trainer(
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def test_ddp_spawn_logs_the_single_process_values(tmp_path: Path) -> None:
+    """2 gloo ranks, 2 epochs: callback, plain log_dict and the train stage log exactly the values of
+    one process over the same epoch's data (so each epoch starts empty, sanity check included); each
+    compute costs 2 collectives; a mid-epoch checkpoint holds the states summed over the ranks."""
+    ckpt = tmp_path / "mid.ckpt"
+    trainer = quiet_trainer(
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=2,
+        num_sanity_val_steps=1,
+        logger=pl.loggers.CSVLogger(tmp_path, name="csv", version=0),
+        callbacks=[SaveMidEpoch(ckpt), CountingCallback()],
+    )
+    trainer.fit(DiagModule())
+    logged = read_csv_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
+
+    for epoch in range(2):
+        expected_val = floats(reference("val", epoch).compute())
+        expected_train = floats(reference("train", epoch).compute())
+        for prefix, expected in [
+            ("val/", expected_val),
+            ("plain/", expected_val),
+            ("train/", expected_train),
+        ]:
+            actual = {
+                k[len(prefix) :]: v for (e, k), v in logged.items() if e == epoch and k.startswith(prefix)
+            }
+            assert not compare(actual, expected), (epoch, prefix, compare(actual, expected))
+        assert logged[(epoch, "collectives/val")] == 2.0  # one fused all_reduce + the layout check
+        assert logged[(epoch, "collectives/train")] == 2.0
+
+    # independent of the library: the ratio of sums of epoch 1 only, by hand
+    clean, recon, zero = (t.numpy() for t in val_items().tensors[:3])
+    by_hand = (zero.sum(0) - (recon + 0.3).sum(0)) / (zero.sum(0) - clean.sum(0))
+    for c in range(2):
+        key = f"val/reconstruction/reconstruction_score/component_{c}"
+        assert math.isclose(logged[(1, key)], by_hand[c], rel_tol=1e-12)
+
+    # the first validation batch of each rank (items 0, 2, 4 and 1, 3, 5), summed
+    state_dict = torch.load(ckpt, weights_only=False)["state_dict"]
+    partial = reference("val", 0, items=[0, 1, 2, 3, 4, 5])
+    for name, metric in partial.items(keep_base=True):
+        for attr in metric._defaults:
+            saved = state_dict[f"diagnostics.val_metrics.{name}.{attr}"]
+            torch.testing.assert_close(saved, getattr(metric, attr), rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- one process
+class AttachModule(pl.LightningModule):
+    """Has no collections of its own: the callback attaches them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(1, 1)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.diagnostics["test"].update(**val_inputs(batch, 3))
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(val_items(), batch_size=5)  # uneven last batch
+
+
+def test_callback_attaches_and_logs_the_test_stage() -> None:
+    callback = DiagnosticsCallback(StageDiagnostics(test=val_collection()))
+    module = AttachModule()
+    trainer = quiet_trainer(devices=1, logger=False, callbacks=[callback])
+    (result,) = trainer.test(module, verbose=False)
+    expected = floats(reference("val", 3).compute())
+    assert not compare({k[len("test/") :]: v for k, v in result.items()}, expected)
+    assert [(r["stage"], r["epoch"]) for r in callback.history] == [("test", 0)]
+    assert not compare(callback.history[0]["values"], expected)
+    assert module.diagnostics is callback.diagnostics
+    assert all(int(t.abs().sum()) == 0 for _, t in module.diagnostics["test"]["noise/noise"].state_items())
+
+
+def test_log_diagnostics_returns_computes_and_resets() -> None:
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(1, 1)
+            self.col = val_collection()
+            self.logged: dict[str, torch.Tensor] = {}
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.col.update(**val_inputs(batch, 0))
+
+        def on_validation_epoch_end(self) -> None:
+            self.logged = log_diagnostics(self, self.col, prefix="v/")
+
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(val_items(), batch_size=4)
+
+    module = Module()
+    (result,) = quiet_trainer(devices=1, logger=False).validate(module, verbose=False)
+    expected = floats(reference("val", 0).compute())
+    assert not compare(floats(module.logged), expected)
+    assert not compare({k[2:]: v for k, v in result.items()}, expected)
+    assert all(int(t.abs().sum()) == 0 for m in module.col.values() for _, t in m.state_items())
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+def test_loggable_diagnostics_computes_once_per_round() -> None:
+    wrapped = LoggableDiagnostics(val_collection(), prefix="p/")
+    calls = []
+    compute = wrapped.collection.compute
+    wrapped.collection.compute = lambda: calls.append(1) or compute()  # type: ignore[method-assign]
+    wrapped.update(**val_inputs(val_items()[:], 1))
+    expected = floats(reference("val", 1).compute(), prefix="p/")
+    assert list(wrapped) == list(expected)  # keys known before any compute, in compute order
+    assert {k: float(view.compute()) for k, view in wrapped.items()} == pytest.approx(expected, rel=1e-12)
+    assert len(calls) == 1  # one sync for every key
+    next(iter(wrapped.values())).compute()  # a key asked twice starts a new round
+    assert len(calls) == 2
+    with pytest.raises(TypeError, match="read-only"):
+        wrapped["p/noise/noise/input_norm"].update()
+    wrapped["p/noise/noise/input_norm"].reset()
+    assert all(int(t.abs().sum()) == 0 for m in wrapped.collection.values() for _, t in m.state_items())
+
+
+def test_output_keys_are_the_compute_keys_of_every_suite() -> None:
+    reference_params = {"w": torch.ones(2, 2)}
+    collection = ms.suite(
+        activations={"num_features": 3},
+        feature_sparsity={"num_features": 4},
+        prediction_change={"num_classes": 3},
+        feature_drift={"reference": reference_params},
+        cosine={"num_layers": 3},
+    )
+    keys = output_keys(collection)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert keys == list(collection.compute())
+    assert "credit/cosine/layer_2" in keys and "credit/feature_drift/w" in keys
+
+
+def test_stage_diagnostics_container() -> None:
+    diagnostics = StageDiagnostics(train=ms.suite("noise"), test=ms.suite("noise"))
+    assert list(diagnostics) == ["train", "test"] and len(diagnostics) == 2
+    assert diagnostics["train"] is not diagnostics["test"]
+    assert "val" not in diagnostics and diagnostics.get("val") is None
+    with pytest.raises(KeyError, match="no 'val' diagnostics"):
+        diagnostics["val"]
+    with pytest.raises(TypeError, match="`val` must be a DiagnosticCollection"):
+        StageDiagnostics(val={"a": 1})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown stage"):
+        StageDiagnostics.from_factory(lambda: ms.suite("noise"), ["validation"])
+    built = StageDiagnostics.from_factory(lambda: ms.suite("noise"), ["train", "val"])
+    assert built["train"] is not built["val"]
+    diagnostics.train()  # the nn.Module method is not shadowed by the "train" stage
+    assert any(k.startswith("train_metrics.noise/noise.") for k in diagnostics.state_dict())
+
+
+def test_callback_rejects_a_module_without_stage_diagnostics() -> None:
+    module = AttachModule()
+    with pytest.raises(TypeError, match="must be a StageDiagnostics"):
+        DiagnosticsCallback().setup(None, module, "fit")  # type: ignore[arg-type]
+    module.diagnostics = StageDiagnostics(val=ms.suite("noise"))
+    with pytest.raises(ValueError, match="already exists"):
+        DiagnosticsCallback(StageDiagnostics(val=ms.suite("noise"))).setup(None, module, "fit")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="StageDiagnostics"):
+        DiagnosticsCallback({"val": ms.suite("noise")})  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_metric_states_are_in_the_module_checkpoint_and_restore() -> None:
+    """Mid-epoch: states are persistent, so a fresh module loaded from the state_dict continues exactly."""
+    data = val_items()
+    module = DiagModule()
+    module.diagnostics["val"].update(**val_inputs(data[:5], 0))
+    state = pickle.loads(pickle.dumps(module.state_dict()))
+    restored = DiagModule()
+    restored.load_state_dict(state)
+    for m in (module, restored):
+        m.diagnostics["val"].update(**val_inputs(data[5:], 0))
+    expected = floats(reference("val", 0).compute())
+    assert not compare(floats(restored.diagnostics["val"].compute()), expected)
+    assert not compare(floats(module.diagnostics["val"].compute()), expected)
+
+
+def test_on_load_checkpoint_keeps_global_sums_on_rank_zero_only() -> None:
+    callback = DiagnosticsCallback()
+    for rank, kept in [(0, True), (1, False)]:
+        module = DiagModule()
+        module.diagnostics["val"].update(**val_inputs(val_items()[:], 0))
+        callback.on_load_checkpoint(SimpleNamespace(global_rank=rank), module, {})  # type: ignore[arg-type]
+        total = sum(
+            float(t.abs().sum()) for m in module.diagnostics["val"].values() for _, t in m.state_items()
+        )
+        assert (total > 0) is kept
+
+
+def test_generators_cross_the_spawn_pickler_as_bytes() -> None:
+    """ddp_spawn pickles the module with torch.multiprocessing; a Generator's state must survive."""
+    metric = ms.PerturbationCorrelation(seed=3)
+    torch.rand(5, generator=metric.generator)  # advance: the state, not the seed, must travel
+    copy = pickle.loads(ForkingPickler.dumps(metric))
+    assert torch.equal(torch.rand(4, generator=copy.generator), torch.rand(4, generator=metric.generator))
+
+
+# ---------------------------------------------------------------------------------------------- docs
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def test_lightning_guide_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks(ROOT / "docs" / "guides" / "lightning.md")
+    assert len(blocks) >= 3
+    namespace: dict[str, Any] = {"__name__": "docs_lightning"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for block in blocks:
+            exec(compile(block, "lightning.md", "exec"), namespace)
