@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import math
 import pickle
-import re
 import warnings
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -380,19 +379,3 @@ def test_generators_cross_the_spawn_pickler_as_bytes() -> None:
     torch.rand(5, generator=metric.generator)  # advance: the state, not the seed, must travel
     copy = pickle.loads(ForkingPickler.dumps(metric))
     assert torch.equal(torch.rand(4, generator=copy.generator), torch.rand(4, generator=metric.generator))
-
-
-# ---------------------------------------------------------------------------------------------- docs
-def python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
-
-
-def test_lightning_guide_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    blocks = python_blocks(ROOT / "docs" / "guides" / "lightning.md")
-    assert len(blocks) >= 3
-    namespace: dict[str, Any] = {"__name__": "docs_lightning"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for block in blocks:
-            exec(compile(block, "lightning.md", "exec"), namespace)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,36 +238,3 @@ def test_collection_routing_and_empty() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert all(math.isnan(v.item()) for v in NoiseStatistics().compute().values())
-
-
-# ====================================================================================== docs
-DOC = Path(__file__).resolve().parents[1] / "docs" / "suites" / "noise.md"
-
-
-def _doc_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-
-
-def _expected_prints(code: str) -> list[str]:
-    """The ``# ...`` comment on (or right after) each ``print(...)`` line of a doc example."""
-    lines = code.splitlines()
-    expected = []
-    for i, line in enumerate(lines):
-        if line.startswith("print("):
-            comment = line.partition("  # ")[2] or lines[i + 1].removeprefix("# ")
-            expected.append(comment)
-    return expected
-
-
-@pytest.mark.parametrize("index", range(len(_doc_blocks())))
-def test_doc_example_runs_and_prints_what_it_says(index: int, capsys: pytest.CaptureFixture[str]) -> None:
-    code = _doc_blocks()[index]
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exec(compile(code, f"{DOC.name}[{index}]", "exec"), {})
-    printed = capsys.readouterr().out.splitlines()
-    expected = _expected_prints(code)
-    assert len(printed) == len(expected)
-    for got, want in zip(printed, expected):
-        assert want.startswith(got), (got, want)
