@@ -1,3 +1,528 @@
-"""Utility suite: does the transformed model still do its job? (filled by the utility issue)"""
+"""Utility suite: does the transformed model still do its job?
 
-__all__: list[str] = []
+* :class:`NextTokenDivergence` — how far the next-token distribution of the transformed ("noisy")
+  model moves from the clean one (Jeffreys, Jensen-Shannon, total variation, squared Hellinger).
+* :class:`MaskedCrossEntropy` — token-mean cross-entropy and perplexity against target tokens.
+* :class:`PredictionChange` — how often an intervention changes predicted classes, per class.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from pydantic import PositiveInt, validate_call
+from torch import Tensor
+
+from metrics_suite.base import DiagnosticMetric
+from metrics_suite.conformance import ConformanceExample
+from metrics_suite.functional.utility import (
+    DIVERGENCES,
+    DivergenceReduction,
+    _cross_entropy_stats,
+    _cross_entropy_update,
+    _next_token_stats,
+    _next_token_update,
+    _prediction_change_compute,
+    _prediction_change_per_class,
+    _prediction_change_update,
+    argmax_logits,
+    patch_label_mask,
+    patch_majority_label,
+)
+from metrics_suite.registry import register
+from metrics_suite.validation import check_float, check_mask, check_ndim, shape_str
+
+__all__ = [
+    "ClassChange",
+    "MaskedCrossEntropy",
+    "NextTokenDivergence",
+    "PredictionChange",
+    "PredictionChangeReport",
+    "argmax_logits",
+    "patch_label_mask",
+    "patch_majority_label",
+]
+
+_VOCAB = 37
+_SEQ = 5
+
+
+# ---------------------------------------------------------------------------------------------- examples
+def _attention_mask(g: torch.Generator, n: int) -> Tensor:
+    """Random attention mask ``[n, T]`` where about a quarter of the sequences are fully masked."""
+    mask = torch.rand(n, _SEQ, generator=g) > 0.3
+    mask[torch.rand(n, generator=g) < 0.25] = False
+    return mask
+
+
+def _divergence_batch(g: torch.Generator, n: int) -> dict[str, Any]:
+    # float64 logits: per-token values then agree to float64 rounding however the batch is chunked
+    clean = 2.0 * torch.randn(n, _SEQ, _VOCAB, generator=g, dtype=torch.float64)
+    noisy = clean + 0.7 * torch.randn(n, _SEQ, _VOCAB, generator=g, dtype=torch.float64)
+    return {"clean_logits": clean, "noisy_logits": noisy, "attention_mask": _attention_mask(g, n)}
+
+
+def _divergence_bad(g: torch.Generator) -> list[dict[str, Any]]:
+    good = _divergence_batch(g, 3)
+    clean, noisy, mask = good["clean_logits"], good["noisy_logits"], good["attention_mask"]
+    return [
+        {**good, "noisy_logits": noisy[..., :-1]},  # vocabulary mismatch
+        {**good, "noisy_logits": noisy[:2]},  # batch mismatch
+        {**good, "attention_mask": mask[:, :-1]},  # mask shape
+        {**good, "attention_mask": mask.to(torch.float32)},  # mask dtype
+        {**good, "clean_logits": clean[0]},  # [T, V] instead of [B, T, V]
+        {**good, "clean_logits": clean.to(torch.int64)},  # integer logits
+    ]
+
+
+def _cross_entropy_batch(g: torch.Generator, n: int) -> dict[str, Any]:
+    logits = 2.0 * torch.randn(n, _SEQ, _VOCAB, generator=g, dtype=torch.float64)
+    target = torch.randint(0, _VOCAB, (n, _SEQ), generator=g)
+    target[torch.rand(n, _SEQ, generator=g) < 0.2] = -100
+    return {"logits": logits, "target_ids": target, "attention_mask": _attention_mask(g, n)}
+
+
+def _cross_entropy_bad(g: torch.Generator) -> list[dict[str, Any]]:
+    good = _cross_entropy_batch(g, 3)
+    out_of_vocab = good["target_ids"].clone()
+    out_of_vocab[0, 0] = _VOCAB
+    good["attention_mask"][0, 0] = True
+    return [
+        {**good, "target_ids": out_of_vocab},  # id >= V at an attended position
+        {**good, "target_ids": good["target_ids"].to(torch.float32)},  # non-integer targets
+        {**good, "target_ids": good["target_ids"][:, :-1]},  # target shape
+        {**good, "attention_mask": good["attention_mask"][:2]},  # mask shape
+        {**good, "logits": good["logits"][0]},  # [T, V] logits
+    ]
+
+
+def _prediction_batch(g: torch.Generator, n: int) -> dict[str, Any]:
+    original = torch.randint(0, 4, (n, 6), generator=g)
+    changed = torch.rand(n, 6, generator=g) < 0.35
+    modified = torch.where(changed, torch.randint(0, 4, (n, 6), generator=g), original)
+    return {
+        "original_preds": original,
+        "modified_preds": modified,
+        "mask": torch.rand(n, 6, generator=g) > 0.2,
+    }
+
+
+def _prediction_bad(g: torch.Generator) -> list[dict[str, Any]]:
+    good = _prediction_batch(g, 3)
+    too_large = good["modified_preds"].clone()
+    too_large[0, 0] = 4
+    negative = good["original_preds"].clone()
+    negative[1, 2] = -1
+    good["mask"][0, 0] = good["mask"][1, 2] = True
+    return [
+        {**good, "modified_preds": too_large},  # class id >= num_classes
+        {**good, "original_preds": negative},  # negative class id
+        {**good, "original_preds": good["original_preds"].to(torch.float32)},  # non-integer preds
+        {**good, "modified_preds": good["modified_preds"][:, :-1]},  # shape mismatch
+        {**good, "mask": good["mask"][:2]},  # mask shape
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- next-token divergence
+@register(
+    "utility",
+    "next_token",
+    example=ConformanceExample(
+        make_batch=_divergence_batch,
+        bad_inputs=_divergence_bad,
+        init_kwargs={"max_batch_size": 2, "max_sequence_length": 3},
+    ),
+)
+class NextTokenDivergence(DiagnosticMetric):
+    r"""Divergences between the next-token distributions of a clean and a transformed ("noisy") model.
+
+    Per attended token, with :math:`p = \mathrm{softmax}(\text{clean})`,
+    :math:`q = \mathrm{softmax}(\text{noisy})`, :math:`m = (p + q)/2` and the natural log:
+
+    .. math::
+        \text{jeffreys} = \sum_v (p_v - q_v)(\log p_v - \log q_v), \qquad
+        \text{jensen\_shannon} = \tfrac12 \mathrm{KL}(p\,\|\,m) + \tfrac12 \mathrm{KL}(q\,\|\,m) \in [0, \ln 2],
+
+    .. math::
+        \text{total\_variation} = \tfrac12 \sum_v |p_v - q_v|, \qquad
+        \text{squared\_hellinger} = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v}.
+
+    With ``num_logits=k`` both distributions are restricted to the union of the top-k indices of
+    the clean and of the noisy logits at that position, and renormalised on it.
+
+    ``reduction="sequence"`` (default) averages over the attended tokens of each sequence, then over
+    sequences (sequences without attended tokens do not count); ``"token"`` averages over all attended
+    tokens. Both are kept in the state, so the choice only matters at ``compute()``.
+
+    The logits are read one chunk of attended positions at a time (log space, at least float32):
+    the extra memory is ``O(chunk × V)``, never ``O(B × T × V)``, and masked positions are not computed.
+
+    Args:
+        num_logits: size of the top-k sets, or None for the full vocabulary.
+        max_batch_size: at most this many sequences' worth of positions per chunk.
+        max_sequence_length: at most this many positions per sequence per chunk. With neither limit,
+            a chunk is sized so that one ``[chunk, V]`` float32 buffer is about 2 MiB.
+        reduction: ``"sequence"`` or ``"token"``.
+        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+            ``<name>_stderr``: over sequences, or over tokens for ``"token"``).
+
+    ``update(clean_logits, noisy_logits, attention_mask=None)`` takes logits ``[B, T, V]`` and a bool
+    mask ``[B, T]``. An item is a sequence: with ``nan_strategy="skip"`` a sequence whose attended
+    logits hold NaN or ±inf is left out and counted in ``nonfinite_count``.
+
+    ``compute()`` returns ``{"jeffreys", "jensen_shannon", "total_variation", "squared_hellinger"}``
+    (NaN when no token was attended).
+
+    Example:
+        >>> import torch
+        >>> from metrics_suite import NextTokenDivergence
+        >>> clean = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]], [[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+        >>> noisy = torch.tensor([[[0.5, 0.5, 2.0], [1.0, 1.0, 1.0]], [[0.0, 0.0, 2.0], [0.0, 0.0, 0.0]]])
+        >>> mask = torch.tensor([[True, True], [True, False]])
+        >>> metric = NextTokenDivergence()
+        >>> metric.update(clean, noisy, mask)
+        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}
+        {'jeffreys': 1.3803, 'jensen_shannon': 0.1488, 'total_variation': 0.3629, 'squared_hellinger': 0.1596}
+    """
+
+    higher_is_better = False
+
+    sequence_stats: Tensor
+    token_stats: Tensor
+
+    @validate_call
+    def __init__(
+        self,
+        num_logits: PositiveInt | None = None,
+        max_batch_size: PositiveInt | None = None,
+        max_sequence_length: PositiveInt | None = None,
+        reduction: DivergenceReduction = "sequence",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.num_logits = num_logits
+        self.max_batch_size = max_batch_size
+        self.max_sequence_length = max_sequence_length
+        self.reduction = reduction
+        # per divergence: (n, Σx, Σx²) over sequences of per-sequence means, and over tokens
+        self.add_mean_state("sequence_stats", (len(DIVERGENCES),))
+        self.add_mean_state("token_stats", (len(DIVERGENCES),))
+
+    def update(
+        self, clean_logits: Tensor, noisy_logits: Tensor, attention_mask: Tensor | None = None
+    ) -> None:
+        """Add one batch of clean and noisy logits ``[B, T, V]`` (and a bool ``[B, T]`` mask)."""
+        sums, squares, counts, finite = _next_token_update(
+            clean_logits,
+            noisy_logits,
+            attention_mask,
+            num_logits=self.num_logits,
+            max_batch_size=self.max_batch_size,
+            max_sequence_length=self.max_sequence_length,
+            validate=self.validate_args,
+        )
+        keep, skipped = self.nonfinite_filter("clean_logits`/`noisy_logits", finite)
+        sequence_stats, token_stats = _next_token_stats(sums, squares, counts, keep)
+        self.nonfinite_count += skipped.to(self.nonfinite_count.device)
+        self.sequence_stats += sequence_stats.to(self.sequence_stats.device)
+        self.token_stats += token_stats.to(self.token_stats.device)
+
+    def update_from_super_batch(self, logits: Tensor, attention_mask: Tensor | None = None) -> None:
+        """Update from one forward pass over clean and noisy inputs stacked along dim 0.
+
+        Args:
+            logits: ``[2B, T, V]``; the first ``B`` rows are clean, the last ``B`` noisy.
+            attention_mask: ``[B, T]`` (shared by both halves) or ``[2B, T]``; with ``[2B, T]`` a
+                position counts when it is attended in both halves.
+        """
+        if self.validate_args:
+            check_float("logits", logits)
+            check_ndim("logits", logits, 3)
+            if logits.shape[0] % 2:
+                raise ValueError(
+                    f"`logits` must stack clean and noisy halves along dim 0 (even size), got {shape_str(logits.shape)}"
+                )
+        half = logits.shape[0] // 2
+        if attention_mask is not None and tuple(attention_mask.shape) == (logits.shape[0], logits.shape[1]):
+            both = check_mask("attention_mask", attention_mask, tuple(attention_mask.shape))
+            attention_mask = both[:half] & both[half:]
+        elif attention_mask is not None and tuple(attention_mask.shape) != (half, logits.shape[1]):
+            raise ValueError(
+                f"`attention_mask` must have shape {shape_str((half, logits.shape[1]))} or "
+                f"{shape_str(logits.shape[:2])}, got {shape_str(attention_mask.shape)}"
+            )
+        self.update(logits[:half], logits[half:], attention_mask)
+
+    def compute(self) -> dict[str, Tensor]:
+        """Mean of each divergence (plus ``*_stderr`` with ``with_stderr=True``)."""
+        stats = self.sequence_stats if self.reduction == "sequence" else self.token_stats
+        out: dict[str, Tensor] = {}
+        for name, divergence_stats in zip(DIVERGENCES, stats.unbind(0)):
+            out.update(self.mean_output(divergence_stats, name))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- cross-entropy
+@register(
+    "utility",
+    "cross_entropy",
+    example=ConformanceExample(
+        make_batch=_cross_entropy_batch,
+        bad_inputs=_cross_entropy_bad,
+        init_kwargs={"ignore_index": -100, "max_sequence_length": 2},
+    ),
+)
+class MaskedCrossEntropy(DiagnosticMetric):
+    r"""Token-mean cross-entropy (nats) and perplexity of logits against target tokens.
+
+    .. math::
+        \text{cross\_entropy} = \frac{1}{|S|}\sum_{(b,t) \in S} -\log \mathrm{softmax}(z_{b,t})_{y_{b,t}},
+        \qquad \text{perplexity} = e^{\text{cross\_entropy}},
+
+    over the set :math:`S` of attended positions whose target is not ``ignore_index``.
+    ``target_ids[b, t]`` is the token that ``logits[b, t]`` predicts: shift labels yourself
+    (``logits[:, :-1]`` against ``input_ids[:, 1:]``). Computed in chunks like
+    :class:`NextTokenDivergence`.
+
+    Args:
+        ignore_index: target id whose positions are left out (e.g. -100), or None.
+        max_batch_size: chunk limit, as in :class:`NextTokenDivergence`.
+        max_sequence_length: chunk limit, as in :class:`NextTokenDivergence`.
+        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+            ``cross_entropy_stderr``, over tokens).
+
+    ``update(logits, target_ids, attention_mask=None)``: logits ``[B, T, V]``, integer targets
+    ``[B, T]`` (in ``[0, V)`` where counted), bool mask ``[B, T]``. An item is a sequence.
+
+    Example:
+        >>> import torch
+        >>> from metrics_suite import MaskedCrossEntropy
+        >>> logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+        >>> metric = MaskedCrossEntropy(ignore_index=-100)
+        >>> metric.update(logits, torch.tensor([[0, 2]]))
+        >>> metric.update(logits, torch.tensor([[1, -100]]))
+        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}
+        {'cross_entropy': 1.3435, 'perplexity': 3.8325}
+    """
+
+    higher_is_better = False
+
+    cross_entropy_stats: Tensor
+
+    @validate_call
+    def __init__(
+        self,
+        ignore_index: int | None = None,
+        max_batch_size: PositiveInt | None = None,
+        max_sequence_length: PositiveInt | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.ignore_index = ignore_index
+        self.max_batch_size = max_batch_size
+        self.max_sequence_length = max_sequence_length
+        self.add_mean_state("cross_entropy_stats")
+
+    def update(self, logits: Tensor, target_ids: Tensor, attention_mask: Tensor | None = None) -> None:
+        """Add one batch of logits ``[B, T, V]`` and targets ``[B, T]``."""
+        sums, squares, counts, finite = _cross_entropy_update(
+            logits,
+            target_ids,
+            attention_mask,
+            ignore_index=self.ignore_index,
+            max_batch_size=self.max_batch_size,
+            max_sequence_length=self.max_sequence_length,
+            validate=self.validate_args,
+        )
+        keep, skipped = self.nonfinite_filter("logits", finite)
+        stats = _cross_entropy_stats(sums, squares, counts, keep)
+        self.nonfinite_count += skipped.to(self.nonfinite_count.device)
+        self.cross_entropy_stats += stats.to(self.cross_entropy_stats.device)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``cross_entropy`` (plus ``cross_entropy_stderr``) and ``perplexity``."""
+        out = self.mean_output(self.cross_entropy_stats, "cross_entropy")
+        out["perplexity"] = out["cross_entropy"].exp()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- prediction change
+@dataclasses.dataclass(frozen=True)
+class ClassChange:
+    """Prediction changes of one class (see :class:`PredictionChange`).
+
+    Attributes:
+        class_id: the class index.
+        class_name: its name (``str(class_id)`` without ``class_names``).
+        n_orig: items originally predicted as this class.
+        n_changed: of those, items now predicted as another class.
+        n_other: items originally predicted as another class.
+        n_other_changed: of those, items now predicted differently from their original class.
+        target_ratio: ``n_changed / n_orig`` (0.0 when ``n_orig == 0``).
+        other_ratio: ``n_other_changed / n_other`` (0.0 when ``n_other == 0``).
+        change_distribution: where the changed items of this class went: ``{new class name: count}``
+            for every other class.
+    """
+
+    class_id: int
+    class_name: str
+    n_orig: int
+    n_changed: int
+    n_other: int
+    n_other_changed: int
+    target_ratio: float
+    other_ratio: float
+    change_distribution: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionChangeReport:
+    """One result row of a prediction-change experiment, e.g. one intervention method and scale."""
+
+    CSV_FIELDS: ClassVar[tuple[str, ...]] = (
+        "method",
+        "intervention_scale",
+        "num_items",
+        "target_change",
+        "other_change",
+        "target_change_std",
+        "other_change_std",
+    )
+
+    method: str
+    intervention_scale: float
+    num_items: int
+    target_change: float
+    other_change: float
+    target_change_std: float
+    other_change_std: float
+
+    @classmethod
+    def csv_header(cls) -> str:
+        """The CSV header line matching :meth:`to_csv_row` (no line terminator)."""
+        return ",".join(cls.CSV_FIELDS)
+
+    def to_csv_row(self) -> str:
+        """This record as one CSV line (no line terminator), fields in :attr:`CSV_FIELDS` order."""
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="").writerow([getattr(self, name) for name in self.CSV_FIELDS])
+        return buffer.getvalue()
+
+
+def _prediction_change_example() -> ConformanceExample:
+    return ConformanceExample(
+        make_batch=_prediction_batch, bad_inputs=_prediction_bad, init_kwargs={"num_classes": 4}
+    )
+
+
+@register("utility", "prediction_change", example=_prediction_change_example(), needs_config=True)
+class PredictionChange(DiagnosticMetric):
+    r"""How often an intervention changes predicted classes (e.g. per image patch), per original class.
+
+    The state is a ``[C, C]`` count matrix (original class → modified class). For class :math:`c`:
+    :math:`n^{orig}_c` items were originally :math:`c`, :math:`n^{chg}_c` of them are no longer
+    :math:`c`; :math:`n^{oth}_c` items were originally another class, :math:`n^{oth,chg}_c` of
+    them changed class.
+
+    .. math::
+        \text{target\_change} = \frac{\sum_c n^{chg}_c}{\sum_c n^{orig}_c}, \qquad
+        \text{other\_change} = \frac{\sum_c n^{oth,chg}_c}{\sum_c n^{oth}_c},
+
+    ``target_change_std`` / ``other_change_std``: population standard deviation over classes of
+    :math:`n^{chg}_c / n^{orig}_c` and :math:`n^{oth,chg}_c / n^{oth}_c` (0.0 for a class without
+    support). Summed over classes both ratios count every changed item, so ``other_change``
+    equals ``target_change`` when ``C > 1``; the per-class ratios (:meth:`class_results`) and their
+    spread are where they differ. No data gives NaN.
+
+    Args:
+        num_classes: number of classes ``C``.
+        class_names: optional ``C`` names for :meth:`class_results`.
+        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options.
+
+    ``update(original_preds, modified_preds, mask=None)`` takes integer class ids of equal shape
+    (any shape; use :func:`argmax_logits` on logits) and an optional bool mask of the same shape
+    (e.g. :func:`patch_label_mask`). Ids must be in ``[0, C)`` where selected.
+
+    Example:
+        >>> import torch
+        >>> from metrics_suite import PredictionChange
+        >>> metric = PredictionChange(num_classes=3, class_names=["sky", "tree", "road"])
+        >>> metric.update(torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 1, 1, 0, 1]))
+        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}
+        {'target_change': 0.5, 'other_change': 0.5, 'target_change_std': 0.4082, 'other_change_std': 0.2041}
+        >>> metric.class_results()[2].change_distribution
+        {'sky': 1, 'tree': 1}
+        >>> metric.report("steering", 2.0).to_csv_row()
+        'steering,2.0,6,0.5,0.5,0.408248290463863,0.2041241452319315'
+    """
+
+    transition_counts: Tensor
+
+    @validate_call
+    def __init__(
+        self, num_classes: PositiveInt, class_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"`class_names` must hold num_classes={num_classes} names, got {len(class_names)}"
+            )
+        self.num_classes = num_classes
+        self.class_names = (
+            tuple(class_names) if class_names is not None else tuple(map(str, range(num_classes)))
+        )
+        self.add_count_state("transition_counts", (num_classes, num_classes))
+
+    def update(self, original_preds: Tensor, modified_preds: Tensor, mask: Tensor | None = None) -> None:
+        """Add one batch of original and modified class ids (equal shapes)."""
+        counts = _prediction_change_update(
+            original_preds, modified_preds, self.num_classes, mask, validate=self.validate_args
+        )
+        self.transition_counts += counts.to(self.transition_counts.device)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``target_change``, ``other_change``, ``target_change_std``, ``other_change_std``."""
+        return _prediction_change_compute(self.transition_counts)
+
+    def _global_counts(self) -> Tensor:
+        """The count matrix summed over ranks (a collective under DDP: call it on every rank)."""
+        with self.sync_context(
+            should_sync=self._to_sync and not self._is_synced,
+            distributed_available=self.distributed_available_fn,
+        ):
+            return self.transition_counts.clone()
+
+    def class_results(self) -> list[ClassChange]:
+        """One :class:`ClassChange` per class, from the counts of all ranks."""
+        counts = self._global_counts()
+        per_class = {k: v.tolist() for k, v in _prediction_change_per_class(counts).items()}
+        rows = counts.tolist()
+        return [
+            ClassChange(
+                class_id=c,
+                class_name=name,
+                n_orig=per_class["n_orig"][c],
+                n_changed=per_class["n_changed"][c],
+                n_other=per_class["n_other"][c],
+                n_other_changed=per_class["n_other_changed"][c],
+                target_ratio=per_class["target_ratio"][c],
+                other_ratio=per_class["other_ratio"][c],
+                change_distribution={
+                    self.class_names[j]: rows[c][j] for j in range(self.num_classes) if j != c
+                },
+            )
+            for c, name in enumerate(self.class_names)
+        ]
+
+    def report(self, method: str, intervention_scale: float) -> PredictionChangeReport:
+        """The aggregate result as a :class:`PredictionChangeReport` (one CSV row)."""
+        counts = self._global_counts()
+        values = {k: float(v) for k, v in _prediction_change_compute(counts).items()}
+        return PredictionChangeReport(
+            method=method, intervention_scale=float(intervention_scale), num_items=int(counts.sum()), **values
+        )

@@ -1,3 +1,715 @@
-"""Functional forms of the utility suite."""
+r"""Functional forms of the utility suite: next-token divergences, masked cross-entropy, prediction change.
 
-__all__: list[str] = []
+Next-token divergences and cross-entropy read the logits ``[..., V]`` one chunk of attended positions
+at a time: the rows of a chunk are gathered into preallocated ``[chunk, V]`` buffers, so the extra
+memory is ``O(chunk × V)`` whatever the batch and sequence sizes, and masked positions cost nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from metrics_suite.base import mean_and_stderr, safe_div
+from metrics_suite.validation import (
+    check_float,
+    check_integer,
+    check_mask,
+    check_ndim,
+    check_same_shape,
+    compute_dtype,
+    shape_str,
+)
+
+__all__ = [
+    "argmax_logits",
+    "masked_cross_entropy",
+    "next_token_divergence",
+    "patch_label_mask",
+    "patch_majority_label",
+    "prediction_change",
+    "token_divergences",
+    "top_k_support_mask",
+]
+
+#: Names of the four next-token divergences, in the order of the ``[..., 4]`` value tensors.
+DIVERGENCES = ("jeffreys", "jensen_shannon", "total_variation", "squared_hellinger")
+#: How per-token values are averaged: per sequence first, or over all tokens.
+DivergenceReduction = Literal["sequence", "token"]
+#: Default size of one ``[chunk, V]`` buffer (about six of them are live at once).
+DEFAULT_CHUNK_BYTES = 1 << 21
+
+_LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------------- chunking
+def chunk_rows(
+    vocab_size: int,
+    dtype: torch.dtype,
+    batch_size: int,
+    sequence_length: int,
+    max_batch_size: int | None = None,
+    max_sequence_length: int | None = None,
+) -> int:
+    """Number of positions (rows of ``V`` logits) processed at once.
+
+    With neither limit set, a chunk is sized so that one ``[chunk, V]`` buffer of ``dtype`` takes
+    about :data:`DEFAULT_CHUNK_BYTES`, which keeps the working set in cache. Otherwise a chunk holds
+    at most ``max_batch_size × max_sequence_length`` positions (a missing limit means the full batch
+    or sequence).
+    """
+    if max_batch_size is None and max_sequence_length is None:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return max(1, DEFAULT_CHUNK_BYTES // max(1, vocab_size * itemsize))
+    batch = min(max_batch_size or batch_size, batch_size)
+    seq = min(max_sequence_length or sequence_length, sequence_length)
+    return max(1, batch * seq)
+
+
+class _RowGather:
+    """Copies selected positions of ``[..., V]`` logits into a ``[n, V]`` buffer of the compute dtype.
+
+    Never copies the whole tensor: a contiguous input is read with ``index_select`` through a
+    ``[N, V]`` view, a strided one with advanced indexing on the unravelled positions.
+    """
+
+    def __init__(self, logits: Tensor, dtype: torch.dtype, max_rows: int) -> None:
+        self.logits = logits
+        self.vocab = logits.shape[-1]
+        try:
+            self.flat: Tensor | None = logits.view(-1, self.vocab)
+        except RuntimeError:
+            self.flat = None
+        # half-precision inputs are gathered in their own dtype first, then converted
+        self.raw = (
+            torch.empty(max_rows, self.vocab, dtype=logits.dtype, device=logits.device)
+            if logits.dtype != dtype and self.flat is not None
+            else None
+        )
+
+    def __call__(self, positions: Tensor, out: Tensor) -> Tensor:
+        if self.flat is None:
+            return out.copy_(self.logits[torch.unravel_index(positions, self.logits.shape[:-1])])
+        if self.raw is None:
+            return torch.index_select(self.flat, 0, positions, out=out)
+        raw = torch.index_select(self.flat, 0, positions, out=self.raw[: positions.numel()])
+        return out.copy_(raw)
+
+
+def _chunks(positions: Tensor, rows: int) -> Iterator[tuple[int, Tensor]]:
+    for start in range(0, positions.numel(), rows):
+        yield start, positions[start : start + rows]
+
+
+def _row_finite(x: Tensor) -> Tensor:
+    """True per row when every entry is finite (a row sum is NaN/inf iff an entry is, barring overflow)."""
+    return torch.isfinite(x.sum(-1))
+
+
+# ---------------------------------------------------------------------------------------------- divergences
+def _divergences_from_logits(
+    clean: Tensor, noisy: Tensor, p: Tensor, q: Tensor, s1: Tensor, s2: Tensor, repeat: Tensor | None = None
+) -> Tensor:
+    r"""The four divergences ``[n, 4]`` of the softmax distributions of logit rows ``[n, W]``.
+
+    Per entry, with :math:`M = \max(p, q)` and :math:`\delta = |\log p - \log q|`, every term is
+    :math:`M` times a function of :math:`\delta` (take :math:`p \ge q`, so :math:`q = M e^{-\delta}`):
+
+    .. math::
+        (p - q)(\log p - \log q) = -M e \delta, \quad \tfrac12|p - q| = -\tfrac12 M e, \quad
+        \tfrac12(\sqrt p - \sqrt q)^2 = \tfrac12 M e_2^2, \quad
+        \tfrac12\Big(p \log\frac{p}{m} + q \log\frac{q}{m}\Big) = -\tfrac12 M \big(u + \rho(u + \delta)\big),
+
+    where :math:`e_2 = \mathrm{expm1}(-\delta/2)`, :math:`e = e^{-\delta} - 1 = e_2(e_2 + 2)`,
+    :math:`\rho = e^{-\delta} = 1 + e` and :math:`u = \mathrm{log1p}(e/2)`. :math:`\delta` comes straight
+    from the logit difference, ``(clean − noisy) − Δlogsumexp``, so near-identical rows keep their
+    relative precision (no ``p − q`` of rounded probabilities, no ``1 − Σ√(pq)``), identical rows give
+    exactly 0, and rows with disjoint mass (logits of ±1e4) give finite values.
+
+    Every input is used as scratch. ``repeat`` marks entries that take no part (their logits are
+    ``-inf``): they get ``δ = 0`` and ``M = 0``, so their terms are exactly 0.
+    """
+    torch.softmax(clean, -1, out=p)
+    torch.softmax(noisy, -1, out=q)
+    # logsumexp(x) = max(x) − log(max(softmax(x))): the largest probability is 1 / Σ exp(x − max)
+    shift = (clean.amax(-1, keepdim=True) - noisy.amax(-1, keepdim=True)).sub_(
+        p.amax(-1, keepdim=True).log_() - q.amax(-1, keepdim=True).log_()
+    )
+    delta = torch.sub(clean, noisy, out=s1).sub_(shift).abs_()
+    if repeat is not None:
+        delta.masked_fill_(repeat, 0.0)
+    big = torch.maximum(p, q, out=p)
+    e2 = torch.mul(delta, -0.5, out=s2).expm1_()
+    e = torch.add(e2, 2.0, out=clean).mul_(e2)
+    rho = torch.add(e, 1.0, out=noisy)
+    squared_hellinger = e2.square_().mul_(big).sum(-1).mul_(0.5)
+    neg_abs_diff = torch.mul(big, e, out=q)  # −|p − q|
+    total_variation = neg_abs_diff.sum(-1).mul_(-0.5)
+    jeffreys = neg_abs_diff.mul_(delta).sum(-1).neg_()
+    u = e.mul_(0.5).log1p_()
+    js_terms = u.addcmul_(rho, delta.add_(u)).mul_(big)
+    jensen_shannon = js_terms.sum(-1).mul_(-0.5)
+    values = torch.stack([jeffreys, jensen_shannon, total_variation, squared_hellinger], dim=-1)
+    upper = values.new_tensor([math.inf, _LN2, 1.0, 1.0])
+    # rounding only (NaN stays NaN); adding 0.0 turns -0.0 into 0.0
+    return torch.minimum(values.clamp_min_(0.0), upper).add_(0.0)
+
+
+def _top_k_union(clean: Tensor, noisy: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Sorted indices ``[n, 2k]`` of the top-k of each row of both inputs, and a mask of repeats."""
+    index = torch.cat([clean.topk(k, -1, sorted=False).indices, noisy.topk(k, -1, sorted=False).indices], -1)
+    index = index.sort(-1).values
+    repeat = torch.zeros_like(index, dtype=torch.bool)
+    repeat[:, 1:] = index[:, 1:] == index[:, :-1]
+    return index, repeat
+
+
+def _top_k_chunk(clean: Tensor, noisy: Tensor, k: int) -> Tensor:
+    """Divergences of rows restricted to (and renormalised on) the union of both top-k sets."""
+    index, repeat = _top_k_union(clean, noisy, k)
+    support_clean = clean.gather(-1, index).masked_fill_(repeat, -math.inf)
+    support_noisy = noisy.gather(-1, index).masked_fill_(repeat, -math.inf)
+    p, q, s1, s2 = (torch.empty_like(support_clean) for _ in range(4))
+    return _divergences_from_logits(support_clean, support_noisy, p, q, s1, s2, repeat=repeat)
+
+
+def _divergence_rows(
+    clean_logits: Tensor,
+    noisy_logits: Tensor,
+    positions: Tensor,
+    num_logits: int | None,
+    rows: int,
+) -> tuple[Tensor, Tensor]:
+    """Divergences ``[n, 4]`` (compute dtype) and input finiteness ``[n]`` at flat ``positions``."""
+    vocab = clean_logits.shape[-1]
+    dtype = torch.promote_types(compute_dtype(clean_logits), compute_dtype(noisy_logits))
+    device = clean_logits.device
+    n_rows = positions.numel()
+    values = torch.empty(n_rows, len(DIVERGENCES), dtype=dtype, device=device)
+    finite = torch.empty(n_rows, dtype=torch.bool, device=device)
+    if n_rows == 0:
+        return values, finite
+    rows = min(rows, n_rows)
+    top_k = num_logits if num_logits is not None and num_logits < vocab else None
+    workspace = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(2 if top_k else 6)]
+    gather_clean = _RowGather(clean_logits, dtype, rows)
+    gather_noisy = _RowGather(noisy_logits, dtype, rows)
+    for start, chunk in _chunks(positions, rows):
+        n = chunk.numel()
+        clean = gather_clean(chunk, workspace[0][:n])
+        noisy = gather_noisy(chunk, workspace[1][:n])
+        finite[start : start + n] = _row_finite(clean) & _row_finite(noisy)
+        if top_k is None:
+            p, q, s1, s2 = (b[:n] for b in workspace[2:])
+            out = _divergences_from_logits(clean, noisy, p, q, s1, s2)
+        else:
+            out = _top_k_chunk(clean, noisy, top_k)
+        values[start : start + n] = out
+    return values, finite
+
+
+def _check_logits_pair(clean_logits: Tensor, noisy_logits: Tensor) -> None:
+    check_float("clean_logits", clean_logits)
+    check_float("noisy_logits", noisy_logits)
+    check_ndim("clean_logits", clean_logits, 3)
+    check_same_shape("noisy_logits", noisy_logits, "clean_logits", clean_logits)
+    if clean_logits.shape[-1] == 0:
+        raise ValueError(
+            f"`clean_logits` must have a non-empty vocabulary, got {shape_str(clean_logits.shape)}"
+        )
+
+
+def _check_num_logits(num_logits: int | None) -> None:
+    if num_logits is not None and (
+        isinstance(num_logits, bool) or not isinstance(num_logits, int) or num_logits < 1
+    ):
+        raise ValueError(f"`num_logits` must be a positive int or None, got {num_logits!r}")
+
+
+def _attended_positions(
+    mask: Tensor | None, shape: torch.Size | tuple[int, ...], device: torch.device
+) -> Tensor:
+    numel = math.prod(shape)
+    if mask is None:
+        return torch.arange(numel, device=device)
+    return mask.reshape(-1).nonzero().squeeze(-1)
+
+
+def _next_token_update(
+    clean_logits: Tensor,
+    noisy_logits: Tensor,
+    attention_mask: Tensor | None = None,
+    num_logits: int | None = None,
+    max_batch_size: int | None = None,
+    max_sequence_length: int | None = None,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sequence sums of one batch of ``[B, T, V]`` logits.
+
+    Returns:
+        ``token_sums`` ``[B, 4]`` (Σ over attended tokens of each divergence, float64),
+        ``token_squares`` ``[B, 4]`` (Σ of squares), ``token_counts`` ``[B]`` (int64) and
+        ``finite`` ``[B]`` (False where an attended token has a non-finite logit).
+    """
+    if validate:
+        _check_logits_pair(clean_logits, noisy_logits)
+        _check_num_logits(num_logits)
+    batch, seq, vocab = clean_logits.shape
+    mask = None if attention_mask is None else check_mask("attention_mask", attention_mask, (batch, seq))
+    positions = _attended_positions(mask, (batch, seq), clean_logits.device)
+    dtype = torch.promote_types(compute_dtype(clean_logits), compute_dtype(noisy_logits))
+    rows = chunk_rows(vocab, dtype, batch, seq, max_batch_size, max_sequence_length)
+    values, finite_rows = _divergence_rows(clean_logits, noisy_logits, positions, num_logits, rows)
+    sequence = torch.div(positions, max(seq, 1), rounding_mode="floor")
+    values = values.to(torch.float64)
+    zeros = torch.zeros(batch, len(DIVERGENCES), dtype=torch.float64, device=values.device)
+    token_sums = zeros.index_add(0, sequence, values)
+    token_squares = zeros.index_add(0, sequence, values * values)
+    token_counts = torch.bincount(sequence, minlength=batch).to(torch.int64)
+    n_bad = torch.bincount(sequence, weights=(~finite_rows).to(torch.float64), minlength=batch)
+    return token_sums, token_squares, token_counts, n_bad == 0
+
+
+def _next_token_stats(
+    token_sums: Tensor, token_squares: Tensor, token_counts: Tensor, keep: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Sequence-level and token-level mean statistics ``[4, 3]`` of the sequences in ``keep``.
+
+    Sequence level: (n, Σx, Σx²) over kept sequences with ≥ 1 attended token of the per-sequence
+    means x. Token level: (n, Σx, Σx²) over their attended tokens.
+    """
+    valid = keep & (token_counts > 0)
+    counts = token_counts.to(torch.float64)[:, None]
+    means = torch.where(valid[:, None], token_sums / counts.clamp_min(1.0), 0.0)
+    w = valid.to(torch.float64)[:, None].expand_as(means)
+    sequence_stats = torch.stack([w.sum(0), means.sum(0), (means * means).sum(0)], dim=-1)
+    sums = torch.where(valid[:, None], token_sums, 0.0)
+    squares = torch.where(valid[:, None], token_squares, 0.0)
+    n_tokens = (counts * w).sum(0)
+    token_stats = torch.stack([n_tokens, sums.sum(0), squares.sum(0)], dim=-1)
+    return sequence_stats, token_stats
+
+
+def _next_token_compute(stats: Tensor) -> dict[str, Tensor]:
+    """``{divergence: mean}`` from ``[4, 3]`` mean statistics (NaN where nothing was counted)."""
+    means, _ = mean_and_stderr(stats)
+    return dict(zip(DIVERGENCES, means.unbind(0)))
+
+
+def token_divergences(
+    clean_logits: Tensor,
+    noisy_logits: Tensor,
+    attention_mask: Tensor | None = None,
+    num_logits: int | None = None,
+) -> dict[str, Tensor]:
+    r"""The four next-token divergences at every position of ``[..., V]`` logits.
+
+    With :math:`p = \mathrm{softmax}(\text{clean})`, :math:`q = \mathrm{softmax}(\text{noisy})` and
+    :math:`m = (p + q)/2`, per position (natural log):
+
+    .. math::
+        J = \sum_v (p_v - q_v)(\log p_v - \log q_v), \qquad
+        JS = \tfrac12 \mathrm{KL}(p\,\|\,m) + \tfrac12 \mathrm{KL}(q\,\|\,m),
+
+    .. math::
+        TV = \tfrac12 \sum_v |p_v - q_v|, \qquad
+        H^2 = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v}.
+
+    With ``num_logits=k`` both distributions are restricted to the union of the top-k indices of
+    each input at that position (:func:`top_k_support_mask`) and renormalised on it. Computed in
+    log space in at least float32, one chunk of positions at a time.
+
+    Args:
+        clean_logits: logits ``[..., V]`` of the clean model.
+        noisy_logits: logits of the transformed model, same shape.
+        attention_mask: bool ``[...]``; positions where it is False are not computed (NaN).
+        num_logits: size of each top-k set, or None for the full vocabulary.
+
+    Returns:
+        ``{"jeffreys", "jensen_shannon", "total_variation", "squared_hellinger"}``, each ``[...]``
+        (float32, float64 for float64 inputs).
+
+    Example:
+        >>> import torch
+        >>> clean = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]])
+        >>> noisy = torch.tensor([[0.5, 0.5, 2.0], [1.0, 1.0, 1.0]])
+        >>> out = token_divergences(clean, noisy)
+        >>> tuple(round(v, 4) for v in out["total_variation"].tolist())
+        (0.0904, 0.0)
+        >>> tuple(round(v, 4) for v in out["jensen_shannon"].tolist())
+        (0.0096, 0.0)
+        >>> tuple(round(v, 4) for v in out["squared_hellinger"].tolist())
+        (0.0096, 0.0)
+    """
+    check_float("clean_logits", clean_logits)
+    check_float("noisy_logits", noisy_logits)
+    check_same_shape("noisy_logits", noisy_logits, "clean_logits", clean_logits)
+    if clean_logits.ndim == 0:
+        raise ValueError("`clean_logits` must have a vocabulary dimension [..., V], got a 0-d tensor")
+    _check_num_logits(num_logits)
+    lead = clean_logits.shape[:-1]
+    mask = None if attention_mask is None else check_mask("attention_mask", attention_mask, lead)
+    positions = _attended_positions(mask, lead, clean_logits.device)
+    dtype = torch.promote_types(compute_dtype(clean_logits), compute_dtype(noisy_logits))
+    rows = chunk_rows(clean_logits.shape[-1], dtype, 1, 1)
+    values, _ = _divergence_rows(clean_logits, noisy_logits, positions, num_logits, rows)
+    full = torch.full((math.prod(lead), len(DIVERGENCES)), math.nan, dtype=dtype, device=values.device)
+    full[positions] = values
+    return {name: full[:, i].reshape(lead) for i, name in enumerate(DIVERGENCES)}
+
+
+def top_k_support_mask(noisy_logits: Tensor, clean_logits: Tensor, num_logits: int) -> Tensor:
+    """Bool mask ``[..., V]`` of the union of the top-``num_logits`` indices of both inputs per position.
+
+    Args:
+        noisy_logits: logits ``[..., V]``.
+        clean_logits: logits of the same shape.
+        num_logits: size of each top-k set (``>= V`` selects the whole vocabulary).
+
+    Example:
+        >>> import torch
+        >>> top_k_support_mask(torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 2.0, 3.0]), 1)
+        tensor([ True, False, False,  True])
+    """
+    check_float("noisy_logits", noisy_logits)
+    check_float("clean_logits", clean_logits)
+    check_same_shape("clean_logits", clean_logits, "noisy_logits", noisy_logits)
+    _check_num_logits(num_logits)
+    k = min(num_logits, noisy_logits.shape[-1])
+    mask = torch.zeros(noisy_logits.shape, dtype=torch.bool, device=noisy_logits.device)
+    mask.scatter_(-1, noisy_logits.topk(k, -1).indices, True)
+    mask.scatter_(-1, clean_logits.topk(k, -1).indices, True)
+    return mask
+
+
+def next_token_divergence(
+    clean_logits: Tensor,
+    noisy_logits: Tensor,
+    attention_mask: Tensor | None = None,
+    num_logits: int | None = None,
+    reduction: DivergenceReduction = "sequence",
+    max_batch_size: int | None = None,
+    max_sequence_length: int | None = None,
+) -> dict[str, Tensor]:
+    r"""Mean next-token divergences between clean and noisy logits ``[B, T, V]``.
+
+    Per-token values as in :func:`token_divergences`. ``reduction="sequence"`` averages over the
+    attended tokens of each sequence, then over sequences (a sequence without attended tokens does
+    not count); ``"token"`` averages over all attended tokens. No attended token gives NaN.
+
+    Example:
+        >>> import torch
+        >>> clean = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]], [[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+        >>> noisy = torch.tensor([[[0.5, 0.5, 2.0], [1.0, 1.0, 1.0]], [[0.0, 0.0, 2.0], [0.0, 0.0, 0.0]]])
+        >>> mask = torch.tensor([[True, True], [True, False]])
+        >>> out = next_token_divergence(clean, noisy, mask)
+        >>> round(out["total_variation"].item(), 4)  # mean of (0.0904 + 0)/2 and 0.6805
+        0.3629
+        >>> round(next_token_divergence(clean, noisy, mask, reduction="token")["total_variation"].item(), 4)
+        0.257
+    """
+    if reduction not in ("sequence", "token"):
+        raise ValueError(f"`reduction` must be 'sequence' or 'token', got {reduction!r}")
+    sums, squares, counts, _ = _next_token_update(
+        clean_logits, noisy_logits, attention_mask, num_logits, max_batch_size, max_sequence_length
+    )
+    keep = torch.ones_like(counts, dtype=torch.bool)
+    sequence_stats, token_stats = _next_token_stats(sums, squares, counts, keep)
+    return _next_token_compute(sequence_stats if reduction == "sequence" else token_stats)
+
+
+# ---------------------------------------------------------------------------------------------- cross-entropy
+def _cross_entropy_check(
+    logits: Tensor, target_ids: Tensor, attention_mask: Tensor | None, ignore_index: int | None
+) -> Tensor:
+    """Validate the inputs; return the bool mask of tokens that count (attended, not ignored)."""
+    check_float("logits", logits)
+    check_ndim("logits", logits, 3)
+    check_integer("target_ids", target_ids)
+    batch, seq, vocab = logits.shape
+    if tuple(target_ids.shape) != (batch, seq):
+        raise ValueError(
+            f"`target_ids` must have shape {shape_str((batch, seq))} (the [B, T] of `logits` "
+            f"{shape_str(logits.shape)}), got {shape_str(target_ids.shape)}"
+        )
+    selected = _selected_targets(target_ids, attention_mask, ignore_index)
+    ids = target_ids[selected]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        raise ValueError(
+            f"`target_ids` must be in [0, {vocab}) (the vocabulary of `logits`) at attended, non-ignored "
+            f"positions, got {bad.unique()[:8].tolist()}"
+        )
+    return selected
+
+
+def _selected_targets(target_ids: Tensor, attention_mask: Tensor | None, ignore_index: int | None) -> Tensor:
+    mask = (
+        torch.ones(target_ids.shape, dtype=torch.bool, device=target_ids.device)
+        if attention_mask is None
+        else check_mask("attention_mask", attention_mask, tuple(target_ids.shape))
+    )
+    return mask if ignore_index is None else mask & (target_ids != ignore_index)
+
+
+def _cross_entropy_update(
+    logits: Tensor,
+    target_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    ignore_index: int | None = None,
+    max_batch_size: int | None = None,
+    max_sequence_length: int | None = None,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sequence sums of token cross-entropies of one batch.
+
+    Returns:
+        ``sums`` ``[B]`` (Σ nats, float64), ``squares`` ``[B]``, ``counts`` ``[B]`` (int64) and
+        ``finite`` ``[B]`` (False where a counted token has a non-finite logit).
+    """
+    if validate:
+        selected = _cross_entropy_check(logits, target_ids, attention_mask, ignore_index)
+    else:
+        selected = _selected_targets(target_ids, attention_mask, ignore_index)
+    batch, seq, vocab = logits.shape
+    positions = selected.reshape(-1).nonzero().squeeze(-1)
+    dtype = compute_dtype(logits)
+    rows = min(
+        chunk_rows(vocab, dtype, batch, seq, max_batch_size, max_sequence_length), max(1, positions.numel())
+    )
+    targets = target_ids.reshape(-1)[positions].to(torch.long)
+    nats = torch.empty(positions.numel(), dtype=dtype, device=logits.device)
+    finite = torch.empty(positions.numel(), dtype=torch.bool, device=logits.device)
+    if positions.numel():
+        x_buffer = torch.empty(rows, vocab, dtype=dtype, device=logits.device)
+        log_probs = torch.empty_like(x_buffer)
+        gather = _RowGather(logits, dtype, rows)
+        for start, chunk in _chunks(positions, rows):
+            n = chunk.numel()
+            x = gather(chunk, x_buffer[:n])
+            finite[start : start + n] = _row_finite(x)
+            lp = torch.log_softmax(x, -1, out=log_probs[:n])
+            nats[start : start + n] = lp.gather(-1, targets[start : start + n, None]).squeeze(-1).neg_()
+    sequence = torch.div(positions, max(seq, 1), rounding_mode="floor")
+    values = nats.to(torch.float64)
+    zeros = torch.zeros(batch, dtype=torch.float64, device=logits.device)
+    sums = zeros.index_add(0, sequence, values)
+    squares = zeros.index_add(0, sequence, values * values)
+    counts = torch.bincount(sequence, minlength=batch).to(torch.int64)
+    n_bad = torch.bincount(sequence, weights=(~finite).to(torch.float64), minlength=batch)
+    return sums, squares, counts, n_bad == 0
+
+
+def _cross_entropy_stats(sums: Tensor, squares: Tensor, counts: Tensor, keep: Tensor) -> Tensor:
+    """Token mean statistics ``[3]`` = (n, Σ nats, Σ nats²) of the sequences in ``keep``."""
+    n = torch.where(keep, counts, 0).sum().to(torch.float64)
+    return torch.stack([n, torch.where(keep, sums, 0.0).sum(), torch.where(keep, squares, 0.0).sum()])
+
+
+def _cross_entropy_compute(stats: Tensor) -> dict[str, Tensor]:
+    cross_entropy = safe_div(stats[1], stats[0])
+    return {"cross_entropy": cross_entropy, "perplexity": cross_entropy.exp()}
+
+
+def masked_cross_entropy(
+    logits: Tensor,
+    target_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    ignore_index: int | None = None,
+) -> dict[str, Tensor]:
+    r"""Token-mean cross-entropy (nats) and perplexity of ``[B, T, V]`` logits against ``[B, T]`` targets.
+
+    .. math::
+        \mathrm{CE} = \frac{1}{|S|}\sum_{(b,t) \in S} -\log \mathrm{softmax}(z_{b,t})_{y_{b,t}},
+        \qquad \mathrm{PPL} = e^{\mathrm{CE}},
+
+    over the set :math:`S` of attended positions whose target is not ``ignore_index``.
+    ``target_ids[b, t]`` is the token that ``logits[b, t]`` predicts (shift labels yourself).
+
+    Example:
+        >>> import torch
+        >>> logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+        >>> out = masked_cross_entropy(logits, torch.tensor([[0, 2]]))
+        >>> round(out["cross_entropy"].item(), 4), round(out["perplexity"].item(), 4)
+        (0.8955, 2.4485)
+        >>> round(masked_cross_entropy(logits, torch.tensor([[0, -100]]), ignore_index=-100)["cross_entropy"].item(), 4)
+        0.2395
+    """
+    sums, squares, counts, _ = _cross_entropy_update(logits, target_ids, attention_mask, ignore_index)
+    return _cross_entropy_compute(
+        _cross_entropy_stats(sums, squares, counts, torch.ones_like(counts, dtype=torch.bool))
+    )
+
+
+# ---------------------------------------------------------------------------------------------- prediction change
+def _prediction_change_check(
+    original_preds: Tensor, modified_preds: Tensor, num_classes: int, mask: Tensor | None
+) -> Tensor:
+    """Validate the inputs; return the bool selection mask."""
+    check_integer("original_preds", original_preds)
+    check_integer("modified_preds", modified_preds)
+    check_same_shape("modified_preds", modified_preds, "original_preds", original_preds)
+    selected = _selection(original_preds, mask)
+    for name, preds in (("original_preds", original_preds), ("modified_preds", modified_preds)):
+        ids = preds[selected]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_classes):
+            bad = ids[(ids < 0) | (ids >= num_classes)]
+            raise ValueError(
+                f"`{name}` must hold class ids in [0, {num_classes}) (num_classes={num_classes}) at "
+                f"selected items, got {bad.unique()[:8].tolist()}"
+            )
+    return selected
+
+
+def _selection(original_preds: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return torch.ones(original_preds.shape, dtype=torch.bool, device=original_preds.device)
+    return check_mask("mask", mask, tuple(original_preds.shape))
+
+
+def _prediction_change_update(
+    original_preds: Tensor,
+    modified_preds: Tensor,
+    num_classes: int,
+    mask: Tensor | None = None,
+    validate: bool = True,
+) -> Tensor:
+    """Count matrix ``[C, C]`` (int64): entry ``[i, j]`` counts selected items that went from class i to j."""
+    selected = (
+        _prediction_change_check(original_preds, modified_preds, num_classes, mask)
+        if validate
+        else _selection(original_preds, mask)
+    )
+    pairs = original_preds[selected].to(torch.long) * num_classes + modified_preds[selected].to(torch.long)
+    return torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def _prediction_change_per_class(counts: Tensor) -> dict[str, Tensor]:
+    """Per-class counts and ratios ``[C]`` from the count matrix (ratios are 0.0 without support)."""
+    counts = counts.to(torch.int64)
+    n_orig = counts.sum(1)
+    n_changed = n_orig - counts.diagonal()
+    total, total_changed = n_orig.sum(), n_changed.sum()
+    n_other = total - n_orig
+    n_other_changed = total_changed - n_changed
+    f64 = torch.float64
+    target_ratio = torch.where(n_orig > 0, n_changed.to(f64) / n_orig.clamp_min(1).to(f64), 0.0)
+    other_ratio = torch.where(n_other > 0, n_other_changed.to(f64) / n_other.clamp_min(1).to(f64), 0.0)
+    return {
+        "n_orig": n_orig,
+        "n_changed": n_changed,
+        "n_other": n_other,
+        "n_other_changed": n_other_changed,
+        "target_ratio": target_ratio,
+        "other_ratio": other_ratio,
+    }
+
+
+def _prediction_change_compute(counts: Tensor) -> dict[str, Tensor]:
+    per_class = _prediction_change_per_class(counts)
+    f64 = {k: v.to(torch.float64) for k, v in per_class.items()}
+    empty = f64["n_orig"].sum() == 0
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=counts.device)
+    return {
+        "target_change": safe_div(f64["n_changed"].sum(), f64["n_orig"].sum()),
+        "other_change": safe_div(f64["n_other_changed"].sum(), f64["n_other"].sum()),
+        "target_change_std": torch.where(empty, nan, f64["target_ratio"].std(correction=0)),
+        "other_change_std": torch.where(empty, nan, f64["other_ratio"].std(correction=0)),
+    }
+
+
+def prediction_change(
+    original_preds: Tensor, modified_preds: Tensor, num_classes: int, mask: Tensor | None = None
+) -> dict[str, Tensor]:
+    r"""How often predictions change class after an intervention, overall and per original class.
+
+    For class :math:`c`: :math:`n^{orig}_c` items originally predicted :math:`c`, of which
+    :math:`n^{chg}_c` are no longer :math:`c`; :math:`n^{oth}_c` items originally not :math:`c`, of
+    which :math:`n^{oth,chg}_c` changed class. Then
+
+    .. math::
+        \text{target\_change} = \frac{\sum_c n^{chg}_c}{\sum_c n^{orig}_c}, \qquad
+        \text{other\_change} = \frac{\sum_c n^{oth,chg}_c}{\sum_c n^{oth}_c},
+
+    and ``*_std`` is the population standard deviation over classes of the per-class ratios
+    :math:`n^{chg}_c / n^{orig}_c` and :math:`n^{oth,chg}_c / n^{oth}_c` (0.0 for a class without
+    support). Both aggregate ratios equal the overall share of changed items when
+    ``num_classes > 1``; the standard deviations tell whether some classes move more than others.
+
+    Example:
+        >>> import torch
+        >>> before = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> after = torch.tensor([0, 1, 1, 1, 0, 1])
+        >>> out = prediction_change(before, after, num_classes=3)
+        >>> {k: round(v.item(), 4) for k, v in out.items()}
+        {'target_change': 0.5, 'other_change': 0.5, 'target_change_std': 0.4082, 'other_change_std': 0.2041}
+    """
+    return _prediction_change_compute(
+        _prediction_change_update(original_preds, modified_preds, num_classes, mask)
+    )
+
+
+def argmax_logits(logits: Tensor, dim: int = -1) -> Tensor:
+    """Predicted class ids (int64): the argmax of ``logits`` along ``dim``.
+
+    Example:
+        >>> import torch
+        >>> argmax_logits(torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.5]]))
+        tensor([1, 0])
+    """
+    check_float("logits", logits)
+    return logits.argmax(dim=dim)
+
+
+def patch_majority_label(pixel_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Most frequent label of each patch ``[..., P]`` and the fraction of pixels holding it.
+
+    Ties go to the smallest label.
+
+    Example:
+        >>> import torch
+        >>> label, share = patch_majority_label(torch.tensor([[3, 3, 1, 3], [2, 5, 5, 2]]))
+        >>> label, share
+        (tensor([3, 2]), tensor([0.7500, 0.5000]))
+    """
+    check_integer("pixel_labels", pixel_labels)
+    label, count = _patch_majority_count(pixel_labels)
+    return label, count.to(torch.float32) / pixel_labels.shape[-1]
+
+
+def _patch_majority_count(pixel_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Majority label of each patch ``[..., P]`` and the number of its pixels."""
+    if pixel_labels.ndim == 0 or pixel_labels.shape[-1] == 0:
+        raise ValueError(
+            f"`pixel_labels` must be [..., P] with P >= 1 pixels, got {shape_str(pixel_labels.shape)}"
+        )
+    ordered = pixel_labels.reshape(-1, pixel_labels.shape[-1]).to(torch.long).sort(-1).values
+    # count of each pixel's label = size of its run in the sorted patch
+    run = torch.searchsorted(ordered, ordered, right=True) - torch.searchsorted(ordered, ordered)
+    best = run.argmax(-1, keepdim=True)  # first maximum: the smallest label among ties
+    label = ordered.gather(-1, best).squeeze(-1).reshape(pixel_labels.shape[:-1])
+    count = run.gather(-1, best).squeeze(-1).reshape(pixel_labels.shape[:-1])
+    return label, count
+
+
+def patch_label_mask(pixel_labels: Tensor, threshold: float) -> Tensor:
+    """Bool ``[...]``: patches ``[..., P]`` where at least ``threshold`` of the pixels share one label.
+
+    Use it as the ``mask`` of :class:`~metrics_suite.utility.PredictionChange` to count only patches
+    with a clear label; :func:`patch_majority_label` gives that label.
+
+    Example:
+        >>> import torch
+        >>> patch_label_mask(torch.tensor([[3, 3, 1, 3], [2, 5, 5, 2]]), threshold=0.75)
+        tensor([ True, False])
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 < threshold <= 1.0:
+        raise ValueError(f"`threshold` must be a number in (0, 1], got {threshold!r}")
+    check_integer("pixel_labels", pixel_labels)
+    _, count = _patch_majority_count(pixel_labels)
+    # float64 count / P is the double nearest the exact share, so a share of exactly `threshold` passes
+    return count.to(torch.float64) / pixel_labels.shape[-1] >= threshold

@@ -1,0 +1,583 @@
+"""Utility suite against independent references: float64 numpy/scipy per token, slow Python loops."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import warnings
+from collections import Counter
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import jensenshannon
+from scipy.special import log_softmax as np_log_softmax
+
+import metrics_suite as ms
+from metrics_suite import (
+    MaskedCrossEntropy,
+    NextTokenDivergence,
+    PredictionChange,
+    PredictionChangeReport,
+    argmax_logits,
+    patch_label_mask,
+    patch_majority_label,
+)
+from metrics_suite.functional.utility import (
+    DivergenceReduction,
+    masked_cross_entropy,
+    next_token_divergence,
+    prediction_change,
+    token_divergences,
+    top_k_support_mask,
+)
+from metrics_suite.registry import registered
+from tests.helpers import state_snapshot, states_equal
+
+NAMES = ("jeffreys", "jensen_shannon", "total_variation", "squared_hellinger")
+LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------------- references
+def ref_token(clean: Any, noisy: Any, support: Any = None) -> dict[str, float]:
+    """Float64 divergences of one position (optionally restricted to the index set ``support``)."""
+    c, n = np.asarray(clean, dtype=np.float64), np.asarray(noisy, dtype=np.float64)
+    if support is not None:
+        c, n = c[sorted(support)], n[sorted(support)]
+    lp, lq = np_log_softmax(c), np_log_softmax(n)
+    p, q = np.exp(lp), np.exp(lq)
+    return {
+        "jeffreys": float(np.sum((p - q) * (lp - lq))),
+        "jensen_shannon": float(jensenshannon(p, q) ** 2),  # natural log: squared JS distance
+        "total_variation": float(0.5 * np.abs(p - q).sum()),
+        "squared_hellinger": float(0.5 * np.sum((np.sqrt(p) - np.sqrt(q)) ** 2)),
+    }
+
+
+def hand_top_k(row: np.ndarray, k: int) -> set[int]:
+    return {int(i) for i in np.argsort(-row, kind="stable")[:k]}
+
+
+def ref_metric(
+    clean: torch.Tensor, noisy: torch.Tensor, mask: torch.Tensor | None, num_logits: int | None = None
+) -> tuple[dict[str, float], dict[str, float], dict[str, list[float]], dict[str, list[float]]]:
+    """Slow loop: (sequence means, token means, per-sequence means, per-token values)."""
+    c, n = clean.double().numpy(), noisy.double().numpy()
+    batch, seq, _ = c.shape
+    m = np.ones((batch, seq), dtype=bool) if mask is None else mask.numpy()
+    per_seq: dict[str, list[float]] = {k: [] for k in NAMES}
+    per_tok: dict[str, list[float]] = {k: [] for k in NAMES}
+    for b in range(batch):
+        values: dict[str, list[float]] = {k: [] for k in NAMES}
+        for t in range(seq):
+            if not m[b, t]:
+                continue
+            support = None
+            if num_logits is not None:
+                support = hand_top_k(c[b, t], num_logits) | hand_top_k(n[b, t], num_logits)
+            for k, v in ref_token(c[b, t], n[b, t], support).items():
+                values[k].append(v)
+                per_tok[k].append(v)
+        if values[NAMES[0]]:
+            for k in NAMES:
+                per_seq[k].append(float(np.mean(values[k])))
+    seq_mean = {k: float(np.mean(v)) if v else math.nan for k, v in per_seq.items()}
+    tok_mean = {k: float(np.mean(v)) if v else math.nan for k, v in per_tok.items()}
+    return seq_mean, tok_mean, per_seq, per_tok
+
+
+def as_floats(out: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in out.items()}
+
+
+def assert_close(
+    actual: dict[str, float], expected: dict[str, float], rtol: float, atol: float = 0.0
+) -> None:
+    assert actual.keys() == expected.keys()
+    for k in expected:
+        if math.isnan(expected[k]):
+            assert math.isnan(actual[k]), k
+        else:
+            assert actual[k] == pytest.approx(expected[k], rel=rtol, abs=atol), k
+
+
+def logits(shape: tuple[int, ...], seed: int, scale: float = 2.0, noise: float = 0.8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    clean = scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+    noisy = clean + noise * torch.randn(*shape, generator=g, dtype=torch.float64)
+    return clean.to(dtype), noisy.to(dtype)
+
+
+def attention(batch: int, seq: int, seed: int, fully_masked: tuple[int, ...] = (1,)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, seq, generator=g) > 0.3
+    mask[:, 0] = True
+    for b in fully_masked:
+        mask[b] = False
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- divergences
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_token_divergences_match_float64_reference(dtype: torch.dtype) -> None:
+    clean, noisy = logits((3, 7, 41), seed=0, dtype=dtype)
+    out = token_divergences(clean, noisy)
+    rtol, atol = (1e-10, 1e-14) if dtype == torch.float64 else (1e-4, 1e-7)
+    for b in range(3):
+        for t in range(7):
+            expected = ref_token(clean[b, t].numpy(), noisy[b, t].numpy())
+            assert_close({k: float(out[k][b, t]) for k in NAMES}, expected, rtol, atol)
+
+
+def test_token_divergences_mask_leaves_nan_and_any_leading_shape() -> None:
+    clean, noisy = logits((10, 13), seed=1)
+    mask = torch.arange(10) % 3 != 0
+    out = token_divergences(clean, noisy, attention_mask=mask)
+    for i in range(10):
+        for k in NAMES:
+            if mask[i]:
+                assert float(out[k][i]) == pytest.approx(ref_token(clean[i], noisy[i])[k], rel=1e-4, abs=1e-7)
+            else:
+                assert math.isnan(float(out[k][i]))
+
+
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_metric_reductions_match_slow_loop(reduction: DivergenceReduction) -> None:
+    clean, noisy = logits((5, 6, 29), seed=2)
+    mask = attention(5, 6, seed=2, fully_masked=(1, 3))
+    seq_mean, tok_mean, per_seq, per_tok = ref_metric(clean, noisy, mask)
+    metric = NextTokenDivergence(reduction=reduction, with_stderr=True)
+    metric.update(clean, noisy, mask)
+    out = as_floats(metric.compute())
+    expected = seq_mean if reduction == "sequence" else tok_mean
+    samples = per_seq if reduction == "sequence" else per_tok
+    for k in NAMES:
+        expected[f"{k}_stderr"] = float(np.std(samples[k], ddof=1) / math.sqrt(len(samples[k])))
+    assert_close(out, {k: expected[k] for k in out}, rtol=1e-4, atol=1e-8)
+    assert len(per_seq[NAMES[0]]) == 3  # the fully masked sequences do not count
+    functional = as_floats(next_token_divergence(clean, noisy, mask, reduction=reduction))
+    assert_close(functional, {k: expected[k] for k in NAMES}, rtol=1e-4, atol=1e-8)
+
+
+def test_top_k_matches_hand_built_support() -> None:
+    clean, noisy = logits((3, 4, 30), seed=3)
+    mask = attention(3, 4, seed=3, fully_masked=())
+    k = 4
+    seq_mean, tok_mean, _, _ = ref_metric(clean, noisy, mask, num_logits=k)
+    reductions: tuple[tuple[DivergenceReduction, dict[str, float]], ...] = (
+        ("sequence", seq_mean),
+        ("token", tok_mean),
+    )
+    for reduction, expected in reductions:
+        metric = NextTokenDivergence(num_logits=k, reduction=reduction)
+        metric.update(clean, noisy, mask)
+        assert_close(as_floats(metric.compute()), expected, rtol=1e-4, atol=1e-8)
+    support = top_k_support_mask(noisy, clean, k)
+    per_token = token_divergences(clean, noisy, num_logits=k)
+    for b in range(3):
+        for t in range(4):
+            hand = hand_top_k(clean[b, t].numpy(), k) | hand_top_k(noisy[b, t].numpy(), k)
+            assert set(support[b, t].nonzero().flatten().tolist()) == hand
+            expected = ref_token(clean[b, t], noisy[b, t], hand)
+            assert_close({n: float(per_token[n][b, t]) for n in NAMES}, expected, rtol=1e-4, atol=1e-8)
+
+
+def test_top_k_covering_the_vocabulary_is_the_full_distribution() -> None:
+    clean, noisy = logits((2, 3, 11), seed=4)
+    full = as_floats(next_token_divergence(clean, noisy))
+    assert_close(as_floats(next_token_divergence(clean, noisy, num_logits=11)), full, rtol=1e-6)
+    assert_close(as_floats(next_token_divergence(clean, noisy, num_logits=50)), full, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_logits", [None, 5])
+@pytest.mark.parametrize("limits", [(1, 1), (2, None), (None, 3), (3, 2), (1, 7)])
+def test_chunking_does_not_change_results(
+    num_logits: int | None, limits: tuple[int | None, int | None]
+) -> None:
+    clean, noisy = logits((4, 7, 23), seed=5)
+    mask = attention(4, 7, seed=5)
+    default = NextTokenDivergence(num_logits=num_logits, reduction="token")
+    default.update(clean, noisy, mask)
+    chunked = NextTokenDivergence(
+        num_logits=num_logits, max_batch_size=limits[0], max_sequence_length=limits[1], reduction="token"
+    )
+    chunked.update(clean, noisy, mask)
+    assert_close(as_floats(chunked.compute()), as_floats(default.compute()), rtol=1e-6)
+    for a, b in zip(chunked.state_items(), default.state_items()):
+        assert torch.allclose(a[1].double(), b[1].double(), rtol=1e-6, atol=0), a[0]
+
+
+def test_batches_and_shards_give_one_pass_result() -> None:
+    clean, noisy = logits((6, 5, 17), seed=6, dtype=torch.float64)
+    mask = attention(6, 5, seed=6)
+    for num_logits in (None, 3):
+        whole = NextTokenDivergence(num_logits=num_logits)
+        whole.update(clean, noisy, mask)
+        parts = NextTokenDivergence(num_logits=num_logits)
+        for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):
+            parts.update(clean[rows], noisy[rows], mask[rows])
+        assert_close(as_floats(parts.compute()), as_floats(whole.compute()), rtol=1e-12)
+
+
+def test_bounds_and_identical_logits() -> None:
+    clean, noisy = logits((4, 16, 64), seed=7, scale=15.0, noise=20.0)
+    out = token_divergences(clean, noisy)
+    assert bool((out["jeffreys"] >= 0).all())
+    assert bool(((out["jensen_shannon"] >= 0) & (out["jensen_shannon"] <= LN2)).all())
+    assert bool(((out["total_variation"] >= 0) & (out["total_variation"] <= 1)).all())
+    assert bool(((out["squared_hellinger"] >= 0) & (out["squared_hellinger"] <= 1)).all())
+    same = token_divergences(clean, clean.clone())
+    for k in NAMES:
+        assert bool((same[k] == 0).all()), k  # exactly zero, not rounding noise
+    for k in NAMES:  # top-k as well
+        assert bool((token_divergences(clean, clean.clone(), num_logits=5)[k] == 0).all()), k
+
+
+@pytest.mark.parametrize("noise", [1e-2, 1e-3])
+def test_near_identical_distributions_keep_relative_precision(noise: float) -> None:
+    clean, noisy = logits((4, 500), seed=8, scale=2.0, noise=noise)
+    out = token_divergences(clean, noisy)
+    for i in range(4):
+        expected = ref_token(clean[i], noisy[i])
+        for k in NAMES:
+            assert float(out[k][i]) == pytest.approx(expected[k], rel=2e-3), (k, expected[k])
+
+
+def test_extreme_logits_are_finite_and_correct() -> None:
+    g = torch.Generator().manual_seed(9)
+    clean = 1e4 * torch.sign(torch.randn(3, 4, 20, generator=g))
+    noisy = 1e4 * torch.sign(torch.randn(3, 4, 20, generator=g))
+    noisy[0, 0] = clean[0, 0]  # one identical position
+    out = token_divergences(clean, noisy)
+    for b in range(3):
+        for t in range(4):
+            expected = ref_token(clean[b, t], noisy[b, t])
+            assert_close({k: float(out[k][b, t]) for k in NAMES}, expected, rtol=1e-5, atol=1e-7)
+    metric = NextTokenDivergence()
+    metric.update(clean, noisy)
+    assert all(math.isfinite(v) for v in as_floats(metric.compute()).values())
+    assert int(metric.nonfinite_count) == 0
+
+
+def test_fully_masked_batch_gives_nan_and_single_token_its_value() -> None:
+    clean, noisy = logits((2, 3, 9), seed=10)
+    metric = NextTokenDivergence(with_stderr=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metric.update(clean, noisy, torch.zeros(2, 3, dtype=torch.bool))
+        assert all(math.isnan(v) for v in as_floats(metric.compute()).values())
+    one = torch.zeros(2, 3, dtype=torch.bool)
+    one[1, 2] = True
+    expected = ref_token(clean[1, 2], noisy[1, 2])
+    for reduction in ("sequence", "token"):
+        metric = NextTokenDivergence(reduction=reduction)
+        metric.update(clean, noisy, one)
+        assert_close(as_floats(metric.compute()), expected, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype: torch.dtype) -> None:
+    clean, noisy = logits((2, 5, 300), seed=11, dtype=dtype)
+    clean[0, 0, :3] = torch.tensor([60000.0 if dtype == torch.float16 else 1e4, -1e4, 0.0], dtype=dtype)
+    mask = attention(2, 5, seed=11, fully_masked=())
+    metric = NextTokenDivergence(reduction="token")
+    metric.update(clean, noisy, mask)
+    # reference from the same (rounded) half-precision values, in float64
+    _, expected, _, _ = ref_metric(clean.float(), noisy.float(), mask)
+    assert_close(as_floats(metric.compute()), expected, rtol=1e-4, atol=1e-7)
+    out = token_divergences(clean, noisy)
+    assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in out.values())
+
+
+def test_non_contiguous_logits() -> None:
+    clean_tbv, noisy_tbv = logits((6, 3, 19), seed=12)
+    clean, noisy = clean_tbv.transpose(0, 1), noisy_tbv.transpose(0, 1)  # [B, T, V], not viewable as [B*T, V]
+    mask = attention(3, 6, seed=12)
+    a, b = NextTokenDivergence(), NextTokenDivergence()
+    a.update(clean, noisy, mask)
+    b.update(clean.contiguous(), noisy.contiguous(), mask)
+    assert_close(as_floats(a.compute()), as_floats(b.compute()), rtol=1e-6)
+    ce_a, ce_b = MaskedCrossEntropy(), MaskedCrossEntropy()
+    targets = torch.randint(0, 19, (3, 6), generator=torch.Generator().manual_seed(0))
+    ce_a.update(clean.half(), targets, mask)
+    ce_b.update(clean.half().contiguous(), targets, mask)
+    assert_close(as_floats(ce_a.compute()), as_floats(ce_b.compute()), rtol=1e-6)
+
+
+def test_nonfinite_sequences_are_skipped_and_counted() -> None:
+    clean, noisy = logits((4, 5, 13), seed=13)
+    mask = attention(4, 5, seed=13, fully_masked=())
+    mask[3, 4] = False
+    bad = clean.clone()
+    bad[2, 0, 5] = math.nan  # attended: sequence 2 is skipped
+    bad[3, 4, 0] = math.inf  # masked out: no effect
+    metric = NextTokenDivergence()
+    metric.update(bad, noisy, mask)
+    reference = NextTokenDivergence()
+    keep = torch.tensor([0, 1, 3])
+    reference.update(clean[keep], noisy[keep], mask[keep])
+    with pytest.warns(UserWarning, match="skipped 1 item"):
+        assert_close(as_floats(metric.compute()), as_floats(reference.compute()), rtol=1e-12)
+    assert int(metric.nonfinite_count) == 1
+    strict = NextTokenDivergence(nan_strategy="error")
+    before = state_snapshot(strict)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        strict.update(bad, noisy, mask)
+    assert states_equal(before, state_snapshot(strict))
+    neg_inf = clean.clone()
+    neg_inf[0, 0, 1] = -math.inf
+    metric = NextTokenDivergence()
+    metric.update(neg_inf, noisy, mask)
+    assert int(metric.nonfinite_count) == 1
+
+
+def test_update_from_super_batch_equals_update() -> None:
+    clean, noisy = logits((3, 4, 15), seed=14)
+    mask = attention(3, 4, seed=14)
+    direct = NextTokenDivergence()
+    direct.update(clean, noisy, mask)
+    for super_mask in (mask, torch.cat([mask, mask])):
+        metric = NextTokenDivergence()
+        metric.update_from_super_batch(torch.cat([clean, noisy]), super_mask)
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(metric.state_items(), direct.state_items()))
+    other = mask.clone()
+    other[0] = False
+    metric = NextTokenDivergence()
+    metric.update_from_super_batch(
+        torch.cat([clean, noisy]), torch.cat([mask, other])
+    )  # attended in both halves
+    both = NextTokenDivergence()
+    both.update(clean, noisy, mask & other)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(metric.state_items(), both.state_items()))
+    before = state_snapshot(metric)
+    with pytest.raises(ValueError, match="even"):
+        metric.update_from_super_batch(torch.cat([clean, noisy[:2]]), None)
+    with pytest.raises(ValueError, match="attention_mask"):
+        metric.update_from_super_batch(torch.cat([clean, noisy]), mask[:, :2])
+    assert states_equal(before, state_snapshot(metric))
+
+
+def test_constructor_arguments_are_validated() -> None:
+    for kwargs in ({"num_logits": 0}, {"max_batch_size": -1}, {"reduction": "mean"}):
+        with pytest.raises(ValueError):
+            NextTokenDivergence(**kwargs)
+    with pytest.raises(ValueError):
+        PredictionChange(num_classes=3, class_names=["a", "b"])
+    with pytest.raises(ValueError):
+        PredictionChange(num_classes=0)
+
+
+# ---------------------------------------------------------------------------------------------- cross-entropy
+def ref_cross_entropy(logits_: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ignore: int | None):
+    x = logits_.double().numpy()
+    values = [
+        float(-np_log_softmax(x[b, t])[target[b, t]])
+        for b in range(x.shape[0])
+        for t in range(x.shape[1])
+        if mask[b, t] and (ignore is None or int(target[b, t]) != ignore)
+    ]
+    return values
+
+
+@pytest.mark.parametrize("ignore_index", [None, -100, 3])
+def test_cross_entropy_matches_slow_loop(ignore_index: int | None) -> None:
+    x, _ = logits((4, 6, 21), seed=15, scale=3.0)
+    g = torch.Generator().manual_seed(15)
+    target = torch.randint(0, 21, (4, 6), generator=g)
+    if ignore_index == -100:
+        target[torch.rand(4, 6, generator=g) < 0.3] = -100
+    mask = attention(4, 6, seed=15, fully_masked=(2,))
+    values = ref_cross_entropy(x, target, mask, ignore_index)
+    metric = MaskedCrossEntropy(ignore_index=ignore_index, with_stderr=True, max_sequence_length=2)
+    metric.update(x, target, mask)
+    out = as_floats(metric.compute())
+    mean = float(np.mean(values))
+    expected = {
+        "cross_entropy": mean,
+        "cross_entropy_stderr": float(np.std(values, ddof=1) / math.sqrt(len(values))),
+        "perplexity": math.exp(mean),
+    }
+    assert_close(out, expected, rtol=1e-5)
+    functional = as_floats(masked_cross_entropy(x, target, mask, ignore_index=ignore_index))
+    assert_close(functional, {k: expected[k] for k in ("cross_entropy", "perplexity")}, rtol=1e-5)
+
+
+def test_cross_entropy_extreme_and_empty() -> None:
+    x = torch.tensor([[[1e4, -1e4, 0.0], [-1e4, -1e4, 1e4]]])
+    metric = MaskedCrossEntropy()
+    metric.update(x, torch.tensor([[1, 2]]))
+    assert float(metric.compute()["cross_entropy"]) == pytest.approx(2e4 / 2, rel=1e-6)
+    empty = MaskedCrossEntropy(ignore_index=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        empty.update(x, torch.tensor([[0, 0]]))
+        assert all(math.isnan(v) for v in as_floats(empty.compute()).values())
+
+
+def test_cross_entropy_ignores_out_of_range_ids_that_are_not_counted() -> None:
+    x, _ = logits((2, 3, 5), seed=16)
+    target = torch.tensor([[1, 7, -1], [2, 0, 4]])
+    mask = torch.tensor([[True, False, False], [True, True, True]])
+    metric = MaskedCrossEntropy()
+    metric.update(x, target, mask)  # ids 7 and -1 sit at masked positions
+    assert float(metric.compute()["cross_entropy"]) == pytest.approx(
+        float(np.mean(ref_cross_entropy(x, target, mask, None))), rel=1e-5
+    )
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("entry", [e for e in registered() if e.suite == "utility"], ids=lambda e: e.name)
+def test_bad_inputs_raise_and_leave_state_unchanged(entry: Any) -> None:
+    metric = entry.cls(**entry.example.init_kwargs)
+    metric.update(**entry.example.make_batch(torch.Generator().manual_seed(0), 4))
+    bad_inputs = entry.example.bad_inputs(torch.Generator().manual_seed(1))
+    assert len(bad_inputs) >= 4
+    for bad in bad_inputs:
+        before = state_snapshot(metric)
+        with pytest.raises((ValueError, TypeError)) as err:
+            metric.update(**bad)
+        assert "`" in str(err.value)  # the message names the argument
+        assert states_equal(before, state_snapshot(metric))
+
+
+def test_error_messages_name_argument_and_shapes() -> None:
+    clean, noisy = logits((2, 3, 7), seed=17)
+    metric = NextTokenDivergence()
+    with pytest.raises(ValueError, match=r"`noisy_logits`.*\[2, 3, 7\].*\[2, 3, 8\]"):
+        metric.update(clean, torch.cat([noisy, noisy[..., :1]], -1))
+    with pytest.raises(ValueError, match=r"`attention_mask` must have shape \[2, 3\], got \[2, 4\]"):
+        metric.update(clean, noisy, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"`modified_preds` must hold class ids in \[0, 3\).*\[5\]"):
+        PredictionChange(num_classes=3).update(torch.tensor([0, 1]), torch.tensor([5, 1]))
+    with pytest.raises(TypeError, match="`original_preds` must be an integer tensor"):
+        PredictionChange(num_classes=3).update(torch.tensor([0.0, 1.0]), torch.tensor([0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------- prediction change
+def slow_prediction_change(original: np.ndarray, modified: np.ndarray, num_classes: int):
+    per_class = []
+    for c in range(num_classes):
+        orig_c = original == c
+        n_orig = int(orig_c.sum())
+        n_changed = int((orig_c & (modified != c)).sum())
+        n_other = int((~orig_c).sum())
+        n_other_changed = int((~orig_c & (modified != original)).sum())
+        dist = {j: int((orig_c & (modified == j)).sum()) for j in range(num_classes) if j != c}
+        per_class.append((n_orig, n_changed, n_other, n_other_changed, dist))
+    target_ratios = [nc / no if no else 0.0 for no, nc, *_ in per_class]
+    other_ratios = [noc / nt if nt else 0.0 for _, _, nt, noc, _ in per_class]
+    totals = np.array([row[:4] for row in per_class]).sum(0)
+    summary = {
+        "target_change": totals[1] / totals[0],
+        "other_change": totals[3] / totals[2],
+        "target_change_std": float(np.std(target_ratios)),
+        "other_change_std": float(np.std(other_ratios)),
+    }
+    return summary, per_class, target_ratios, other_ratios
+
+
+def test_prediction_change_matches_slow_loop() -> None:
+    g = torch.Generator().manual_seed(18)
+    original = torch.randint(0, 4, (6, 7), generator=g)  # class 4 never appears originally
+    modified = torch.where(
+        torch.rand(6, 7, generator=g) < 0.4, torch.randint(0, 5, (6, 7), generator=g), original
+    )
+    mask = torch.rand(6, 7, generator=g) > 0.2
+    names = ["a", "b", "c", "d", "e"]
+    metric = PredictionChange(num_classes=5, class_names=names)
+    metric.update(original[:2], modified[:2], mask[:2])
+    metric.update(original[2:].to(torch.int32), modified[2:].to(torch.uint8), mask[2:].to(torch.int64))
+    sel = mask.numpy()
+    summary, per_class, target_ratios, other_ratios = slow_prediction_change(
+        original.numpy()[sel], modified.numpy()[sel], 5
+    )
+    assert_close(as_floats(metric.compute()), summary, rtol=1e-12)
+    assert_close(as_floats(prediction_change(original, modified, 5, mask)), summary, rtol=1e-12)
+    for record, row, t_ratio, o_ratio in zip(metric.class_results(), per_class, target_ratios, other_ratios):
+        assert (record.n_orig, record.n_changed, record.n_other, record.n_other_changed) == row[:4]
+        assert record.change_distribution == {names[j]: n for j, n in row[4].items()}
+        assert record.target_ratio == pytest.approx(t_ratio) and record.other_ratio == pytest.approx(o_ratio)
+        assert record.class_name == names[record.class_id]
+    assert metric.class_results()[4].n_orig == 0 and metric.class_results()[4].target_ratio == 0.0
+
+
+def test_prediction_change_report_csv_row() -> None:
+    metric = PredictionChange(num_classes=3)
+    metric.update(torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 1, 1, 0, 1]))
+    report = metric.report("steer, v2", 0.5)
+    rows = list(csv.reader(io.StringIO(PredictionChangeReport.csv_header() + "\n" + report.to_csv_row())))
+    assert rows[0] == list(PredictionChangeReport.CSV_FIELDS)
+    record = dict(zip(rows[0], rows[1]))
+    assert record["method"] == "steer, v2"  # quoted, survives the comma
+    assert float(record["intervention_scale"]) == 0.5 and int(record["num_items"]) == 6
+    assert float(record["target_change"]) == pytest.approx(0.5)
+    assert float(record["target_change_std"]) == pytest.approx(float(np.std([0.5, 0.0, 1.0])))
+    assert float(record["other_change_std"]) == pytest.approx(float(np.std([2 / 4, 3 / 4, 1 / 4])))
+
+
+def test_prediction_change_empty_is_nan() -> None:
+    metric = PredictionChange(num_classes=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert all(math.isnan(v) for v in as_floats(metric.compute()).values())
+        metric.update(torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([False, False]))
+        assert all(math.isnan(v) for v in as_floats(metric.compute()).values())
+
+
+def test_argmax_and_patch_label_helpers() -> None:
+    g = torch.Generator().manual_seed(19)
+    x = torch.randn(3, 4, 6, generator=g)
+    assert torch.equal(argmax_logits(x), torch.from_numpy(np.argmax(x.numpy(), -1)))
+    assert torch.equal(argmax_logits(x, dim=1), torch.from_numpy(np.argmax(x.numpy(), 1)))
+    labels = torch.randint(0, 3, (5, 7, 10), generator=g)
+    labels[0, 0] = torch.tensor([2, 2, 2, 1, 1, 1, 0, 0, 0, 0])  # 4/10 of label 0
+    labels[0, 1] = torch.tensor([2, 2, 2, 2, 2, 1, 1, 1, 1, 1])  # tie -> smallest label (1)
+    label, share = patch_majority_label(labels)
+    for idx in np.ndindex(5, 7):
+        counts = Counter(labels[idx].tolist())
+        best = max(counts.values())
+        assert int(label[idx]) == min(k for k, v in counts.items() if v == best)
+        assert float(share[idx]) == pytest.approx(best / 10)
+    for threshold in (0.4, 0.5, 0.7):
+        # exact rational comparison: a share of exactly `threshold` passes
+        expected = np.array(
+            [
+                [
+                    Fraction(max(Counter(labels[i, j].tolist()).values()), 10) >= Fraction(str(threshold))
+                    for j in range(7)
+                ]
+                for i in range(5)
+            ]
+        )
+        assert np.array_equal(patch_label_mask(labels, threshold).numpy(), expected)
+    assert int(label[0, 1]) == 1 and bool(patch_label_mask(labels, 0.4)[0, 0])
+    with pytest.raises(ValueError):
+        patch_label_mask(labels, 1.5)
+
+
+# ---------------------------------------------------------------------------------------------- collection
+def test_utility_suite_routes_inputs() -> None:
+    assert ms.available()["utility"] == ["next_token", "cross_entropy", "prediction_change"]
+    col = ms.suite("utility", next_token={"num_logits": 4})
+    assert "utility/prediction_change" not in col.keys(keep_base=True)
+    clean, noisy = logits((2, 3, 9), seed=20)
+    col.update(clean_logits=clean, noisy_logits=noisy, attention_mask=torch.ones(2, 3, dtype=torch.bool))
+    col.update(logits=clean, target_ids=torch.zeros(2, 3, dtype=torch.long))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = col.compute()
+    expected = as_floats(next_token_divergence(clean, noisy, num_logits=4))
+    for k in NAMES:
+        assert float(out[f"utility/next_token/{k}"]) == pytest.approx(expected[k], rel=1e-6)
+    assert float(out["utility/cross_entropy/cross_entropy"]) == pytest.approx(
+        float(np.mean(ref_cross_entropy(clean, torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), None))),
+        rel=1e-6,
+    )
+    configured = ms.suite("utility", prediction_change={"num_classes": 3})
+    configured.update(original_preds=torch.tensor([0, 1, 2]), modified_preds=torch.tensor([0, 2, 2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert float(configured.compute()["utility/prediction_change/target_change"]) == pytest.approx(1 / 3)
