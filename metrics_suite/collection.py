@@ -222,7 +222,9 @@ class DiagnosticCollection(MetricCollection):
         results: dict[str, Any] = {}
         for name, metric in self._metric_items():
             if not isinstance(metric, DiagnosticMetric):
-                raise TypeError(f"{name}: output_keys() needs metrics_suite metrics, got {type(metric).__name__}")
+                raise TypeError(
+                    f"{name}: output_keys() needs metrics_suite metrics, got {type(metric).__name__}"
+                )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 results[name] = metric.compute_on_current_states()
