@@ -3,7 +3,7 @@
 Runs on real gloo processes (2 and 4 by default) and prints JSON: collectives issued per
 compute, and the median time of
 
-* ``collection.compute()`` -- one fused ``all_reduce`` (+ a 5-element layout check), then
+* ``collection.compute()`` -- one fused ``all_reduce`` (+ a tiny all_gather layout check), then
   every metric computed locally, states restored;
 * torchmetrics' default per-state sync alone (``Metric._sync_dist`` with ``gather_all_tensors``:
   a barrier and two ``all_gather`` calls per state) over the same states, no compute.

@@ -23,31 +23,37 @@ MetricOutput = Tensor | dict[str, Tensor]
 #: What to do with items whose inputs hold NaN or inf.
 NanStrategy = Literal["error", "skip", "propagate"]
 
-# The layout check sends hashes reduced modulo 2**20, so sums of squares stay exact in float64.
-_HASH_MOD = 1 << 20
-
 
 def _layout_signature(states: Sequence[tuple[str, Tensor]]) -> tuple[int, int]:
     """Number of elements and a hash of names, shapes and dtypes of ``states``."""
     text = ";".join(f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in states)
     numel = sum(t.numel() for _, t in states)
-    return numel, zlib.crc32(text.encode()) % _HASH_MOD
+    return numel, zlib.crc32(text.encode())
+
+
+def _all_gather_single(output: Tensor, tensor: Tensor, group: Any) -> None:
+    # newer torch names it all_gather_single, older releases all_gather_into_tensor; looked up at
+    # call time so tools that wrap torch.distributed (count_collectives) see the call
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
 
 
 def _check_layout(states: Sequence[tuple[str, Tensor]], device: torch.device, group: Any) -> None:
     """Raise on every rank when ranks hold different state layouts (instead of hanging).
 
-    One small ``all_reduce`` of ``[1, n, n², h, h²]``: all ranks agree iff ``k·Σx² == (Σx)²``
-    for both the element count ``n`` and the layout hash ``h``.
+    One tiny ``all_gather`` of ``[element count, layout hash]`` per rank (on gloo a gather of a few
+    numbers costs a third of an ``all_reduce``); every rank sees every signature, so all raise together.
     """
     numel, sig = _layout_signature(states)
-    probe = torch.tensor([1.0, numel, numel**2, sig, sig**2], dtype=torch.float64, device=device)
-    dist.all_reduce(probe, op=dist.ReduceOp.SUM, group=group)
-    k, n1, n2, h1, h2 = probe.tolist()
-    if k * n2 != n1 * n1 or k * h2 != h1 * h1:
+    world = dist.get_world_size(group)
+    mine = torch.tensor([numel, sig], dtype=torch.int64, device=device)
+    gathered = torch.empty(2 * world, dtype=torch.int64, device=device)
+    _all_gather_single(gathered, mine, group=group)
+    signatures = gathered.view(world, 2).tolist()
+    if any(s != signatures[0] for s in signatures):
         raise RuntimeError(
-            f"metrics_suite: metric states differ between ranks (this rank: {len(states)} states, "
-            f"{numel} elements, layout hash {sig}; ranks: {int(k)}). Every rank must build the same "
+            f"metrics_suite: metric states differ between ranks ([elements, layout hash] per rank: "
+            f"{signatures}; this rank holds {len(states)} states). Every rank must build the same "
             "metrics with the same sizes (num_features, num_classes, num_layers, ...)."
         )
 
@@ -60,8 +66,9 @@ def fused_all_reduce(
     """Sum ``states`` over all ranks with one ``all_reduce`` of one flat float64 buffer.
 
     Integer counts travel as float64 (exact up to 2**53) and come back in their own dtype.
-    With ``check_layout`` a second, 5-element ``all_reduce`` first verifies that every rank
-    sends the same layout, so a mismatch is an error on every rank rather than a hang.
+    With ``check_layout`` a tiny ``all_gather`` of each rank's ``[element count, layout hash]``
+    first verifies that every rank sends the same layout, so a mismatch is an error on every
+    rank rather than a hang.
 
     Returns the reduced tensors, in order, with their original shapes and dtypes.
     """
@@ -120,7 +127,7 @@ class DiagnosticMetric(Metric):
       int64 counts (:meth:`add_count_state`) and mean statistics (:meth:`add_mean_state`).
       They are persistent (saved in ``state_dict``) so a checkpoint taken mid-epoch resumes exactly.
     * A distributed sync is one ``all_reduce(SUM)`` of all states flattened into one buffer, plus a
-      5-element layout check (``check_layout=False`` skips it). ``compute()`` is not cached by
+      2-number-per-rank layout check (``check_layout=False`` skips it). ``compute()`` is not cached by
       default (``compute_with_cache=False``), so every rank enters the same collectives on every call.
     * ``validate_args=False`` skips input checks for speed; ``with_stderr=True`` adds
       ``<stat>_stderr`` to mean-type outputs.
@@ -217,6 +224,15 @@ class DiagnosticMetric(Metric):
             return {k: v.clone() for k, v in value.items()}
         return value.clone()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # torch.multiprocessing (Lightning's ddp_spawn) hands every child the parent's tensors in
+        # shared memory: without a private copy, two ranks would add into the same accumulators
+        for key in self._defaults:
+            value = getattr(self, key)
+            if isinstance(value, Tensor) and value.is_shared():
+                setattr(self, key, value.clone())
+
     def reset(self) -> None:
         """Reset every state to zero (and re-arm the non-finite warning)."""
         super().reset()
@@ -243,8 +259,10 @@ class DiagnosticMetric(Metric):
 
     def mean_output(self, stats: Tensor, name: str) -> dict[str, Tensor]:
         """``{name: mean}``, plus ``{name}_stderr`` when ``with_stderr`` is set."""
+        if not self.with_stderr:
+            return {name: safe_div(stats[..., 1], stats[..., 0])}
         mean, stderr = mean_and_stderr(stats)
-        return {name: mean, f"{name}_stderr": stderr} if self.with_stderr else {name: mean}
+        return {name: mean, f"{name}_stderr": stderr}
 
     # ------------------------------------------------------------------ sync
     def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group: Any = None) -> None:

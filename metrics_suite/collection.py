@@ -1,7 +1,7 @@
 """``DiagnosticCollection``: a MetricCollection that routes inputs by name and syncs once.
 
 ``update(**inputs)`` hands each metric the inputs its ``update`` names; ``compute()`` sums the
-states of *all* metrics across ranks in one ``all_reduce`` (plus a 5-element layout check),
+states of *all* metrics across ranks in one ``all_reduce`` (plus a tiny layout check),
 computes each metric on the summed states, restores the local states and returns a flat dict
 of scalar tensors keyed ``{suite}/{metric}/{stat}``.
 """
@@ -53,7 +53,7 @@ class DiagnosticCollection(MetricCollection):
         metrics: ``{"suite/metric": metric}`` (what :func:`metrics_suite.suite` builds), or any
             metrics accepted by ``MetricCollection``.
         check_layout: verify that every rank holds the same state layout before the sum
-            (a 5-element ``all_reduce``); a mismatch raises on every rank instead of hanging.
+            (an ``all_gather`` of two numbers per rank); a mismatch raises on every rank instead of hanging.
         atomic_update: when one metric rejects its input, roll back the metrics already updated
             in that call, so a failed ``update`` leaves the whole collection unchanged.
 

@@ -33,6 +33,7 @@ COLLECTIVES = (
     "all_reduce",
     "all_gather",
     "all_gather_into_tensor",
+    "all_gather_single",
     "all_gather_object",
     "broadcast",
     "broadcast_object_list",

@@ -216,3 +216,18 @@ def test_empty_batch_is_a_no_op(entry: RegisteredMetric) -> None:
     (empty,) = example_batches(entry, [0])
     metric.update(**empty)
     assert states_equal(state_snapshot(metric), before)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
+def test_copies_sent_through_torch_multiprocessing_do_not_share_states(entry: RegisteredMetric) -> None:
+    """ddp_spawn pickles the module with torch's ForkingPickler, which puts tensors in shared memory:
+    two ranks must not accumulate into the same state tensors."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's shared-memory reductions)
+
+    metric = make_metric(entry)
+    before = state_snapshot(metric)
+    copy = pickle.loads(ForkingPickler.dumps(metric))
+    copy.update(**example_batches(entry, [3])[0])
+    assert states_equal(state_snapshot(metric), before)
