@@ -74,7 +74,7 @@ def plot_metric(
     Returns:
         ``(figure, axes)``; ``figure`` is None when ``ax`` was given (as in torchmetrics).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import CreditCosine
         >>> metric = CreditCosine(num_layers=3)
@@ -188,7 +188,7 @@ def plot_results(
     Returns:
         The :class:`matplotlib.figure.Figure` (made without pyplot, so no GUI backend is needed).
 
-    Example:
+    Examples:
         >>> history = [
         ...     {"stage": "val", "epoch": e, "values": {"utility/cross_entropy/cross_entropy": 2.0 - e,
         ...                                               "credit/cosine/layer_0": 0.9, "credit/cosine/layer_1": 0.5}}

@@ -141,16 +141,18 @@ def _prediction_bad(g: torch.Generator) -> list[dict[str, Any]]:
 class NextTokenDivergence(DiagnosticMetric):
     r"""Divergences between the next-token distributions of a clean and a transformed ("noisy") model.
 
-    Per attended token, with :math:`p = \mathrm{softmax}(\text{clean})`,
-    :math:`q = \mathrm{softmax}(\text{noisy})`, :math:`m = (p + q)/2` and the natural log:
+    Per attended token, with $p = \mathrm{softmax}(\text{clean})$,
+    $q = \mathrm{softmax}(\text{noisy})$, $m = (p + q)/2$ and the natural log:
 
-    .. math::
-        \text{jeffreys} = \sum_v (p_v - q_v)(\log p_v - \log q_v), \qquad
-        \text{jensen\_shannon} = \tfrac12 \mathrm{KL}(p\,\|\,m) + \tfrac12 \mathrm{KL}(q\,\|\,m) \in [0, \ln 2],
+    $$
+    \text{jeffreys} = \sum_v (p_v - q_v)(\log p_v - \log q_v), \qquad
+    \text{jensen\_shannon} = \tfrac12 \mathrm{KL}(p\,\|\,m) + \tfrac12 \mathrm{KL}(q\,\|\,m) \in [0, \ln 2],
+    $$
 
-    .. math::
-        \text{total\_variation} = \tfrac12 \sum_v |p_v - q_v|, \qquad
-        \text{squared\_hellinger} = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v}.
+    $$
+    \text{total\_variation} = \tfrac12 \sum_v |p_v - q_v|, \qquad
+    \text{squared\_hellinger} = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v}.
+    $$
 
     With ``num_logits=k`` both distributions are restricted to the union of the top-k indices of
     the clean and of the noisy logits at that position, and renormalised on it.
@@ -178,7 +180,7 @@ class NextTokenDivergence(DiagnosticMetric):
     ``compute()`` returns ``{"jeffreys", "jensen_shannon", "total_variation", "squared_hellinger"}``
     (NaN when no token was attended).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import NextTokenDivergence
         >>> clean = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]], [[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
@@ -280,11 +282,12 @@ class NextTokenDivergence(DiagnosticMetric):
 class MaskedCrossEntropy(DiagnosticMetric):
     r"""Token-mean cross-entropy (nats) and perplexity of logits against target tokens.
 
-    .. math::
-        \text{cross\_entropy} = \frac{1}{|S|}\sum_{(b,t) \in S} -\log \mathrm{softmax}(z_{b,t})_{y_{b,t}},
-        \qquad \text{perplexity} = e^{\text{cross\_entropy}},
+    $$
+    \text{cross\_entropy} = \frac{1}{|S|}\sum_{(b,t) \in S} -\log \mathrm{softmax}(z_{b,t})_{y_{b,t}},
+    \qquad \text{perplexity} = e^{\text{cross\_entropy}},
+    $$
 
-    over the set :math:`S` of attended positions whose target is not ``ignore_index``.
+    over the set $S$ of attended positions whose target is not ``ignore_index``.
     ``target_ids[b, t]`` is the token that ``logits[b, t]`` predicts: shift labels yourself
     (``logits[:, :-1]`` against ``input_ids[:, 1:]``). Computed in chunks like
     :class:`NextTokenDivergence`.
@@ -299,7 +302,7 @@ class MaskedCrossEntropy(DiagnosticMetric):
     ``update(logits, target_ids, attention_mask=None)``: logits ``[B, T, V]``, integer targets
     ``[B, T]`` (in ``[0, V)`` where counted), bool mask ``[B, T]``. An item is a sequence.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import MaskedCrossEntropy
         >>> logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
@@ -424,17 +427,18 @@ def _prediction_change_example() -> ConformanceExample:
 class PredictionChange(DiagnosticMetric):
     r"""How often an intervention changes predicted classes (e.g. per image patch), per original class.
 
-    The state is a ``[C, C]`` count matrix (original class → modified class). For class :math:`c`:
-    :math:`n^{orig}_c` items were originally :math:`c`, :math:`n^{chg}_c` of them are no longer
-    :math:`c`; :math:`n^{oth}_c` items were originally another class, :math:`n^{oth,chg}_c` of
+    The state is a ``[C, C]`` count matrix (original class → modified class). For class $c$:
+    $n^{orig}_c$ items were originally $c$, $n^{chg}_c$ of them are no longer
+    $c$; $n^{oth}_c$ items were originally another class, $n^{oth,chg}_c$ of
     them changed class.
 
-    .. math::
-        \text{target\_change} = \frac{\sum_c n^{chg}_c}{\sum_c n^{orig}_c}, \qquad
-        \text{other\_change} = \frac{\sum_c n^{oth,chg}_c}{\sum_c n^{oth}_c},
+    $$
+    \text{target\_change} = \frac{\sum_c n^{chg}_c}{\sum_c n^{orig}_c}, \qquad
+    \text{other\_change} = \frac{\sum_c n^{oth,chg}_c}{\sum_c n^{oth}_c},
+    $$
 
     ``target_change_std`` / ``other_change_std``: population standard deviation over classes of
-    :math:`n^{chg}_c / n^{orig}_c` and :math:`n^{oth,chg}_c / n^{oth}_c` (0.0 for a class without
+    $n^{chg}_c / n^{orig}_c$ and $n^{oth,chg}_c / n^{oth}_c$ (0.0 for a class without
     support). Summed over classes both ratios count every changed item, so ``other_change``
     equals ``target_change`` when ``C > 1``; the per-class ratios (:meth:`class_results`) and their
     spread are where they differ. No data gives NaN.
@@ -448,7 +452,7 @@ class PredictionChange(DiagnosticMetric):
     (any shape; use :func:`argmax_logits` on logits) and an optional bool mask of the same shape
     (e.g. :func:`patch_label_mask`). Ids must be in ``[0, C)`` where selected.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metrics_suite import PredictionChange
         >>> metric = PredictionChange(num_classes=3, class_names=["sky", "tree", "road"])

@@ -15,7 +15,7 @@ def markov_chain(vocab_size: int, seed: int, sharpness: float = 3.0) -> Tensor:
     Rows are ``softmax(sharpness · z)`` of standard normal ``z``: each token has a handful of probable
     successors, so a causal model can learn much, but not all, of the next-token distribution.
 
-    Example:
+    Examples:
         >>> P = markov_chain(8, seed=0)
         >>> P.shape, bool(torch.allclose(P.sum(1), torch.ones(8)))
         (torch.Size([8, 8]), True)
@@ -27,7 +27,7 @@ def markov_chain(vocab_size: int, seed: int, sharpness: float = 3.0) -> Tensor:
 def sample_sequences(transitions: Tensor, num_sequences: int, length: int, seed: int) -> Tensor:
     """``[N, length]`` token ids drawn from the chain (uniform start token), deterministic in ``seed``.
 
-    Example:
+    Examples:
         >>> ids = sample_sequences(markov_chain(8, seed=0), num_sequences=3, length=5, seed=1)
         >>> ids.shape, ids.dtype
         (torch.Size([3, 5]), torch.int64)

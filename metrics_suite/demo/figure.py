@@ -24,7 +24,7 @@ def format_tables(results: Mapping[str, Any] | str | Path, stage: str = "val") -
 
     ``nonfinite_count`` rows are shown only when a count is not zero.
 
-    Example:
+    Examples:
         >>> history = [{"stage": "val", "epoch": e, "values": {"noise/noise/input_norm": 1.0 + e}} for e in range(2)]
         >>> print(format_tables({"history": history}))
         noise (val)

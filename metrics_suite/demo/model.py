@@ -17,19 +17,19 @@ __all__ = ["CausalBlock", "NoisyEmbedding", "TinyCausalLM", "nearest_token_ids",
 
 
 class NoisyEmbedding(nn.Module):
-    r"""Learnable Gaussian noise on embeddings: :math:`y = x + \mu + \sigma \odot \epsilon`.
+    r"""Learnable Gaussian noise on embeddings: $y = x + \mu + \sigma \odot \epsilon$.
 
-    :math:`\mu` and :math:`\log\sigma` are learned per dimension, :math:`\epsilon \sim N(0, I)`. The
-    forward pass hands ``mean`` (:math:`\mu` broadcast to the input) and ``noise``
-    (:math:`\sigma\epsilon`) to :func:`metrics_suite.capture.record`, so a
+    $\mu$ and $\log\sigma$ are learned per dimension, $\epsilon \sim N(0, I)$. The
+    forward pass hands ``mean`` ($\mu$ broadcast to the input) and ``noise``
+    ($\sigma\epsilon$) to :func:`metrics_suite.capture.record`, so a
     :class:`~metrics_suite.capture.ForwardCapture` collects exactly what
     :class:`~metrics_suite.NoiseStatistics` takes.
 
     Args:
         dim: embedding width.
-        init_log_sigma: initial :math:`\log\sigma`.
+        init_log_sigma: initial $\log\sigma$.
 
-    Example:
+    Examples:
         >>> layer = NoisyEmbedding(4, init_log_sigma=math.log(0.5))
         >>> y = layer(torch.zeros(2, 3, 4), enabled=False)
         >>> bool((y == 0).all()), round(layer.sigma.mean().item(), 3)
@@ -90,7 +90,7 @@ class TinyCausalLM(nn.Module):
         max_length: longest sequence (size of the learned position table).
         init_log_sigma: initial log noise scale of the transform.
 
-    Example:
+    Examples:
         >>> model = TinyCausalLM(vocab_size=10, dim=8, num_layers=2, num_heads=2, max_length=6)
         >>> model(torch.randint(0, 10, (3, 6))).shape
         torch.Size([3, 6, 10])
@@ -151,7 +151,7 @@ def sequence_loss(logits_BTV: Tensor, target_ids_BT: Tensor) -> Tensor:
 def nearest_token_ids(embeddings_BTD: Tensor, table_VD: Tensor) -> Tensor:
     """Invert embeddings to the nearest (Euclidean) rows of the embedding table: ``[B, T]`` ids.
 
-    Example:
+    Examples:
         >>> table = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
         >>> nearest_token_ids(torch.tensor([[[0.9, 0.2], [0.1, 0.6]]]), table)
         tensor([[1, 2]])

@@ -116,16 +116,17 @@ def _divergences_from_logits(
 ) -> Tensor:
     r"""The four divergences ``[n, 4]`` of the softmax distributions of logit rows ``[n, W]``.
 
-    Per entry, with :math:`M = \max(p, q)` and :math:`\delta = |\log p - \log q|`, every term is
-    :math:`M` times a function of :math:`\delta` (take :math:`p \ge q`, so :math:`q = M e^{-\delta}`):
+    Per entry, with $M = \max(p, q)$ and $\delta = |\log p - \log q|$, every term is
+    $M$ times a function of $\delta$ (take $p \ge q$, so $q = M e^{-\delta}$):
 
-    .. math::
-        (p - q)(\log p - \log q) = -M e \delta, \quad \tfrac12|p - q| = -\tfrac12 M e, \quad
-        \tfrac12(\sqrt p - \sqrt q)^2 = \tfrac12 M e_2^2, \quad
-        \tfrac12\Big(p \log\frac{p}{m} + q \log\frac{q}{m}\Big) = -\tfrac12 M \big(u + \rho(u + \delta)\big),
+    $$
+    (p - q)(\log p - \log q) = -M e \delta, \quad \tfrac12|p - q| = -\tfrac12 M e, \quad
+    \tfrac12(\sqrt p - \sqrt q)^2 = \tfrac12 M e_2^2, \quad
+    \tfrac12\Big(p \log\frac{p}{m} + q \log\frac{q}{m}\Big) = -\tfrac12 M \big(u + \rho(u + \delta)\big),
+    $$
 
-    where :math:`e_2 = \mathrm{expm1}(-\delta/2)`, :math:`e = e^{-\delta} - 1 = e_2(e_2 + 2)`,
-    :math:`\rho = e^{-\delta} = 1 + e` and :math:`u = \mathrm{log1p}(e/2)`. :math:`\delta` comes straight
+    where $e_2 = \mathrm{expm1}(-\delta/2)$, $e = e^{-\delta} - 1 = e_2(e_2 + 2)$,
+    $\rho = e^{-\delta} = 1 + e$ and $u = \mathrm{log1p}(e/2)$. $\delta$ comes straight
     from the logit difference, ``(clean − noisy) − Δlogsumexp``, so near-identical rows keep their
     relative precision (no ``p − q`` of rounded probabilities, no ``1 − Σ√(pq)``), identical rows give
     exactly 0, and rows with disjoint mass (logits of ±1e4) give finite values.
@@ -308,16 +309,18 @@ def token_divergences(
 ) -> dict[str, Tensor]:
     r"""The four next-token divergences at every position of ``[..., V]`` logits.
 
-    With :math:`p = \mathrm{softmax}(\text{clean})`, :math:`q = \mathrm{softmax}(\text{noisy})` and
-    :math:`m = (p + q)/2`, per position (natural log):
+    With $p = \mathrm{softmax}(\text{clean})$, $q = \mathrm{softmax}(\text{noisy})$ and
+    $m = (p + q)/2$, per position (natural log):
 
-    .. math::
-        J = \sum_v (p_v - q_v)(\log p_v - \log q_v), \qquad
-        JS = \tfrac12 \mathrm{KL}(p\,\|\,m) + \tfrac12 \mathrm{KL}(q\,\|\,m),
+    $$
+    J = \sum_v (p_v - q_v)(\log p_v - \log q_v), \qquad
+    JS = \tfrac12 \mathrm{KL}(p\,\|\,m) + \tfrac12 \mathrm{KL}(q\,\|\,m),
+    $$
 
-    .. math::
-        TV = \tfrac12 \sum_v |p_v - q_v|, \qquad
-        H^2 = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v}.
+    $$
+    TV = \tfrac12 \sum_v |p_v - q_v|, \qquad
+    H^2 = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v}.
+    $$
 
     With ``num_logits=k`` both distributions are restricted to the union of the top-k indices of
     each input at that position (:func:`top_k_support_mask`) and renormalised on it. Computed in
@@ -333,7 +336,7 @@ def token_divergences(
         ``{"jeffreys", "jensen_shannon", "total_variation", "squared_hellinger"}``, each ``[...]``
         (float32, float64 for float64 inputs).
 
-    Example:
+    Examples:
         >>> import torch
         >>> clean = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]])
         >>> noisy = torch.tensor([[0.5, 0.5, 2.0], [1.0, 1.0, 1.0]])
@@ -370,7 +373,7 @@ def top_k_support_mask(noisy_logits: Tensor, clean_logits: Tensor, num_logits: i
         clean_logits: logits of the same shape.
         num_logits: size of each top-k set (``>= V`` selects the whole vocabulary).
 
-    Example:
+    Examples:
         >>> import torch
         >>> top_k_support_mask(torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 2.0, 3.0]), 1)
         tensor([ True, False, False,  True])
@@ -401,7 +404,7 @@ def next_token_divergence(
     attended tokens of each sequence, then over sequences (a sequence without attended tokens does
     not count); ``"token"`` averages over all attended tokens. No attended token gives NaN.
 
-    Example:
+    Examples:
         >>> import torch
         >>> clean = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]], [[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
         >>> noisy = torch.tensor([[[0.5, 0.5, 2.0], [1.0, 1.0, 1.0]], [[0.0, 0.0, 2.0], [0.0, 0.0, 0.0]]])
@@ -523,14 +526,15 @@ def masked_cross_entropy(
 ) -> dict[str, Tensor]:
     r"""Token-mean cross-entropy (nats) and perplexity of ``[B, T, V]`` logits against ``[B, T]`` targets.
 
-    .. math::
-        \mathrm{CE} = \frac{1}{|S|}\sum_{(b,t) \in S} -\log \mathrm{softmax}(z_{b,t})_{y_{b,t}},
-        \qquad \mathrm{PPL} = e^{\mathrm{CE}},
+    $$
+    \mathrm{CE} = \frac{1}{|S|}\sum_{(b,t) \in S} -\log \mathrm{softmax}(z_{b,t})_{y_{b,t}},
+    \qquad \mathrm{PPL} = e^{\mathrm{CE}},
+    $$
 
-    over the set :math:`S` of attended positions whose target is not ``ignore_index``.
+    over the set $S$ of attended positions whose target is not ``ignore_index``.
     ``target_ids[b, t]`` is the token that ``logits[b, t]`` predicts (shift labels yourself).
 
-    Example:
+    Examples:
         >>> import torch
         >>> logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
         >>> out = masked_cross_entropy(logits, torch.tensor([[0, 2]]))
@@ -627,20 +631,21 @@ def prediction_change(
 ) -> dict[str, Tensor]:
     r"""How often predictions change class after an intervention, overall and per original class.
 
-    For class :math:`c`: :math:`n^{orig}_c` items originally predicted :math:`c`, of which
-    :math:`n^{chg}_c` are no longer :math:`c`; :math:`n^{oth}_c` items originally not :math:`c`, of
-    which :math:`n^{oth,chg}_c` changed class. Then
+    For class $c$: $n^{orig}_c$ items originally predicted $c$, of which
+    $n^{chg}_c$ are no longer $c$; $n^{oth}_c$ items originally not $c$, of
+    which $n^{oth,chg}_c$ changed class. Then
 
-    .. math::
-        \text{target\_change} = \frac{\sum_c n^{chg}_c}{\sum_c n^{orig}_c}, \qquad
-        \text{other\_change} = \frac{\sum_c n^{oth,chg}_c}{\sum_c n^{oth}_c},
+    $$
+    \text{target\_change} = \frac{\sum_c n^{chg}_c}{\sum_c n^{orig}_c}, \qquad
+    \text{other\_change} = \frac{\sum_c n^{oth,chg}_c}{\sum_c n^{oth}_c},
+    $$
 
     and ``*_std`` is the population standard deviation over classes of the per-class ratios
-    :math:`n^{chg}_c / n^{orig}_c` and :math:`n^{oth,chg}_c / n^{oth}_c` (0.0 for a class without
+    $n^{chg}_c / n^{orig}_c$ and $n^{oth,chg}_c / n^{oth}_c$ (0.0 for a class without
     support). Both aggregate ratios equal the overall share of changed items when
     ``num_classes > 1``; the standard deviations tell whether some classes move more than others.
 
-    Example:
+    Examples:
         >>> import torch
         >>> before = torch.tensor([0, 0, 1, 1, 2, 2])
         >>> after = torch.tensor([0, 1, 1, 1, 0, 1])
@@ -656,7 +661,7 @@ def prediction_change(
 def argmax_logits(logits: Tensor, dim: int = -1) -> Tensor:
     """Predicted class ids (int64): the argmax of ``logits`` along ``dim``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> argmax_logits(torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.5]]))
         tensor([1, 0])
@@ -670,7 +675,7 @@ def patch_majority_label(pixel_labels: Tensor) -> tuple[Tensor, Tensor]:
 
     Ties go to the smallest label.
 
-    Example:
+    Examples:
         >>> import torch
         >>> label, share = patch_majority_label(torch.tensor([[3, 3, 1, 3], [2, 5, 5, 2]]))
         >>> label, share
@@ -702,7 +707,7 @@ def patch_label_mask(pixel_labels: Tensor, threshold: float) -> Tensor:
     Use it as the ``mask`` of :class:`~metrics_suite.utility.PredictionChange` to count only patches
     with a clear label; :func:`patch_majority_label` gives that label.
 
-    Example:
+    Examples:
         >>> import torch
         >>> patch_label_mask(torch.tensor([[3, 3, 1, 3], [2, 5, 5, 2]]), threshold=0.75)
         tensor([ True, False])

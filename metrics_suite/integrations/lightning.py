@@ -137,7 +137,7 @@ class StageDiagnostics(nn.Module):
         val: collection updated in ``validation_step``.
         test: collection updated in ``test_step``.
 
-    Example:
+    Examples:
         >>> import metrics_suite as ms
         >>> diagnostics = StageDiagnostics(val=ms.suite("noise"), test=ms.suite("noise"))
         >>> list(diagnostics), "val" in diagnostics, "train" in diagnostics
@@ -170,7 +170,7 @@ class StageDiagnostics(nn.Module):
     ) -> StageDiagnostics:
         """A fresh ``factory()`` collection for each of ``stages``.
 
-        Example:
+        Examples:
             >>> import metrics_suite as ms
             >>> list(StageDiagnostics.from_factory(lambda: ms.suite("utility"), ["train", "val"]))
             ['train', 'val']
@@ -430,7 +430,7 @@ class LoggableDiagnostics(nn.Module):
         collection: the collection to wrap (metrics_suite metrics only).
         prefix: prepended to every logged key, e.g. ``"val/"``.
 
-    Example:
+    Examples:
         >>> import torch, metrics_suite as ms
         >>> diagnostics = LoggableDiagnostics(ms.suite("reconstruction", changed_tokens=False), prefix="val/")
         >>> list(diagnostics)
