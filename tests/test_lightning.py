@@ -1,11 +1,12 @@
 """Lightning integration: logged values under DDP equal a single pass, epoch resets, checkpoints, adapters.
 
-One ``ddp_spawn`` run (2 gloo ranks, 2 epochs) checks several things at once; everything else runs
-in-process.
+One ``ddp_spawn`` run (2 gloo ranks, 2 epochs) checks several things at once, one plain ``ddp`` run
+(Lightning re-launches a script per rank) checks the same values; everything else runs in-process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import pickle
@@ -379,3 +380,37 @@ def test_generators_cross_the_spawn_pickler_as_bytes() -> None:
     torch.rand(5, generator=metric.generator)  # advance: the state, not the seed, must travel
     copy = pickle.loads(ForkingPickler.dumps(metric))
     assert torch.equal(torch.rand(4, generator=copy.generator), torch.rand(4, generator=metric.generator))
+
+
+def test_plain_ddp_strategy_logs_the_single_process_values(tmp_path: Path) -> None:
+    """strategy="ddp" (Lightning re-launches the script per rank) gives the same values as one process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = ROOT / "tests" / "lightning_ddp_script.py"
+    # a session of its own, so the rank Lightning launches dies with it whatever happens
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    logged = read_csv_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
+    for stage in ("val", "train"):
+        expected = floats(reference(stage, 0).compute())
+        actual = {
+            k[len(stage) + 1 :]: v for (e, k), v in logged.items() if e == 0 and k.startswith(f"{stage}/")
+        }
+        assert not compare(actual, expected), (stage, compare(actual, expected))
+        assert logged[(0, f"collectives/{stage}")] == 2.0
