@@ -114,6 +114,19 @@ def check_finite(name: str, x: Tensor) -> None:
         raise ValueError(f"`{name}` contains NaN or infinite values")
 
 
+def check_ids_in_range(name: str, ids: Tensor, size: int, kind: str, where: str) -> None:
+    """Require integer ids ``0 <= id < size``.
+
+    The message reads "`{name}` must hold {kind} in [0, size) ({where}, got [...]", e.g.
+    kind ``"class ids"`` and where ``"num_classes=3) at selected items"``.
+    """
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+        bad = ids[(ids < 0) | (ids >= size)]
+        raise ValueError(
+            f"`{name}` must hold {kind} in [0, {size}) ({where}, got {bad.unique()[:8].tolist()}"
+        )
+
+
 def check_index(name: str, value: object, size: int, size_name: str) -> int:
     """Require an integer index ``0 <= value < size`` (e.g. ``layer`` against ``num_layers``)."""
     if isinstance(value, Tensor) and value.numel() == 1 and value.dtype in INT_DTYPES:

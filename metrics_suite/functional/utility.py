@@ -17,6 +17,7 @@ from torch import Tensor
 from metrics_suite.base import mean_and_stderr, safe_div
 from metrics_suite.validation import (
     check_float,
+    check_ids_in_range,
     check_integer,
     check_mask,
     check_ndim,
@@ -440,13 +441,13 @@ def _cross_entropy_check(
             f"{shape_str(logits.shape)}), got {shape_str(target_ids.shape)}"
         )
     selected = _selected_targets(target_ids, attention_mask, ignore_index)
-    ids = target_ids[selected]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        bad = ids[(ids < 0) | (ids >= vocab)]
-        raise ValueError(
-            f"`target_ids` must be in [0, {vocab}) (the vocabulary of `logits`) at attended, non-ignored "
-            f"positions, got {bad.unique()[:8].tolist()}"
-        )
+    check_ids_in_range(
+        "target_ids",
+        target_ids[selected],
+        vocab,
+        "token ids",
+        "the vocabulary of `logits`) at attended, non-ignored positions",
+    )
     return selected
 
 
@@ -559,13 +560,9 @@ def _prediction_change_check(
     check_same_shape("modified_preds", modified_preds, "original_preds", original_preds)
     selected = _selection(original_preds, mask)
     for name, preds in (("original_preds", original_preds), ("modified_preds", modified_preds)):
-        ids = preds[selected]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_classes):
-            bad = ids[(ids < 0) | (ids >= num_classes)]
-            raise ValueError(
-                f"`{name}` must hold class ids in [0, {num_classes}) (num_classes={num_classes}) at "
-                f"selected items, got {bad.unique()[:8].tolist()}"
-            )
+        check_ids_in_range(
+            name, preds[selected], num_classes, "class ids", f"num_classes={num_classes}) at selected items"
+        )
     return selected
 
 
