@@ -225,8 +225,8 @@ def _hidden_credit_check(hidden: Tensor, credit: Tensor, loss_fn: object) -> Non
 
 
 # ---------------------------------------------------------------------------------------------- perturbation
-def _fill_unit_directions(out: Tensor, generator: torch.Generator | None) -> None:
-    """Fill ``out`` ``[..., D]`` with directions uniform on the unit sphere (normalised Gaussians).
+def _fill_gaussian(out: Tensor, generator: torch.Generator | None) -> None:
+    """Fill ``out`` with standard normal draws from ``generator``.
 
     Drawn in place when the generator lives on ``out``'s device (no large temporary), else drawn on
     the generator's device (CPU without a generator) and copied.
@@ -236,7 +236,6 @@ def _fill_unit_directions(out: Tensor, generator: torch.Generator | None) -> Non
         out.normal_(generator=generator)
     else:
         out.copy_(torch.randn(out.shape, generator=generator, dtype=out.dtype, device=device))
-    out.div_(out.norm(dim=-1, keepdim=True))
 
 
 def perturbation_pairs(
@@ -341,19 +340,19 @@ def _perturbation_pairs(
                 2 * m if central else base_rows + m, n_items, dim, dtype=dtype, device=h.device
             )
             dirs_mND = rows[:m] if central else rows[base_rows:]
-            _fill_unit_directions(dirs_mND, generator)
-            # [N, M, D] @ [N, D, 1]: a strided view, no copy of the directions
-            predicted_MN.append(
-                epsilon * torch.bmm(dirs_mND.transpose(0, 1), a[:, :, None])[:, :, 0].T.double()
-            )
+            # a direction is a normalised Gaussian (uniform on the sphere); the normalisation and the
+            # step are folded into one scale, so the buffer is read three times and written twice
+            _fill_gaussian(dirs_mND, generator)
+            step_mN1 = epsilon / dirs_mND.norm(dim=-1, keepdim=True)
+            predicted_MN.append((torch.linalg.vecdot(dirs_mND, a) * step_mN1[..., 0]).double())
             if central:
-                torch.add(h, dirs_mND, alpha=-epsilon, out=rows[m:])
-                dirs_mND.mul_(epsilon).add_(h)
+                torch.addcmul(h, dirs_mND, step_mN1, value=-1.0, out=rows[m:])
+                torch.addcmul(h, dirs_mND, step_mN1, out=dirs_mND)
                 plus, minus = _evaluate(loss_fn, rows.view(-1, *features)).view(2, m, n_items)
                 true_MN.append(0.5 * (plus - minus))
             else:
                 rows[:base_rows] = h
-                dirs_mND.mul_(epsilon).add_(h)
+                torch.addcmul(h, dirs_mND, step_mN1, out=dirs_mND)
                 losses = _evaluate(loss_fn, rows.view(-1, *features)).view(base_rows + m, n_items)
                 if base is None:
                     base = losses[0]
