@@ -195,14 +195,56 @@ class DiagnosticMetric(Metric):
 
     def _warn_nonfinite(self) -> None:
         # called on synced states: the count is the global one
-        if not self._warned_nonfinite and int(self.nonfinite_count) > 0:
+        skipped = int(self.skipped_items())
+        if not self._warned_nonfinite and skipped > 0:
             self._warned_nonfinite = True
             warnings.warn(
-                f"{type(self).__name__}: skipped {int(self.nonfinite_count)} item(s) with NaN/inf inputs "
+                f"{type(self).__name__}: skipped {skipped} item(s) with NaN/inf inputs "
                 "(nan_strategy='skip').",
                 UserWarning,
                 stacklevel=4,
             )
+
+    def skipped_items(self) -> Tensor:
+        """Items skipped for NaN/inf inputs (on synced states: over all ranks).
+
+        The ``nonfinite_count`` state itself; a metric whose state describes replicated data
+        overrides this so the count is not multiplied by the number of ranks.
+        """
+        return self.nonfinite_count
+
+    # ------------------------------------------------------------------ update / forward
+    def _wrap_update(self, update: Callable) -> Callable:
+        # these metrics are not differentiable: an update must never record an autograd graph into
+        # the states, even inside ``forward()`` (where torchmetrics enables grad for the batch value)
+        if self.is_differentiable:
+            return super()._wrap_update(update)
+
+        @functools.wraps(update)
+        def update_without_grad(*args: Any, **kwargs: Any) -> None:
+            with torch.no_grad():
+                update(*args, **kwargs)
+
+        return super()._wrap_update(update_without_grad)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Update with one batch and return the value of that batch alone.
+
+        torchmetrics resets the states before the batch update and adds the earlier states back
+        afterwards; if the update rejects the batch, the earlier states (and the forward context)
+        are put back here, so a rejected batch loses nothing.
+        """
+        saved = {name: getattr(self, name) for name in self._defaults}  # reset() replaces, never mutates
+        update_count, compute_on_cpu = self._update_count, self.compute_on_cpu
+        try:
+            return super().forward(*args, **kwargs)
+        except Exception:
+            for name, value in saved.items():
+                setattr(self, name, value)
+            self._update_count, self.compute_on_cpu = update_count, compute_on_cpu
+            self._enable_grad, self._computed = False, None
+            self._to_sync, self._should_unsync = self.sync_on_compute, True
+            raise
 
     def _wrap_compute(self, compute: Callable) -> Callable:
         @functools.wraps(compute)
@@ -285,8 +327,15 @@ class DiagnosticMetric(Metric):
 
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> torch.nn.Module:
         """Follow device moves, but never cast the accumulators (``module.to(torch.bfloat16)``,
-        ``.half()`` on a parent module): float64 sums stay float64, int64 counts stay int64."""
+        ``.half()`` on a parent module): float64 sums stay float64, int64 counts stay int64.
+        Buffers (reference data such as :class:`~metrics_suite.FeatureDrift`'s copy) keep their
+        dtype too."""
+        buffers = dict(self._buffers)
         super()._apply(fn, exclude_state=tuple(self._defaults))
+        for name, original in buffers.items():
+            moved = self._buffers[name]
+            if original is not None and moved is not None and moved.dtype != original.dtype:
+                self._buffers[name] = original.to(moved.device)
         device = self.device  # torchmetrics updated it from ``fn``
         for key, default in self._defaults.items():
             if key in exclude_state or not isinstance(default, Tensor):

@@ -191,7 +191,7 @@ class DiagnosticCollection(MetricCollection):
             for name, m in items:
                 if isinstance(m, DiagnosticMetric):
                     results[name] = m.compute_on_current_states()
-                    nonfinite[name] = m.nonfinite_count.detach().clone()
+                    nonfinite[name] = m.skipped_items().detach().clone()
                     continue
                 to_sync = m._to_sync
                 m._to_sync = False  # states are already global

@@ -274,7 +274,8 @@ class PerturbationCorrelation(_PerLayerMetric):
     The state is the six float64 sums per layer. They are raw (not centred) moments so that they
     stay sums; the predicted changes have mean zero by the symmetry of the directions, so their
     moments do not cancel, and the forward-difference curvature offset of $y$ is
-    $O(\varepsilon^2)$, far below what float64 resolves. NaN without pairs or with zero
+    $O(\varepsilon^2)$, small next to its $O(\varepsilon)$ spread, so
+    $n\sum y^2 - (\sum y)^2$ loses only a few digits of float64's sixteen. NaN without pairs or with zero
     variance (e.g. an all-zero credit).
 
     All ``M`` directions go through ``loss_fn`` in batched calls of at most ``chunk_size`` rows (see
@@ -294,8 +295,9 @@ class PerturbationCorrelation(_PerLayerMetric):
         num_directions: directions per item $M$.
         difference: ``"forward"`` or ``"central"`` differences.
         seed: seed of the metric's ``torch.Generator`` (CPU; directions are moved to the input's
-            device). ``None`` draws the seed from torch's global RNG at construction, so
-            ``torch.manual_seed`` makes runs reproducible. ``reset()`` does not rewind the generator;
+            device). ``None`` derives the seed from torch's global RNG at construction without
+            advancing it, so ``torch.manual_seed`` makes runs reproducible and building the metric
+            does not change what is drawn next (e.g. a model's initialisation). ``reset()`` does not rewind the generator;
             its state is saved in ``state_dict()`` (as extra state, not a metric state), so a resumed
             run continues the same stream.
         chunk_size: maximum rows per ``loss_fn`` call (default ``2**22 // D``, at least one direction).
@@ -340,7 +342,10 @@ class PerturbationCorrelation(_PerLayerMetric):
         self.epsilon = epsilon
         self.num_directions = num_directions
         self.difference = difference
-        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
+        if seed is None:  # read from the global RNG without advancing it (a model built next is unchanged)
+            with torch.random.fork_rng(devices=[]):
+                seed = int(torch.randint(0, 2**62, ()).item())
+        self.seed = seed
         self.chunk_size = chunk_size
         self.generator = torch.Generator().manual_seed(self.seed)
         self.add_sum_state("pair_sums", (num_layers, 6))
@@ -459,7 +464,9 @@ class NudgingDelta(_PerLayerMetric):
         keep, skipped = self.nonfinite_filter("hidden`, `credit` or `loss_fn", finite)
         delta = torch.where(keep, delta, 0.0)
         delta_stats = mean_stats(delta, keep)
-        improved_stats = mean_stats((delta < 0).to(torch.float64), keep)
+        # NaN stays NaN under nan_strategy="propagate" (a comparison would count it as "not improved")
+        improved = torch.where(delta.isnan(), delta, (delta < 0).to(torch.float64))
+        improved_stats = mean_stats(improved, keep)
         self.nonfinite_count += skipped
         self.delta_stats[layer] += delta_stats.to(self.delta_stats.device)
         self.improved_stats[layer] += improved_stats.to(self.improved_stats.device)
@@ -606,6 +613,7 @@ class FeatureDrift(DiagnosticMetric):
 
     drift_sq: Tensor
     drift_count: Tensor
+    replicas: Tensor
     reference_sq_norms: Tensor
     group_index: Tensor
 
@@ -630,6 +638,7 @@ class FeatureDrift(DiagnosticMetric):
         self.register_buffer("group_index", group_index, persistent=False)
         self.add_sum_state("drift_sq", (len(ref),))
         self.add_count_state("drift_count", (len(ref),))
+        self.add_count_state("replicas")  # ranks whose latest update is in the state
 
     def _reference(self) -> dict[str, Tensor]:
         return {k: getattr(self, f"reference_{i}") for i, k in enumerate(self.parameter_names)}
@@ -646,6 +655,11 @@ class FeatureDrift(DiagnosticMetric):
         self.drift_sq = torch.where(keep, drift_sq, 0.0)
         self.drift_count = keep.to(self.drift_count.dtype)
         self.nonfinite_count = skipped.to(self.nonfinite_count.device)
+        self.replicas = torch.ones_like(self.replicas)
+
+    def skipped_items(self) -> Tensor:
+        """Non-finite parameters of the latest update, counted once however many ranks hold a replica."""
+        return self.nonfinite_count // self.replicas.clamp_min(1)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Update and return the drift of this batch (which is also the accumulated value).

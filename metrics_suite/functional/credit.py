@@ -163,12 +163,16 @@ def _per_item_cosine(credit: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]
     """
     a, r = _flatten_items(credit), _flatten_items(reference.to(credit.device))
     rows = max(1, DEFAULT_CHUNK_ELEMENTS // max(a.shape[1], 1))
-    dots, norms = torch.zeros(2, a.shape[0], dtype=torch.float64, device=a.device)
+    dots, norms = [], []
     for start in range(0, a.shape[0], rows):
         a64, r64 = a[start : start + rows].to(torch.float64), r[start : start + rows].to(torch.float64)
-        dots[start : start + rows] = (a64 * r64).sum(1)
-        norms[start : start + rows] = a64.norm(dim=1) * r64.norm(dim=1)
-    return safe_div(dots, norms), norms != 0
+        dots.append((a64 * r64).sum(1))
+        norms.append(a64.norm(dim=1) * r64.norm(dim=1))
+    if not dots:
+        empty = torch.zeros(0, dtype=torch.float64, device=a.device)
+        return empty, empty.bool()
+    dot, norm = torch.cat(dots), torch.cat(norms)
+    return safe_div(dot, norm), norm != 0
 
 
 def credit_cosine(credit: Tensor, reference: Tensor) -> Tensor:
@@ -201,6 +205,15 @@ def credit_cosine(credit: Tensor, reference: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- losses
+def _check_positive(name: str, value: object, allow_zero: bool = False, integer: bool = False) -> None:
+    """A clear error for a step size, temperature or count the functional API cannot use."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"`{name}` must be {'an int' if integer else 'a number'}, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
+
+
 def _check_loss_fn(loss_fn: object) -> None:
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable ([N, ...] -> [N]), got {type(loss_fn).__name__}")
@@ -216,6 +229,9 @@ def _evaluate(loss_fn: LossFn, rows: Tensor) -> Tensor:
             f"`loss_fn` must map [N, ...] inputs to per-item losses [N]; for {shape_str(rows.shape)} inputs "
             f"it returned {shape_str(out.shape)}"
         )
+    if not out.is_floating_point():
+        # an integer loss cannot resolve a step of size epsilon: every change would read as 0
+        raise TypeError(f"`loss_fn` must return floating-point losses, got {out.dtype}")
     return out.detach().to(torch.float64)
 
 
@@ -260,6 +276,10 @@ def perturbation_pairs(
     - \mathcal{L}(h_i - \varepsilon v_{im})\big]\Big).
     $$
 
+    $\varepsilon v_{im}$ in $x_{im}$ is the step actually taken: $h_i + \varepsilon v_{im}$ rounded to
+    the working precision, minus $h_i$ (central: half the difference of the two perturbed inputs), so
+    the exact gradient of a linear loss gives $x = y$ in float32 too.
+
     All perturbed inputs are evaluated in batched ``loss_fn`` calls of at most ``chunk_size`` rows
     (whole directions per call; the unperturbed rows ride along in the first call), not in ``M``
     separate calls. ``loss_fn`` runs under ``torch.no_grad()`` and must be item-wise (no coupling
@@ -295,6 +315,12 @@ def perturbation_pairs(
         (torch.Size([2, 4]), True)
     """
     _hidden_credit_check(hidden, credit, loss_fn)
+    _check_positive("epsilon", epsilon)
+    _check_positive("num_directions", num_directions, allow_zero=True, integer=True)
+    if difference not in ("forward", "central"):
+        raise ValueError(f"`difference` must be 'forward' or 'central', got {difference!r}")
+    if chunk_size is not None:
+        _check_positive("chunk_size", chunk_size, integer=True)
     return _perturbation_pairs(
         hidden, credit, loss_fn, epsilon, num_directions, difference, generator, chunk_size
     )
@@ -341,18 +367,21 @@ def _perturbation_pairs(
             )
             dirs_mND = rows[:m] if central else rows[base_rows:]
             # a direction is a normalised Gaussian (uniform on the sphere); the normalisation and the
-            # step are folded into one scale, so the buffer is read three times and written twice
+            # step are folded into one scale
             _fill_gaussian(dirs_mND, generator)
             step_mN1 = epsilon / dirs_mND.norm(dim=-1, keepdim=True)
-            predicted_MN.append((torch.linalg.vecdot(dirs_mND, a) * step_mN1[..., 0]).double())
+            # the predicted change uses the step actually taken (h + εv rounded, minus h: exact in
+            # floating point), so an exact gradient of a linear loss scores 1 even in float32
             if central:
                 torch.addcmul(h, dirs_mND, step_mN1, value=-1.0, out=rows[m:])
                 torch.addcmul(h, dirs_mND, step_mN1, out=dirs_mND)
+                predicted_MN.append(0.5 * torch.linalg.vecdot(rows[:m] - rows[m:], a).double())
                 plus, minus = _evaluate(loss_fn, rows.view(-1, *features)).view(2, m, n_items)
                 true_MN.append(0.5 * (plus - minus))
             else:
                 rows[:base_rows] = h
                 torch.addcmul(h, dirs_mND, step_mN1, out=dirs_mND)
+                predicted_MN.append(torch.linalg.vecdot(dirs_mND - h, a).double())
                 losses = _evaluate(loss_fn, rows.view(-1, *features)).view(base_rows + m, n_items)
                 if base is None:
                     base = losses[0]
@@ -442,6 +471,7 @@ def nudging_delta(hidden: Tensor, credit: Tensor, loss_fn: LossFn, eta: float = 
         True
     """
     _hidden_credit_check(hidden, credit, loss_fn)
+    _check_positive("eta", eta)
     return _nudging_delta(hidden, credit, loss_fn, eta)
 
 
@@ -453,7 +483,9 @@ def _nudging_delta(hidden: Tensor, credit: Tensor, loss_fn: LossFn, eta: float) 
     dtype = compute_dtype(hidden)
     h = _flatten_items(hidden.detach()).to(dtype)
     a = _flatten_items(credit.detach()).to(device=h.device, dtype=dtype)
-    a_hat = a / (a.square().mean(1, keepdim=True).sqrt() + RMS_EPS)
+    # the RMS in float64: squares of a float32 credit above ~1e19 would overflow to inf
+    rms = torch.linalg.vector_norm(a, dim=1, keepdim=True, dtype=torch.float64) / math.sqrt(a.shape[1])
+    a_hat = (a / (rms + RMS_EPS)).to(dtype)
     with torch.no_grad():
         losses = _evaluate(loss_fn, torch.cat([h, h - eta * a_hat]).reshape(-1, *features))
     return losses[n_items:] - losses[:n_items]
@@ -496,6 +528,11 @@ def bridge_target(next_values: Tensor, lam: float = 0.1) -> Tensor:
     """
     check_float("next_values", next_values)
     check_ndim("next_values", next_values, 2)
+    if next_values.shape[1] == 0:
+        raise ValueError(
+            f"`next_values` must hold at least one next value per item, got {shape_str(next_values.shape)}"
+        )
+    _check_positive("lam", lam)
     v = next_values.to(torch.float64)
     return -lam * torch.logsumexp(-v / lam, dim=1) + lam * math.log(v.shape[1])
 
@@ -521,6 +558,7 @@ def bridge_residual(value: Tensor, next_values: Tensor, lam: float = 0.1) -> Ten
         1.0601
     """
     _bridge_check(value, next_values)
+    _check_positive("lam", lam)
     residual = (value.to(torch.float64) - bridge_target(next_values, lam)).abs()
     return safe_div(residual.sum(), torch.tensor(float(residual.numel()), dtype=torch.float64))
 
@@ -626,6 +664,11 @@ def _drift_check(params: Mapping[str, Tensor], reference: Mapping[str, Tensor]) 
 def _drift_groups(names: Sequence[str], group_by_module: bool) -> tuple[list[str], Tensor]:
     """Output names, and the output index ``[P]`` (int64) of each parameter."""
     keys = [_module_name(k) for k in names] if group_by_module else list(names)
+    if group_by_module and any("." not in k for k in names) and any(k.startswith("root.") for k in names):
+        raise ValueError(
+            "group_by_module=True reports top-level parameters as 'root', but a submodule is also "
+            "named 'root'; rename it or pass the parameters as a mapping with other names"
+        )
     groups = list(dict.fromkeys(keys))
     position = {g: i for i, g in enumerate(groups)}
     return groups, torch.tensor([position[k] for k in keys], dtype=torch.int64)
