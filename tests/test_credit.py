@@ -133,16 +133,38 @@ def test_credit_cosine_matches_numpy_loop_and_skips_zero_norms(
 
 
 def test_credit_cosine_against_exact_lq_costates() -> None:
+    """Credit from perturbed weights vs the exact costates, against numpy cosines of autograd gradients."""
     g = _gen(3)
     weights = [torch.randn(4, 4, generator=g, dtype=F64) for _ in range(2)]
     Q, h0 = torch.eye(4, dtype=F64), torch.randn(6, 4, generator=g, dtype=F64)
-    costates = lq_costates(weights, Q, h0)
+    nearby = [w + 0.3 * torch.randn(4, 4, generator=g, dtype=F64) for w in weights]
     metric = CreditCosine(num_layers=3)
-    for layer, p in enumerate(costates):
-        metric.update(p if layer != 2 else -p, p, layer=layer)
-    torch.testing.assert_close(
-        metric.compute(), torch.tensor([1.0, 1.0, -1.0], dtype=F64), rtol=0, atol=1e-12
-    )
+    for layer, (p, p_near) in enumerate(zip(lq_costates(weights, Q, h0), lq_costates(nearby, Q, h0))):
+        metric.update(p_near, p, layer=layer)
+
+    hs = [h0.clone().requires_grad_(True)]
+    for w in weights:
+        nxt = hs[-1] @ w.T
+        nxt.retain_grad()
+        hs.append(nxt)
+    (0.5 * ((hs[-1] @ Q) * hs[-1]).sum()).backward()
+    expected = []
+    for layer in range(3):
+        h_near = h0.numpy()
+        for w in nearby[:layer]:
+            h_near = h_near @ w.numpy().T
+        # costate of the nearby chain at layer l: (A'_{L-1} ... A'_l)^T Q h'_L, by numpy
+        h_end = h_near
+        for w in nearby[layer:]:
+            h_end = h_end @ w.numpy().T
+        p_near = h_end @ Q.numpy()
+        for w in reversed(nearby[layer:]):
+            p_near = p_near @ w.numpy()
+        grad = hs[layer].grad.numpy()
+        cos = (p_near * grad).sum(1) / np.linalg.norm(p_near, axis=1) / np.linalg.norm(grad, axis=1)
+        expected.append(cos.mean())
+    np.testing.assert_allclose(metric.compute().numpy(), expected, rtol=1e-12)
+    assert not np.allclose(expected, 1.0)  # the nearby chain's credit is not the exact costate
 
 
 # ---------------------------------------------------------------------------------------------- perturbation
@@ -546,3 +568,141 @@ def test_perturbation_checkpoint_resumes_the_direction_stream() -> None:
     for metric in (uninterrupted, resumed):
         metric.update(*batches[1], loss_fn)
     assert torch.equal(resumed.compute(), uninterrupted.compute())
+
+
+# ---------------------------------------------------------------------------------------------- edge cases
+def test_credit_cosine_takes_inputs_that_require_grad() -> None:
+    g = _gen(40)
+    net = torch.nn.Linear(5, 5).double()
+    reference = torch.randn(7, 5, generator=g, dtype=F64)
+    credit = net(torch.randn(7, 5, generator=g, dtype=F64))  # a learned credit signal: requires grad
+    c, r = credit.detach().numpy(), reference.numpy()
+    expected = np.mean((c * r).sum(1) / np.linalg.norm(c, axis=1) / np.linalg.norm(r, axis=1))
+    np.testing.assert_allclose(credit_cosine(credit, reference).item(), expected, rtol=1e-12)
+    metric = CreditCosine()
+    np.testing.assert_allclose(metric(credit, reference).item(), expected, rtol=1e-12)
+    np.testing.assert_allclose(metric.compute().item(), expected, rtol=1e-12)
+    assert not any(v.requires_grad for _, v in metric.state_items())
+    col = ms.suite("credit")
+    col(credit=credit, reference=reference)
+    assert not any(v.requires_grad for m in col.values() for _, v in m.state_items())
+
+
+def test_rejected_forward_keeps_the_accumulated_state() -> None:
+    metric = BridgeResidual(lam=0.5)
+    metric.update(torch.tensor([0.5, 1.0]), torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+    before = _states(metric)
+    with pytest.raises(ValueError, match="next_values"):
+        metric(torch.tensor([0.5]), torch.zeros(2, 2))
+    _assert_states_equal(metric, before)
+    value = torch.tensor([0.2], requires_grad=True)
+    metric.update(value, torch.tensor([[1.0, 0.0]]))
+    assert not any(v.requires_grad for _, v in metric.state_items())
+    targets = scipy.special.logsumexp(-np.array([[0.0, 1.0], [2.0, 3.0], [1.0, 0.0]]) / 0.5, axis=1)
+    targets = -0.5 * targets + 0.5 * np.log(2)
+    expected = np.mean(np.abs(np.array([0.5, 1.0, 0.2]) - targets))
+    np.testing.assert_allclose(metric.compute().item(), expected, rtol=1e-6)
+
+
+def test_perturbation_float32_uses_the_step_actually_taken() -> None:
+    """Large float32 activations round h + εv; the exact gradient of a linear loss still scores 1."""
+    g = _gen(41)
+    hidden = 1000 + torch.randn(64, 16, generator=g)
+    w = torch.randn(16, generator=g)
+    origin = hidden.double()
+
+    def linear_loss(h: Tensor) -> Tensor:  # ⟨w, h − h0⟩ in float64, h0 the item's own unperturbed state
+        return ((h.double() - origin.repeat(h.shape[0] // 64, 1)) * w.double()).sum(-1)
+
+    for difference in ("forward", "central"):
+        x, y = perturbation_pairs(
+            hidden, w.expand(64, 16), linear_loss, 1e-3, 8, difference, generator=_gen(42)
+        )
+        assert scipy.stats.pearsonr(x.flatten().numpy(), y.flatten().numpy())[0] > 1 - 1e-9
+        np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_nudging_propagate_gives_nan_improved_fraction() -> None:
+    hidden = torch.randn(4, 3, generator=_gen(43))
+    hidden[1, 0] = float("nan")
+    metric = NudgingDelta(nan_strategy="propagate")
+    metric.update(hidden, hidden, lambda h: 0.5 * h.square().sum(-1))
+    out = metric.compute()
+    assert torch.isnan(out["delta"]) and torch.isnan(out["improved_fraction"])
+
+
+def test_nudging_rms_does_not_overflow_in_float32() -> None:
+    hidden = torch.randn(6, 4, generator=_gen(44))
+    credit = torch.randn(6, 4, generator=_gen(45))
+
+    def loss_fn(h: Tensor) -> Tensor:
+        return 0.5 * h.double().square().sum(-1)
+
+    reference = nudging_delta(hidden, credit, loss_fn)  # â does not depend on the credit's scale
+    huge = nudging_delta(hidden, credit * 1e19, loss_fn)  # squares of 1e19 overflow float32
+    np.testing.assert_allclose(huge.numpy(), reference.numpy(), rtol=1e-4, atol=1e-9)
+    assert (reference.abs() > 1e-6).all()
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda h, f: perturbation_pairs(h, h, f, difference="centre"), ValueError, "`difference`"),  # type: ignore[arg-type]
+        (lambda h, f: perturbation_pairs(h, h, f, epsilon=-1.0), ValueError, r"`epsilon` must be > 0"),
+        (lambda h, f: perturbation_pairs(h, h, f, epsilon=0.0), ValueError, r"`epsilon` must be > 0"),
+        (lambda h, f: perturbation_pairs(h, h, f, num_directions=-3), ValueError, "`num_directions`"),
+        (lambda h, f: perturbation_pairs(h, h, f, num_directions=2.5), TypeError, "`num_directions`"),  # type: ignore[arg-type]
+        (lambda h, f: nudging_delta(h, h, f, eta=-1.0), ValueError, "`eta`"),
+        (lambda h, f: nudging_delta(h, h, lambda x: f(x).long()), TypeError, "floating-point losses"),
+        (lambda h, f: bridge_target(torch.zeros(3, 0)), ValueError, r"`next_values`.*\[3, 0\]"),
+        (lambda h, f: bridge_target(torch.zeros(3, 2), lam=0.0), ValueError, "`lam`"),
+        (lambda h, f: bridge_residual(torch.zeros(3), torch.zeros(3, 2), lam=-1.0), ValueError, "`lam`"),
+    ],
+)
+def test_functional_arguments_are_checked(call, error, match) -> None:  # type: ignore[no-untyped-def]
+    hidden = torch.randn(4, 3, generator=_gen(46))
+    with pytest.raises(error, match=match):
+        call(hidden, lambda h: 0.5 * h.square().sum(-1))
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_feature_drift_nonfinite_count_of_replicated_ranks_is_counted_once() -> None:
+    reference, params = _drift_setup()
+    params["scale"] = torch.full_like(params["scale"], float("nan"))
+    single = FeatureDrift(reference)
+    single.update(params)
+    ranks = [FeatureDrift(reference) for _ in range(3)]
+    ranks[0].update(params)
+    ranks[1].update(params)  # ranks[2] never updated
+    merged = FeatureDrift(reference)
+    for name, _ in merged.state_items():
+        setattr(merged, name, sum(getattr(r, name) for r in ranks))
+    assert single.skipped_items().item() == merged.skipped_items().item() == 1
+    with pytest.warns(UserWarning, match="skipped 1 item"):
+        merged.compute()
+
+
+def test_feature_drift_reference_keeps_its_precision_under_a_dtype_cast() -> None:
+    reference, params = _drift_setup()
+    expected = feature_drift(params, reference)
+    metric = FeatureDrift(reference)
+    torch.nn.ModuleDict({"drift": metric}).to(torch.bfloat16)  # e.g. Lightning precision="bf16-true"
+    metric.update(params)
+    for k, v in metric.compute().items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-12, atol=0)
+    metric.update(reference)
+    assert all(v.item() == 0 for v in metric.compute().values())
+
+
+def test_feature_drift_rejects_a_submodule_named_root_when_grouping() -> None:
+    with pytest.raises(ValueError, match="'root'"):
+        FeatureDrift({"root.weight": torch.ones(2), "scale": torch.ones(1)}, group_by_module=True)
+
+
+def test_seed_none_does_not_advance_the_global_rng() -> None:
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    ms.suite("credit")
+    PerturbationCorrelation()
+    assert torch.equal(torch.rand(3), expected)
