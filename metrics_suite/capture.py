@@ -15,6 +15,9 @@ A tensor can come from three places:
   into a tuple/dict output),
 * :func:`record` calls inside ``forward`` (no-ops unless a capture is attached), or module
   attributes read after ``forward`` (``attributes``: capture name -> attribute name).
+
+Forward arguments are taken before ``forward`` runs (by reference; a forward that changes a captured
+argument in place raises unless ``copy_inputs=True``); the rest is taken as ``forward`` leaves it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from types import TracebackType
 from typing import Any
 
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.hooks import RemovableHandle
 
 __all__ = ["ForwardCapture", "record"]
@@ -38,7 +42,7 @@ def record(module: nn.Module, name: str, tensor: Any) -> None:
     """Hand ``tensor`` (or any value) to every :class:`ForwardCapture` attached to ``module`` under ``name``.
 
     Call it inside ``module.forward``; without an attached capture it does nothing, so a layer
-    can always call it.
+    can always call it. A value recorded outside a forward is dropped when the next forward starts.
 
     Examples:
         >>> import torch
@@ -71,9 +75,21 @@ class ForwardCapture:
             (e.g. the module did not run). ``None``: whatever was captured.
         detach: detach captured tensors from the autograd graph (default), so holding them does
             not keep the graph alive.
+        copy_inputs: copy the captured forward arguments before the forward runs. Off by default
+            (no extra memory); a forward that then changes a captured argument in place (e.g.
+            ``ReLU(inplace=True)``) raises ``RuntimeError`` instead of handing back the changed value.
 
     Tensors passed to :func:`record` inside the module's forward are captured too. Each forward
-    overwrites the previous values; read them with :attr:`tensors` or :meth:`pop`.
+    replaces all previous values, so a name it does not produce is missing rather than stale, and
+    a forward that raises leaves nothing; read them with :attr:`tensors` or :meth:`pop`. Nothing is
+    copied unless ``copy_inputs=True``: outputs, recorded values and attributes are what the forward
+    left (a later in-place change by the surrounding model shows up in them).
+
+    Raises:
+        ValueError: (during a forward) ``output`` asks for an index or key the output lacks.
+        AttributeError: (during a forward) the module has no attribute named in ``attributes``.
+        RuntimeError: (during a forward) the forward changed a captured argument in place and
+            ``copy_inputs`` is off.
 
     Use as a context manager (hooks removed on exit) or call :meth:`attach`/:meth:`remove`.
 
@@ -104,6 +120,7 @@ class ForwardCapture:
         attributes: Mapping[str, str] | None = None,
         names: Sequence[str] | None = None,
         detach: bool = True,
+        copy_inputs: bool = False,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
@@ -114,12 +131,15 @@ class ForwardCapture:
         self.attributes = dict(attributes or {})
         self.names = None if names is None else tuple(names)
         self.detach = detach
+        self.copy_inputs = copy_inputs
+        self._input_versions: list[tuple[str, Tensor, int]] = []
         self._signature = inspect.signature(module.forward)
         requested = dict(inputs) if isinstance(inputs, Mapping) else {name: name for name in inputs or ()}
         #: capture name -> parameter name of ``module.forward``
         self.inputs = {name: self._parameter_name(name, param) for name, param in requested.items()}
         self._captured: dict[str, Any] = {}
-        self._handle: RemovableHandle | None = None
+        self._pending: dict[str, Any] = {}  # values of the forward in progress
+        self._handles: tuple[RemovableHandle, ...] = ()
 
     def _parameter_name(self, name: str, param: str | int) -> str:
         """Resolve a parameter name or position of ``module.forward``."""
@@ -140,16 +160,20 @@ class ForwardCapture:
     # ------------------------------------------------------------------ hooks
     def attach(self) -> ForwardCapture:
         """Register the hooks (idempotent)."""
-        if self._handle is None:
-            self._handle = self.module.register_forward_hook(self._hook, with_kwargs=True)
+        if not self._handles:
+            self._handles = (
+                self.module.register_forward_pre_hook(self._start, with_kwargs=True),
+                self.module.register_forward_hook(self._finish),
+            )
             _ACTIVE[self.module] = (*_ACTIVE.get(self.module, ()), self)
         return self
 
     def remove(self) -> None:
         """Remove the hooks; captured tensors stay readable."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        if self._handles:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = ()
             active = tuple(c for c in _ACTIVE.get(self.module, ()) if c is not self)
             if active:
                 _ACTIVE[self.module] = active
@@ -164,22 +188,61 @@ class ForwardCapture:
     ) -> None:
         self.remove()
 
-    def _store(self, name: str, value: Any) -> None:
-        self._captured[name] = value.detach() if self.detach and isinstance(value, Tensor) else value
+    def _store(self, name: str, value: Any, copy: bool = False) -> None:
+        def snapshot(tensor: Tensor) -> Tensor:
+            tensor = tensor.detach() if self.detach else tensor
+            return tensor.clone() if copy else tensor
 
-    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+        # tree_map reaches tensors inside tuple/list/dict values too
+        self._pending[name] = tree_map_only(Tensor, snapshot, value)
+
+    def _start(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # the previous forward's values go now, not at the end: this forward may raise
+        self._captured.clear()
+        self._pending = {}
+        self._input_versions = []
         if self.inputs:
             bound = self._signature.bind(*args, **kwargs)
             bound.apply_defaults()
             for name, param in self.inputs.items():
-                self._store(name, bound.arguments[param])
+                value = bound.arguments[param]
+                self._store(name, value, copy=self.copy_inputs)
+                if not self.copy_inputs:  # a captured reference must still hold the pre-forward value
+                    leaves = [t for t in tree_leaves(value) if isinstance(t, Tensor)]
+                    self._input_versions += [(name, t, t._version) for t in leaves]
+
+    def _finish(self, module: nn.Module, args: tuple[Any, ...], result: Any) -> None:
+        changed = [name for name, tensor, version in self._input_versions if tensor._version != version]
+        self._input_versions = []
+        if changed:
+            raise RuntimeError(
+                f"ForwardCapture: {type(module).__name__}.forward changed the captured input(s) "
+                f"{sorted(set(changed))} in place, so the captured value would be the changed one; "
+                "pass copy_inputs=True to capture a copy taken before the forward"
+            )
         if isinstance(self.output, str):
             self._store(self.output, result)
         elif self.output is not None:
             for name, key in self.output.items():
-                self._store(name, result[key])
+                try:
+                    item = result[key]
+                except (IndexError, KeyError, TypeError) as err:
+                    raise ValueError(
+                        f"ForwardCapture `output[{name!r}]`: no item {key!r} in the output of "
+                        f"{type(module).__name__}.forward, a {_describe(result)}"
+                    ) from err
+                self._store(name, item)
         for name, attr in self.attributes.items():
-            self._store(name, getattr(module, attr))
+            try:
+                value = getattr(module, attr)
+            except AttributeError as err:
+                raise AttributeError(
+                    f"ForwardCapture `attributes[{name!r}]`: {type(module).__name__} has no "
+                    f"attribute {attr!r} after its forward"
+                ) from err
+            self._store(name, value)
+        # published only now: a forward that raised must not leave part of its values
+        self._captured, self._pending = self._pending, {}
 
     # ------------------------------------------------------------------ results
     @property
@@ -208,3 +271,14 @@ class ForwardCapture:
     def clear(self) -> None:
         """Forget the captured tensors."""
         self._captured.clear()
+
+
+def _describe(value: Any) -> str:
+    """Type and size of a forward output, so an error shows what ``output`` could have asked for."""
+    if isinstance(value, Tensor):
+        return f"Tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"{type(value).__name__} with keys {list(value)}"
+    if isinstance(value, Sequence):
+        return f"{type(value).__name__} of length {len(value)}"
+    return type(value).__name__
