@@ -173,7 +173,13 @@ def main() -> None:
     if not args.no_sweep:
         for width, threads in [(16, 1), (256, 1), (16, 2), (64, 2), (256, 2)]:
             run = measure(width, threads, args.repeats)
-            sweep.append({key: run[key] for key in ("width", "threads", "ratio", "ceiling_ratio")})
+            sweep.append(
+                {
+                    "name": f"width{width}_threads{threads}",
+                    "ratio": run["ratio"],
+                    "ceiling_ratio": run["ceiling_ratio"],
+                }
+            )
 
     result = {
         "benchmark": "perturbation_correlation: batched directions vs loop of M loss_fn calls",

@@ -42,6 +42,23 @@ def _figures(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
 def main() -> None:
     names = sys.argv[1:] or BENCHES
     RESULTS.mkdir(exist_ok=True)
+    elapsed: dict[str, float] = {}
+    failed: dict[str, int] = {}
+    for name in names:
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, str(HERE / f"{name}.py")], capture_output=True, text=True, check=False
+        )
+        elapsed[name] = time.perf_counter() - start
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            failed[name] = proc.returncode
+            continue
+        data = json.loads(proc.stdout)
+        (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+        print(f"{name}: done in {elapsed[name]:.0f} s", file=sys.stderr)
+
+    # the summary covers every benchmark: those not run now keep their last saved results
     lines = [
         "# Benchmark summary",
         "",
@@ -49,22 +66,15 @@ def main() -> None:
         "on the same machine; absolute times are in the JSON files next to this one.",
         "",
     ]
-    for name in names:
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, str(HERE / f"{name}.py")], capture_output=True, text=True, check=False
-        )
-        elapsed = time.perf_counter() - start
-        if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
-            lines += [f"## {name}", "", f"failed (exit {proc.returncode}); see stderr of the run.", ""]
-            continue
-        data = json.loads(proc.stdout)
-        (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
-        lines += [f"## {name} ({elapsed:.0f} s)", "", "| figure | value |", "|---|---|"]
-        lines += [f"| `{path}` | {value} |" for path, value in _figures(data)]
-        lines.append("")
-        print(f"{name}: done in {elapsed:.0f} s", file=sys.stderr)
+    for name in BENCHES:
+        saved = RESULTS / f"{name}.json"
+        when = f"{elapsed[name]:.0f} s" if name in elapsed else "saved result, not re-run"
+        if name in failed:
+            lines += [f"## {name}", "", f"failed (exit {failed[name]}); see stderr of the run.", ""]
+        elif saved.exists():
+            lines += [f"## {name} ({when})", "", "| figure | value |", "|---|---|"]
+            lines += [f"| `{path}` | {value} |" for path, value in _figures(json.loads(saved.read_text()))]
+            lines.append("")
     (RESULTS / "SUMMARY.md").write_text("\n".join(lines))
     print((RESULTS / "SUMMARY.md").read_text())
 
