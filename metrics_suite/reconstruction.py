@@ -77,28 +77,40 @@ class ReconstructionScore(DiagnosticMetric):
     $$
 
     Items with $l^{zero}_i = l_i$ are left out of ``itemwise_mean``. No data gives NaN.
+    Non-finite losses follow ``nan_strategy`` per (item, component): with ``[N, C]`` losses a NaN
+    of one component leaves the item out of that component only, and ``nonfinite_count`` counts
+    the (item, component) pairs left out.
 
     Args:
         num_components: number of components (e.g. SAEs at different layers) scored at once.
         reduction: ``"ratio_of_sums"`` (default) or ``"itemwise_mean"``.
         kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``validate_args``,
-            ``with_stderr`` — standard error of the item-wise mean — and torchmetrics' own).
+            ``nan_strategy``, torchmetrics' own, and ``with_stderr``: only with
+            ``reduction="itemwise_mean"``, as a ratio of sums has no per-item spread; it raises
+            ``ValueError`` with ``"ratio_of_sums"``).
 
     ``update(source_model_loss, source_model_loss_with_reconstruction,
     source_model_loss_with_zero_ablation, component_idx=None)`` takes losses ``[N]`` or
     ``[N, num_components]``; with ``[N]`` losses and several components, ``component_idx`` (an int
     or an ``[N]`` tensor) says which component each item belongs to.
 
-    ``compute()`` returns a scalar when ``num_components == 1``, else ``[num_components]``.
+    ``compute()`` returns a scalar when ``num_components == 1``, else ``[num_components]``; with
+    ``with_stderr=True`` the dict ``{"reconstruction_score", "reconstruction_score_stderr"}``
+    (in a collection the score keeps its key ``reconstruction/reconstruction_score``, the standard
+    error goes to ``reconstruction/reconstruction_score/reconstruction_score_stderr``).
 
     Examples:
         >>> import torch
         >>> from metrics_suite import ReconstructionScore
+        >>> l, l_rec, l_zero = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.5]), torch.tensor([5.0, 3.0])
         >>> metric = ReconstructionScore()
-        >>> loss = torch.tensor([2.0, 2.0, 2.0])
-        >>> metric.update(loss, loss + 1, loss + 3)
-        >>> metric.compute()
-        tensor(0.6667, dtype=torch.float64)
+        >>> metric.update(l, l_rec, l_zero)
+        >>> metric.compute()  # (8 - 4.5) / (8 - 3)
+        tensor(0.7000, dtype=torch.float64)
+        >>> metric = ReconstructionScore(reduction="itemwise_mean")
+        >>> metric.update(l, l_rec, l_zero)
+        >>> metric.compute()  # (3/4 + 1/2) / 2
+        tensor(0.6250, dtype=torch.float64)
     """
 
     higher_is_better = True
@@ -111,6 +123,11 @@ class ReconstructionScore(DiagnosticMetric):
     def __init__(
         self, num_components: PositiveInt = 1, reduction: ScoreReduction = "ratio_of_sums", **kwargs: Any
     ) -> None:
+        if kwargs.get("with_stderr") is True and reduction == "ratio_of_sums":
+            raise ValueError(
+                "`with_stderr=True` needs reduction='itemwise_mean': a ratio of sums has no per-item "
+                "standard error"
+            )
         super().__init__(**kwargs)
         self.num_components = num_components
         self.reduction = reduction
@@ -132,9 +149,8 @@ class ReconstructionScore(DiagnosticMetric):
         )
         if self.validate_args:
             _reconstruction_score_check(*losses, self.num_components, component_idx)
-        finite = torch.stack(
-            [torch.isfinite(x).all(1) if x.ndim == 2 else torch.isfinite(x) for x in losses]
-        ).all(0)
+        # per (item, component) for [N, C] losses: a NaN of one component leaves the others alone
+        finite = torch.isfinite(torch.stack(losses)).all(0)
         keep, skipped = self.nonfinite_filter("source_model_loss*", finite)
         loss_sums, ratio_stats = _reconstruction_score_update(
             source_model_loss,
@@ -151,11 +167,17 @@ class ReconstructionScore(DiagnosticMetric):
 
     def compute(self) -> MetricOutput:
         """The score per component (scalar for one component)."""
-        score = _reconstruction_score_compute(self.loss_sums, self.ratio_stats, self.reduction)
-        if self.with_stderr and self.reduction == "itemwise_mean":
+        if self.with_stderr:  # itemwise_mean (checked at construction)
             out = self.mean_output(self.ratio_stats, "reconstruction_score")
             return {k: v.squeeze(0) if self.num_components == 1 else v for k, v in out.items()}
+        score = _reconstruction_score_compute(self.loss_sums, self.ratio_stats, self.reduction)
         return score.squeeze(0) if self.num_components == 1 else score
+
+    def flatten_output(self, value: MetricOutput) -> dict[str, Tensor]:
+        """As the base class, but the score keeps the metric's own key when ``with_stderr`` is set."""
+        if isinstance(value, dict):
+            value = {"" if k == "reconstruction_score" else k: v for k, v in value.items()}
+        return super().flatten_output(value)
 
 
 # ---------------------------------------------------------------------------------- ChangedTokenRate
@@ -205,7 +227,9 @@ class ChangedTokenRate(DiagnosticMetric):
             tokens as independent).
 
     ``update(input_ids, reconstructed_ids, noise_mask=None)`` takes integer ``[B, T]`` ids and a bool
-    ``[B, T]`` mask. ``compute()`` returns ``{"sequence_mean", "token_rate"}``.
+    (or 0/1) mask that broadcasts to ``[B, T]``, e.g. ``[T]`` (as
+    :class:`~metrics_suite.noise.NoiseStatistics` takes it). ``compute()`` returns
+    ``{"sequence_mean", "token_rate"}``.
 
     Examples:
         >>> import torch

@@ -11,6 +11,7 @@ import torch
 
 import metrics_suite as ms
 from metrics_suite import NoiseStatistics
+from metrics_suite.functional import noise as functional_noise
 from metrics_suite.functional import noise_statistics
 from metrics_suite.functional.noise import NOISE_STATISTICS
 
@@ -56,8 +57,13 @@ def _states(metric: ms.DiagnosticMetric) -> dict[str, torch.Tensor]:
     return {name: value.clone() for name, value in metric.state_items()}
 
 
+@pytest.mark.parametrize("chunk_elements", [None, 7])
 @pytest.mark.parametrize(("shape", "dim"), [((3, 5, 4), -1), ((4, 3, 2, 2), -3), ((6, 2, 3), -2)])
-def test_functional_matches_per_position_reference(shape: tuple[int, ...], dim: int) -> None:
+def test_functional_matches_per_position_reference(
+    shape: tuple[int, ...], dim: int, chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if chunk_elements is not None:  # many position chunks, including a ragged last one
+        monkeypatch.setattr(functional_noise, "_CHUNK_ELEMENTS", chunk_elements)
     x, mu, eps = _data(torch.Generator().manual_seed(0), shape)
     out = noise_statistics(x.double(), mu.double(), eps.double(), dim=dim)
     want = _reference(x.numpy(), mu.numpy(), eps.numpy(), dim)
@@ -131,12 +137,33 @@ def test_bfloat16_input() -> None:
     metric = NoiseStatistics()
     metric.update(x, mu, eps)
     out = metric.compute()
-    # reference on the same bf16 values in float64; the metric computes in float32
+    # reference on the same bf16 values in float64, as the metric computes
     want = _reference(x.double().numpy(), mu.double().numpy(), eps.double().numpy(), -1)
     for name in NOISE_STATISTICS:
         assert out[name].dtype == torch.float64
-        assert out[name].item() == pytest.approx(want[name].mean(), rel=1e-5), name
-    assert noise_statistics(x, mu, eps)["input_norm"].dtype == torch.float32
+        assert out[name].item() == pytest.approx(want[name].mean(), rel=1e-12), name
+    assert noise_statistics(x, mu, eps)["input_norm"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_magnitudes_neither_overflow_nor_underflow(dtype: torch.dtype) -> None:
+    # squares overflow (3e19² > 3.4e38) or underflow (1e-23² < 1e-45) in float32 and bfloat16
+    x = torch.tensor([[3e19, 4e19], [1.0, 0.0], [1.0, 0.0]], dtype=dtype)
+    mu = torch.tensor([[1e19, 0.0], [1.0, 0.0], [1e19, 0.0]], dtype=dtype)
+    eps = torch.tensor([[0.0, 1e19], [0.0, 1e-23], [0.0, 1e-21]], dtype=dtype)
+    want = _reference(x.double().numpy(), mu.double().numpy(), eps.double().numpy(), -1)
+    assert want["input_norm"][0] == pytest.approx(5e19, rel=1e-2)  # the data is what it says
+    assert want["mean_domination_ratio"][1] == pytest.approx(1e23, rel=1e-2)
+    assert want["mean_domination_ratio"][2] == pytest.approx(1e40, rel=1e-2)
+    out = noise_statistics(x, mu, eps)
+    metric = NoiseStatistics()
+    metric.update(x, mu, eps)
+    result = metric.compute()
+    assert metric.nonfinite_count.item() == 0  # a huge finite input is not taken for NaN/inf
+    for name in NOISE_STATISTICS:
+        np.testing.assert_allclose(out[name].numpy(), want[name], rtol=1e-12, err_msg=name)
+        assert result[name].item() == pytest.approx(want[name].mean(), rel=1e-12), name
+        assert math.isfinite(result[name].item()), name
 
 
 def test_zero_norm_positions_are_left_out_of_their_statistic_only() -> None:

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 import metrics_suite as ms
@@ -85,6 +86,129 @@ def test_score_component_idx_matches_nc_layout() -> None:
         idx = torch.ones(12, dtype=torch.long)
         narrow.update(clean[:, 1], recon[:, 1], zero[:, 1], component_idx=idx)  # a tensor
         torch.testing.assert_close(narrow.compute(), wide.compute(), rtol=1e-12, atol=0)
+
+
+def _score_loop_reference(
+    clean: np.ndarray, recon: np.ndarray, zero: np.ndarray, idx: np.ndarray, c: int, reduction: str
+) -> np.ndarray:
+    """Per-component score by a slow loop over items."""
+    want = []
+    for component in range(c):
+        sums, ratios = np.zeros(3), []
+        for l, r, z, i in zip(clean, recon, zero, idx):
+            if i == component:
+                sums += (l, r, z)
+                ratios.append((z - r) / (z - l))
+        if reduction == "ratio_of_sums":
+            want.append((sums[2] - sums[1]) / (sums[2] - sums[0]) if ratios else math.nan)
+        else:
+            want.append(np.mean(ratios) if ratios else math.nan)
+    return np.array(want)
+
+
+@pytest.mark.parametrize("reduction", ["ratio_of_sums", "itemwise_mean"])
+def test_score_mixed_component_idx_in_one_batch_vs_loop(reduction: str) -> None:
+    g = torch.Generator().manual_seed(9)
+    clean, recon, zero = (x[:, 0] for x in _score_data(g, 61, 1))
+    idx = torch.randint(0, 4, (61,), generator=g)  # every batch mixes components; component 3 ...
+    idx[idx == 3] = 2  # ... gets no item at all: NaN
+    metric = ReconstructionScore(num_components=4, reduction=reduction)
+    for part in _split(61, [17, 1, 0, 30, 13]):
+        metric.update(clean[part], recon[part], zero[part], component_idx=idx[part])
+    want = _score_loop_reference(clean.numpy(), recon.numpy(), zero.numpy(), idx.numpy(), 4, reduction)
+    np.testing.assert_allclose(metric.compute().numpy(), want, rtol=1e-12)
+    assert np.isnan(want[3]) and len(set(np.round(want[:3], 6))) == 3  # components tell apart
+
+
+def test_score_nonfinite_loss_leaves_out_only_its_component() -> None:
+    clean = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    recon = torch.tensor([[2.0, float("nan")], [2.0, 2.0]])
+    zero = torch.tensor([[3.0, 3.0], [5.0, 3.0]])
+    # component 0 keeps both items: (8 - 4) / (8 - 2) and (1/2 + 3/4) / 2; component 1 only item 1
+    for reduction, want in (("ratio_of_sums", [2 / 3, 0.5]), ("itemwise_mean", [0.625, 0.5])):
+        wide = ReconstructionScore(num_components=2, reduction=reduction)
+        wide.update(clean, recon, zero)
+        narrow = ReconstructionScore(num_components=2, reduction=reduction)
+        for c in range(2):
+            narrow.update(clean[:, c], recon[:, c], zero[:, c], component_idx=c)
+        for metric in (wide, narrow):
+            with pytest.warns(UserWarning, match="skipped 1 item"):
+                np.testing.assert_allclose(metric.compute().numpy(), want, rtol=1e-12)
+            assert metric.nonfinite_count.item() == 1  # one (item, component) pair
+    # a component that is NaN everywhere (a diverged SAE) leaves the other one intact
+    diverged = ReconstructionScore(num_components=2)
+    diverged.update(clean, torch.stack([recon[:, 0], torch.full((2,), float("nan"))], 1), zero)
+    assert diverged.nonfinite_count.item() == 2
+    with pytest.warns(UserWarning):
+        score = diverged.compute()
+    assert score[0].item() == pytest.approx(2 / 3) and math.isnan(score[1].item())
+
+
+def test_score_nan_strategy_error_and_propagate() -> None:
+    clean, recon, zero = _score_data(torch.Generator().manual_seed(10), 6, 2)
+    recon[2, 1] = float("nan")
+    strict = ReconstructionScore(num_components=2, nan_strategy="error")
+    _assert_rejected(
+        strict,
+        ValueError,
+        "source_model_loss.*NaN or inf in 1 item",
+        source_model_loss=clean,
+        source_model_loss_with_reconstruction=recon,
+        source_model_loss_with_zero_ablation=zero,
+    )
+    want_0 = _score_loop_reference(
+        *(x[:, 0].numpy() for x in (clean, recon, zero)), np.zeros(6), 1, "ratio_of_sums"
+    )
+    for wide in (True, False):
+        metric = ReconstructionScore(num_components=2, nan_strategy="propagate")
+        if wide:
+            metric.update(clean, recon, zero)
+        else:  # [N] losses with mixed components in one batch: the NaN must not leak into component 0
+            idx = torch.arange(12) % 2
+            flat = [x.reshape(-1) for x in (clean, recon, zero)]
+            metric.update(*flat, component_idx=idx)
+        score = metric.compute()
+        assert metric.nonfinite_count.item() == 0
+        assert score[0].item() == pytest.approx(want_0[0], rel=1e-12) and math.isnan(score[1].item())
+
+
+@pytest.mark.parametrize("num_components", [1, 2])
+def test_score_stderr_keeps_the_collection_key(num_components: int) -> None:
+    clean, recon, zero = _score_data(torch.Generator().manual_seed(11), 9, num_components)
+    col = ms.suite(
+        "reconstruction",
+        reconstruction_score={
+            "num_components": num_components,
+            "reduction": "itemwise_mean",
+            "with_stderr": True,
+        },
+        changed_tokens=False,
+    )
+    col.update(
+        source_model_loss=clean,
+        source_model_loss_with_reconstruction=recon,
+        source_model_loss_with_zero_ablation=zero,
+    )
+    out = col.compute()
+    ratios = ((zero - recon) / (zero - clean)).numpy()
+    prefix = "reconstruction/reconstruction_score"
+    suffixes = [""] if num_components == 1 else [f"/component_{c}" for c in range(num_components)]
+    assert set(out) == {
+        f"{prefix}/nonfinite_count",
+        *(f"{prefix}{s}" for s in suffixes),  # the same keys as without stderr
+        *(f"{prefix}/reconstruction_score_stderr{s}" for s in suffixes),
+    }
+    for c, s in enumerate(suffixes):
+        assert out[f"{prefix}{s}"].item() == pytest.approx(ratios[:, c].mean(), rel=1e-12)
+        stderr = out[f"{prefix}/reconstruction_score_stderr{s}"].item()
+        assert stderr == pytest.approx(scipy.stats.sem(ratios[:, c]), rel=1e-9)
+    plain = ReconstructionScore(num_components=num_components, reduction="itemwise_mean")
+    plain.update(clean, recon, zero)
+    value = col["reconstruction/reconstruction_score"].compute()
+    assert set(value) == {"reconstruction_score", "reconstruction_score_stderr"}
+    torch.testing.assert_close(value["reconstruction_score"], plain.compute(), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"with_stderr.*itemwise_mean"):
+        ReconstructionScore(with_stderr=True)
 
 
 def test_score_itemwise_leaves_out_items_without_gap() -> None:
@@ -202,6 +326,36 @@ def test_changed_tokens_default_mask_and_empty() -> None:
     assert all(math.isnan(v.item()) for v in empty.compute().values())
 
 
+def test_changed_tokens_broadcast_mask_vs_loop() -> None:
+    g = torch.Generator().manual_seed(12)
+    ids = torch.randint(0, 5, (6, 4), generator=g)
+    rec = torch.where(torch.rand(6, 4, generator=g) < 0.4, torch.randint(0, 5, (6, 4), generator=g), ids)
+    per_token = torch.tensor([True, False, True, True])
+    per_sequence = torch.tensor([[1], [0], [1], [1], [0], [1]], dtype=torch.uint8)
+    for mask in (per_token, per_sequence, torch.tensor(True)):
+        full = np.broadcast_to(mask.numpy(), (6, 4))
+        rates, token_rate = _loop_reference(ids.numpy(), rec.numpy(), full)
+        metric = ChangedTokenRate()
+        metric.update(ids, rec, mask)
+        out = metric.compute()
+        assert out["sequence_mean"].item() == pytest.approx(np.mean(rates), rel=1e-12)
+        assert out["token_rate"].item() == pytest.approx(token_rate, rel=1e-12)
+        per_sequence_rates = percentage_changed_ids(ids, rec, mask).numpy()
+        np.testing.assert_allclose(per_sequence_rates[full.any(1)], rates, rtol=1e-12)
+
+
+def test_changed_tokens_and_noise_in_one_collection_share_a_token_mask() -> None:
+    g = torch.Generator().manual_seed(13)
+    x, ids = torch.randn(2, 3, 4, generator=g), torch.tensor([[1, 2, 3], [4, 5, 6]])
+    col = ms.suite("reconstruction", "noise", reconstruction_score=False)
+    mask = torch.tensor([True, False, True])  # [T]: NoiseStatistics and ChangedTokenRate both take it
+    col.update(input=x, mean=x, noise=x, input_ids=ids, reconstructed_ids=ids.flip(1), noise_mask=mask)
+    out = col.compute()
+    # selected tokens: positions 0 and 2 of each sequence; flipping changes both of them
+    assert out["reconstruction/changed_tokens/token_rate"].item() == 1.0
+    assert out["noise/noise/input_norm"].item() == pytest.approx(x[:, [0, 2]].norm(dim=-1).mean().item())
+
+
 def test_changed_tokens_bad_input() -> None:
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     metric = ChangedTokenRate()
@@ -218,10 +372,10 @@ def test_changed_tokens_bad_input() -> None:
     _assert_rejected(
         metric,
         ValueError,
-        r"noise_mask.*\[2, 3\]",
+        r"noise_mask.*broadcast.*\[2, 3\].*\[2\]",
         input_ids=ids,
         reconstructed_ids=ids,
-        noise_mask=torch.ones(3, dtype=torch.bool),
+        noise_mask=torch.ones(2, dtype=torch.bool),
     )
     _assert_rejected(
         metric,
@@ -343,6 +497,19 @@ def test_activations_constant_target_streamed_is_nan_not_a_huge_score() -> None:
     values = torch.tensor([[1000.0], [1000.0 + 1e-2], [1000.0 - 1e-2]], dtype=torch.float64)
     spread.update(values + torch.tensor([[1e-3], [0.0], [0.0]], dtype=torch.float64), values)
     assert spread.compute()["explained_variance"].item() == pytest.approx(1 - 1e-6 / 2e-4, rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-14, 1e-17, 1e-30])
+def test_activations_cosine_of_a_tiny_reconstruction(scale: float) -> None:
+    """‖x̂‖ ≪ ‖x‖: the cosine from the norms by polarisation would cancel to 0."""
+    target = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 1.0]])
+    rec = torch.tensor([[1.0, 1.0, 0.0, 0.0], [3.0, -1.0, 0.5, 0.0]]) * scale
+    want = _activation_reference(rec.numpy(), target.numpy())["cosine_similarity"]
+    assert want == pytest.approx((1 / math.sqrt(2) - 2 / math.sqrt(10.25 * 5)) / 2)  # hand-computed
+    metric = ActivationReconstruction(num_features=4)
+    metric.update(rec, target)
+    for out in (metric.compute(), activation_reconstruction(rec, target)):
+        assert out["cosine_similarity"].item() == pytest.approx(want, rel=1e-12)
 
 
 def test_activations_bad_input() -> None:

@@ -10,6 +10,11 @@ from metrics_suite.validation import check_broadcast_mask, check_float, shape_st
 
 __all__ = ["noise_statistics"]
 
+#: Elements of one float64 working chunk per input on CPU (512 KiB, stays in cache; larger chunks
+#: mostly add page faults). Other devices take 64 times more: there each chunk costs a dozen kernel
+#: launches. Either way the extra memory of an update is bounded, however many positions it holds.
+_CHUNK_ELEMENTS = 1 << 16
+
 #: Names of the per-position statistics, in the order of :func:`noise_statistics`.
 NOISE_STATISTICS: tuple[str, ...] = (
     "input_norm",
@@ -74,8 +79,11 @@ def _div_defined(num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
 def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """The ten statistics at every position.
 
-    Math in float32 (float64 for float64 inputs), so bfloat16/float16 inputs do not under- or
-    overflow in the squared norms.
+    Norms and dot products in float64: squares of float32/bfloat16/float16 values (up to 3.4e38,
+    down to 1e-45) neither overflow nor underflow there, and ratios of such norms stay in float64
+    range, so a finite input never gives an inf or a spurious zero norm (float64 inputs get the
+    same math; their squares overflow beyond about 1e154). Positions are processed in chunks (see
+    ``_CHUNK_ELEMENTS``), so the float64 copies stay small.
 
     Returns:
         ``values`` ``[10, *positions]`` (order of :data:`NOISE_STATISTICS`, NaN where a ratio or
@@ -83,24 +91,28 @@ def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) ->
         NaN/inf in any input has a non-finite norm among the first three values, which makes them
         the finiteness check.
     """
-    dtype = torch.promote_types(torch.promote_types(input.dtype, mean.dtype), noise.dtype)
-    dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    x, mu, eps = (t.detach().to(device=input.device, dtype=dtype) for t in (input, mean, noise))
-    x, mu, eps = torch.broadcast_tensors(x, mu, eps)
-    shifted = mu + eps
-
-    def norm(t: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(t, dim=dim)
-
-    x_norm, mu_norm, eps_norm, shifted_norm = norm(x), norm(mu), norm(eps), norm(shifted)
+    x_all, mu_all, eps_all = torch.broadcast_tensors(
+        *(t.detach().to(input.device) for t in (input, mean, noise))
+    )
+    positions, d = _position_shape(x_all.shape, dim), x_all.shape[dim]
+    chunk_elements = _CHUNK_ELEMENTS if x_all.device.type == "cpu" else _CHUNK_ELEMENTS << 6
+    rows = max(1, chunk_elements // max(d, 1))
+    chunks = (t.movedim(dim, -1).reshape(positions.numel(), d).split(rows) for t in (x_all, mu_all, eps_all))
+    parts = [x_all.new_zeros((6, 0), dtype=torch.float64)]
+    for chunk in zip(*chunks):
+        x, mu, eps = (t.to(torch.float64) for t in chunk)
+        shifted = mu + eps
+        norms = [torch.linalg.vector_norm(t, dim=-1) for t in (x, mu, eps, shifted)]
+        parts.append(torch.stack([*norms, torch.linalg.vecdot(x, mu), torch.linalg.vecdot(x, shifted)]))
+    x_norm, mu_norm, eps_norm, shifted_norm, x_dot_mu, x_dot_shifted = torch.cat(parts, 1).view(6, *positions)
     always = torch.ones_like(x_norm, dtype=torch.bool)
     ratios = [
         _div_defined(mu_norm, mu_norm + eps_norm),
         _div_defined(mu_norm, eps_norm),
-        _div_defined(torch.linalg.vecdot(x, mu, dim=dim), x_norm * mu_norm),
+        _div_defined(x_dot_mu, x_norm * mu_norm),
         _div_defined(shifted_norm, x_norm + shifted_norm),
         _div_defined(shifted_norm, x_norm),
-        _div_defined(torch.linalg.vecdot(x, shifted, dim=dim), x_norm * shifted_norm),
+        _div_defined(x_dot_shifted, x_norm * shifted_norm),
     ]
     values = torch.stack([x_norm, mu_norm, eps_norm, shifted_norm, *(v for v, _ in ratios)])
     defined = torch.stack([always, always, always, always, *(d for _, d in ratios)])
@@ -156,8 +168,9 @@ def noise_statistics(
         dim: the (negative) feature dimension the norms run over.
 
     Returns:
-        ``{name: values}`` for the ten statistics, each a 1-d tensor of the selected positions in
-        row-major order (float32, or float64 for float64 inputs).
+        ``{name: values}`` for the ten statistics, each a 1-d float64 tensor of the selected
+        positions in row-major order (computed in float64 for every input dtype, so finite
+        float32/bfloat16 inputs never give an inf or an underflowed zero norm).
 
     Examples:
         >>> import torch

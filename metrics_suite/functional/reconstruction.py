@@ -10,6 +10,7 @@ from torch import Tensor
 
 from metrics_suite.base import mean_stats, safe_div
 from metrics_suite.validation import (
+    check_broadcast_mask,
     check_float,
     check_integer,
     check_mask,
@@ -68,7 +69,11 @@ def _reconstruction_score_update(
     validate: bool = True,
     keep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-component sums of one batch (items where ``keep`` is False are left out).
+    """Per-component sums of one batch.
+
+    Args:
+        keep: bool ``[N]`` or ``[N, C]`` (for ``[N, C]`` losses): False leaves out an item, or one
+            (item, component) pair, e.g. a non-finite loss of one component only.
 
     Returns:
         ``loss_sums`` ``[C, 3]``: Σl, Σl_recon, Σl_zero; and ``ratio_stats`` ``[C, 3]``:
@@ -82,14 +87,14 @@ def _reconstruction_score_update(
     n_items = l.shape[0]
     if l.ndim == 1:
         idx = _component_index(component_idx, n_items, num_components, validate, l.device)
-        one_hot = torch.nn.functional.one_hot(idx, num_components).to(torch.float64)  # [N, C]
-        l, l_rec, l_zero = (x[:, None] * one_hot for x in (l, l_rec, l_zero))
-        member = one_hot.bool()
+        member = torch.nn.functional.one_hot(idx, num_components).bool()  # [N, C]
+        l, l_rec, l_zero = (x[:, None].expand(-1, num_components) for x in (l, l_rec, l_zero))
     else:
         member = torch.ones_like(l, dtype=torch.bool)
     if keep is not None:
-        member = member & keep[:, None]
-        l, l_rec, l_zero = (torch.where(member, x, 0.0) for x in (l, l_rec, l_zero))
+        member = member & (keep if keep.ndim == 2 else keep[:, None]).to(member.device)
+    # where, not a product: a NaN loss must not leak into the other components
+    l, l_rec, l_zero = (torch.where(member, x, 0.0) for x in (l, l_rec, l_zero))
     loss_sums = torch.stack([l.sum(0), l_rec.sum(0), l_zero.sum(0)], dim=-1)
     den = l_zero - l
     valid = member & (den != 0)
@@ -173,11 +178,10 @@ def reconstruction_score(
 
     Examples:
         >>> import torch
-        >>> l = torch.full((3,), 2.0)
-        >>> reconstruction_score(l, l + 1, l + 3)
-        tensor(0.6667, dtype=torch.float64)
-        >>> reconstruction_score(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.5]), torch.tensor([5.0, 3.0]),
-        ...                      reduction="itemwise_mean")
+        >>> l, l_rec, l_zero = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.5]), torch.tensor([5.0, 3.0])
+        >>> reconstruction_score(l, l_rec, l_zero)  # (8 - 4.5) / (8 - 3)
+        tensor(0.7000, dtype=torch.float64)
+        >>> reconstruction_score(l, l_rec, l_zero, reduction="itemwise_mean")  # (3/4 + 1/2) / 2
         tensor(0.6250, dtype=torch.float64)
     """
     components = source_model_loss.shape[1] if source_model_loss.ndim == 2 else 1
@@ -223,13 +227,16 @@ def _check_vectors(name: str, x: Tensor, size: int | None) -> None:
 
 # ---------------------------------------------------------------------------------- changed tokens
 def _changed_tokens_check(input_ids: Tensor, reconstructed_ids: Tensor, noise_mask: Tensor | None) -> None:
-    """Raise ``TypeError``/``ValueError`` for ids that are not two equal ``[B, T]`` integer tensors."""
+    """Raise ``TypeError``/``ValueError`` unless the ids are two equal ``[B, T]`` integer tensors.
+
+    ``noise_mask`` must broadcast to ``[B, T]`` (``[T]``, ``[B, 1]``, ...), as in the noise suite.
+    """
     check_integer("input_ids", input_ids)
     check_ndim("input_ids", input_ids, 2)
     check_integer("reconstructed_ids", reconstructed_ids)
     check_same_shape("reconstructed_ids", reconstructed_ids, "input_ids", input_ids)
     if noise_mask is not None:
-        check_mask("noise_mask", noise_mask, input_ids.shape)
+        check_broadcast_mask("noise_mask", noise_mask, input_ids.shape, "shape of `input_ids`")
 
 
 def _changed_tokens_update(
@@ -242,7 +249,7 @@ def _changed_tokens_update(
     """
     if validate:
         _changed_tokens_check(input_ids, reconstructed_ids, noise_mask)
-    m = _selection(noise_mask, input_ids.shape, input_ids.device)
+    m = _selection(noise_mask, input_ids.shape, input_ids.device).expand(input_ids.shape)
     changed = (m & (input_ids != reconstructed_ids.to(input_ids.device))).sum(-1)
     return changed, m.sum(-1)
 
@@ -279,7 +286,8 @@ def percentage_changed_ids(
     Args:
         input_ids: original token ids ``[B, T]``.
         reconstructed_ids: ids after the transform (e.g. nearest-token decoding) ``[B, T]``.
-        noise_mask: bool ``[B, T]``, True for the tokens to compare (default: all).
+        noise_mask: bool ``[B, T]`` (or broadcastable to it, e.g. ``[T]`` or ``[B, 1]``), True for
+            the tokens to compare (default: all).
 
     Returns:
         ``[B]`` float64 fractions; NaN for a sequence without selected tokens.
@@ -345,22 +353,23 @@ def _activation_check(
 
 
 def _activation_vector_stats(reconstruction: Tensor, target: Tensor) -> Tensor:
-    """Per-vector ``[3, N]`` float64 (‖x̂ − x‖², ‖x‖², ‖x̂‖²) of ``[..., D]`` inputs (``N`` vectors).
+    """Per-vector ``[4, N]`` float64 (‖x̂ − x‖², ‖x‖², ‖x̂‖², ⟨x̂, x⟩) of ``[..., D]`` inputs (``N`` vectors).
 
     Computed in float64: with a large offset (activations around 1000 with unit spread) float32
-    squares would lose the variance that ``explained_variance`` needs. A vector holding NaN/inf
-    gets non-finite entries (float64 squares of float32-range values never overflow), so this
-    doubles as the finiteness check.
+    squares would lose the variance that ``explained_variance`` needs. The dot product is summed
+    directly: recovering it from the three norms (polarisation) cancels catastrophically when
+    ‖x̂‖ ≪ ‖x‖. A vector holding NaN/inf gets non-finite entries (float64 products of
+    float32-range values never overflow), so this doubles as the finiteness check.
     """
     d = target.shape[-1]
     x_all = target.detach().reshape(-1, d)
     x_hat_all = reconstruction.detach().reshape(-1, d).to(x_all.device)
-    parts = [x_all.new_zeros((3, 0), dtype=torch.float64)]
+    parts = [x_all.new_zeros((4, 0), dtype=torch.float64)]
     for rows in _row_chunks(x_all.shape[0], d):
         x = x_all[rows].to(torch.float64)
         x_hat = x_hat_all[rows].to(torch.float64)
-        norms = [torch.linalg.vector_norm(v, dim=-1) for v in (x_hat - x, x, x_hat)]
-        parts.append(torch.stack(norms).square())
+        norms = [torch.linalg.vector_norm(v, dim=-1).square() for v in (x_hat - x, x, x_hat)]
+        parts.append(torch.stack([*norms, torch.linalg.vecdot(x_hat, x)]))
     return torch.cat(parts, dim=1)
 
 
@@ -385,10 +394,8 @@ def _activation_update(
         vector_stats = _activation_vector_stats(reconstruction, target)
     selected = _selection(mask, target.shape[:-1], vector_stats.device).reshape(-1)
     # torch.where, not a product: masked-out vectors may hold NaN
-    sq_err, sq_norm, sq_norm_hat = torch.where(selected, vector_stats, 0.0)
-    # ⟨x̂, x⟩ by polarisation: exact enough in float64, and no extra pass over the data
-    dot = 0.5 * (sq_norm + sq_norm_hat - sq_err)
-    cos_den = (sq_norm * sq_norm_hat).sqrt()
+    sq_err, sq_norm, sq_norm_hat, dot = torch.where(selected, vector_stats, 0.0)
+    cos_den = sq_norm.sqrt() * sq_norm_hat.sqrt()
     has_cos = selected & (cos_den != 0)
     cosine = torch.where(has_cos, dot / torch.where(has_cos, cos_den, 1.0), 0.0)
     x_all = target.detach().reshape(-1, d)
