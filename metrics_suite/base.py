@@ -7,16 +7,19 @@ partial states is addition and a distributed sync is one ``all_reduce(SUM)`` ove
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
+
+from metrics_suite.validation import shape_str
 
 #: Output of ``compute()``: a tensor, or a dict of named tensors.
 MetricOutput = Tensor | dict[str, Tensor]
@@ -91,8 +94,13 @@ def fused_all_reduce(
 
 
 def safe_div(num: Tensor, den: Tensor | float) -> Tensor:
-    """``num / den`` where ``den != 0``, NaN elsewhere (never inf from an empty denominator)."""
-    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    """``num / den`` in float64 where ``den != 0``, NaN elsewhere (never inf from an empty denominator).
+
+    Both sides go to float64 first: casting ``den`` to the dtype of ``num`` would turn ``0.5`` into
+    ``0`` for an integer ``num``, or a tiny float64 ``den`` into ``0`` for a float32 one.
+    """
+    num = num.to(torch.float64)
+    den = torch.as_tensor(den, device=num.device).to(torch.float64)
     return torch.where(den != 0, num / den, float("nan"))
 
 
@@ -131,6 +139,11 @@ class DiagnosticMetric(Metric):
       default (``compute_with_cache=False``), so every rank enters the same collectives on every call.
     * ``validate_args=False`` skips input checks for speed; ``with_stderr=True`` adds
       ``<stat>_stderr`` to mean-type outputs.
+    * ``update_count`` counts accepted updates (a rejected one adds nothing). It is saved in
+      ``state_dict`` (key ``update_count``) and added up by ``merge_state``, so a metric resumed
+      from a checkpoint or merged from others does not look "never updated".
+    * ``merge_state`` and ``load_state_dict`` check every incoming state against the declared shape
+      (``ValueError`` naming the state) and keep the declared dtype (float64 sums, int64 counts).
     * ``nan_strategy`` decides what happens to items with NaN/inf inputs: ``"skip"`` (default)
       leaves them out and counts them in the ``nonfinite_count`` state (a collection reports it
       as ``{suite}/{metric}/nonfinite_count``; one warning per metric until ``reset()``),
@@ -172,6 +185,7 @@ class DiagnosticMetric(Metric):
         self.check_layout = check_layout
         self.nan_strategy = nan_strategy
         self._warned_nonfinite = False
+        self._in_forward = False
         self.add_count_state("nonfinite_count")
 
     # ------------------------------------------------------------------ non-finite input
@@ -215,27 +229,31 @@ class DiagnosticMetric(Metric):
 
     # ------------------------------------------------------------------ update / forward
     def _wrap_update(self, update: Callable) -> Callable:
-        # these metrics are not differentiable: an update must never record an autograd graph into
-        # the states, even inside ``forward()`` (where torchmetrics enables grad for the batch value)
-        if self.is_differentiable:
-            return super()._wrap_update(update)
-
         @functools.wraps(update)
-        def update_without_grad(*args: Any, **kwargs: Any) -> None:
-            with torch.no_grad():
-                update(*args, **kwargs)
+        def checked_update(*args: Any, **kwargs: Any) -> None:
+            # a non-differentiable metric must never record an autograd graph into its states, even
+            # inside ``forward()`` (where torchmetrics enables grad for the batch value)
+            with contextlib.nullcontext() if self.is_differentiable else torch.no_grad():
+                try:
+                    update(*args, **kwargs)
+                except Exception:
+                    # torchmetrics counted the call before it ran; a rejected update is no update
+                    self._update_count -= 1
+                    raise
 
-        return super()._wrap_update(update_without_grad)
+        return super()._wrap_update(checked_update)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Update with one batch and return the value of that batch alone.
 
         torchmetrics resets the states before the batch update and adds the earlier states back
         afterwards; if the update rejects the batch, the earlier states (and the forward context)
-        are put back here, so a rejected batch loses nothing.
+        are put back here, so a rejected batch loses nothing. The reset inside does not re-arm the
+        non-finite warning: it fires once per metric until the user calls ``reset()``.
         """
         saved = {name: getattr(self, name) for name in self._defaults}  # reset() replaces, never mutates
         update_count, compute_on_cpu = self._update_count, self.compute_on_cpu
+        self._in_forward = True
         try:
             return super().forward(*args, **kwargs)
         except Exception:
@@ -245,6 +263,8 @@ class DiagnosticMetric(Metric):
             self._enable_grad, self._computed = False, None
             self._to_sync, self._should_unsync = self.sync_on_compute, True
             raise
+        finally:
+            self._in_forward = False
 
     def _wrap_compute(self, compute: Callable) -> Callable:
         @functools.wraps(compute)
@@ -278,7 +298,63 @@ class DiagnosticMetric(Metric):
     def reset(self) -> None:
         """Reset every state to zero (and re-arm the non-finite warning)."""
         super().reset()
-        self._warned_nonfinite = False
+        if not self._in_forward:  # forward() resets for its batch value: that is no new epoch
+            self._warned_nonfinite = False
+
+    # ------------------------------------------------------------------ merge / load
+    def _checked_state(self, name: str, value: Any) -> Tensor:
+        """``value`` for state ``name``: a tensor of the declared shape, cast to the declared dtype and device."""
+        default = cast(Tensor, self._defaults[name])  # every state is a tensor (add_sum_state)
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"{type(self).__name__}: state `{name}` must be a tensor, got {type(value).__name__}"
+            )
+        if value.shape != default.shape:
+            raise ValueError(
+                f"{type(self).__name__}: state `{name}` must have shape {shape_str(default.shape)}, "
+                f"got {shape_str(value.shape)} (from a metric built with other sizes?)"
+            )
+        return value.to(device=default.device, dtype=default.dtype)
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """Add the states of another metric of this class (or a ``{state: tensor}`` dict) to these.
+
+        The update counts add up too (a dict counts as one update), so a metric that only received
+        merged states is not "never updated".
+
+        Raises:
+            ValueError: a state has another shape than this metric's (e.g. a different
+                ``num_components``), or the other metric is of another class.
+            TypeError: a state is not a tensor.
+        """
+        updates = 1
+        if isinstance(incoming_state, type(self)):
+            updates = incoming_state._update_count
+            incoming_state = incoming_state.metric_state
+        if isinstance(incoming_state, dict):
+            incoming_state = {
+                k: self._checked_state(k, v) if k in self._defaults else v for k, v in incoming_state.items()
+            }
+        super().merge_state(incoming_state)
+        self._update_count += updates
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # resumed from a checkpoint, a metric must still know it holds updates ("never updated" warnings)
+        destination[prefix + "update_count"] = torch.tensor(self._update_count, dtype=torch.int64)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # torchmetrics would take the saved tensors as they are: another shape would break the
+        # fused sync later, a float32 copy would silently end float64 accumulation
+        for name in self._defaults:
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = self._checked_state(name, state_dict[prefix + name])
+        count = state_dict.pop(prefix + "update_count", None)  # absent from older checkpoints
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if count is not None:
+            self._update_count = int(count)
 
     # ------------------------------------------------------------------ states
     def add_sum_state(self, name: str, shape: Sequence[int] = (), dtype: torch.dtype = torch.float64) -> None:

@@ -8,27 +8,49 @@ of scalar tensors keyed ``{suite}/{metric}/{stat}``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
+from torchmetrics.utilities.data import dim_zero_sum
 
 from metrics_suite.base import DiagnosticMetric, fused_all_reduce
 
 _NOT_UPDATED = "was called before the ``update`` method"
 
 
-def _update_params(metric: Metric) -> tuple[frozenset[str], frozenset[str]]:
-    """(required, all) keyword names of ``metric.update``."""
-    params = inspect.signature(metric.update).parameters.values()
+@functools.cache
+def _update_params(cls: type[Metric]) -> tuple[frozenset[str], frozenset[str]]:
+    """(required, all) keyword names of ``cls.update`` (cached: a signature costs ~15 us per call)."""
+    params = list(inspect.signature(cls.update).parameters.values())[1:]  # without self
     names = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     required = frozenset(p.name for p in names if p.default is p.empty)
     return required, frozenset(p.name for p in names)
+
+
+def _check_sum_states(name: str, metric: Any) -> None:
+    """Require a metric whose states are all tensors reduced by sum (what the fused sync adds up)."""
+    if not isinstance(metric, Metric):
+        raise TypeError(
+            f"{name}: a DiagnosticCollection holds torchmetrics metrics, got {type(metric).__name__}"
+        )
+    for attr, default in metric._defaults.items():
+        reduction = metric._reductions[attr]
+        if isinstance(default, Tensor) and reduction is dim_zero_sum:
+            continue
+        kind = str(getattr(reduction, "__name__", reduction)).removeprefix("dim_zero_")
+        what = f"has reduction {kind!r}" if isinstance(default, Tensor) else "is a list"
+        raise TypeError(
+            f"{name} ({type(metric).__name__}): state `{attr}` {what}. A DiagnosticCollection sums every "
+            "state of every metric across ranks in one buffer, so it takes only metrics whose states are "
+            "tensors reduced by sum; compute this metric outside the collection."
+        )
 
 
 def _flatten(metric: Metric, value: Any) -> dict[str, Tensor]:
@@ -39,23 +61,43 @@ def _flatten(metric: Metric, value: Any) -> dict[str, Tensor]:
     return {"": value}
 
 
-def _extra_state(metric: Metric) -> Any:
-    """State a metric keeps outside its sum states (e.g. a random generator), if it declares any."""
-    if type(metric).get_extra_state is torch.nn.Module.get_extra_state:
-        return None
-    return metric.get_extra_state()
+def _snapshot(metric: Metric) -> Callable[[], None]:
+    """A function that puts ``metric`` back as it is now.
+
+    Restores the states (copied: ``update`` adds in place), the update count, any extra state (e.g.
+    a random generator) and the context torchmetrics' ``forward()`` leaves behind when it raises.
+    """
+    states, count, on_cpu = metric._copy_state_dict(), metric._update_count, metric.compute_on_cpu
+    has_extra = type(metric).get_extra_state is not torch.nn.Module.get_extra_state
+    extra = metric.get_extra_state() if has_extra else None
+
+    def restore() -> None:
+        for attr, value in states.items():
+            setattr(metric, attr, value)
+        metric._update_count, metric.compute_on_cpu = count, on_cpu
+        metric._computed, metric._enable_grad = None, False
+        metric._to_sync, metric._should_unsync = metric.sync_on_compute, True
+        if has_extra:
+            metric.set_extra_state(extra)
+
+    return restore
 
 
 class DiagnosticCollection(MetricCollection):
     """A :class:`torchmetrics.MetricCollection` of diagnostics with one collective per compute.
 
+    ``compute()`` adds up every state of every metric across ranks in one buffer, so only metrics
+    whose states are all tensors reduced by sum can join (every ``metrics_suite`` metric, and e.g.
+    torchmetrics' ``SumMetric``); a max, min, mean or list (``cat``) state raises ``TypeError`` when
+    the metric is added.
+
     Args:
         metrics: ``{"suite/metric": metric}`` (what :func:`metrics_suite.suite` builds), or any
-            metrics accepted by ``MetricCollection``.
+            sum-state metrics accepted by ``MetricCollection``.
         check_layout: verify that every rank holds the same state layout before the sum
             (an ``all_gather`` of two numbers per rank); a mismatch raises on every rank instead of hanging.
         atomic_update: when one metric rejects its input, roll back the metrics already updated
-            in that call, so a failed ``update`` leaves the whole collection unchanged.
+            in that call, so a failed ``update`` or ``forward`` leaves the whole collection unchanged.
 
     Compute groups are always off: our metrics never share states.
 
@@ -81,59 +123,64 @@ class DiagnosticCollection(MetricCollection):
         super().__init__(metrics, *additional_metrics, prefix=prefix, postfix=postfix, compute_groups=False)
         self.check_layout = check_layout
         self.atomic_update = atomic_update
-        self._build_routes()
 
-    def _build_routes(self) -> None:
-        self._routes = {name: _update_params(m) for name, m in self._modules.items()}
-        self._accepted = frozenset().union(*(all_ for _, all_ in self._routes.values()))
-
-    def add_metrics(self, metrics: Any, *additional_metrics: Metric) -> None:
-        """Add metrics (see ``MetricCollection.add_metrics``) and refresh the input routes."""
-        super().add_metrics(metrics, *additional_metrics)
-        if hasattr(self, "_routes"):
-            self._build_routes()
+    def __setitem__(self, key: str, module: torch.nn.Module) -> None:
+        """Add a metric (``MetricCollection`` adds every metric through here); see the class docstring."""
+        _check_sum_states(key, module)
+        super().__setitem__(key, module)
 
     # ------------------------------------------------------------------ update
-    def _route(self, inputs: dict[str, Any]) -> Iterator[tuple[str, Metric, dict[str, Any]]]:
-        unknown = sorted(set(inputs) - self._accepted)
+    def _route(self, inputs: dict[str, Any]) -> list[tuple[str, Metric, dict[str, Any]]]:
+        """``(name, metric, its inputs)`` of every metric whose required inputs are all present.
+
+        Routes come from the current modules, so ``col[k] = m`` and ``del col[k]`` take effect.
+        """
+        params = {name: _update_params(type(m)) for name, m in self._modules.items()}
+        accepted_any = frozenset().union(*(accepted for _, accepted in params.values()))
+        unknown = sorted(set(inputs) - accepted_any)
         if unknown:
             raise TypeError(
-                f"no metric in this collection takes input(s) {unknown}; accepted inputs: {sorted(self._accepted)}"
+                f"no metric in this collection takes input(s) {unknown}; accepted inputs: {sorted(accepted_any)}"
             )
-        for name, metric in self._modules.items():
-            required, accepted = self._routes[name]
-            if required <= inputs.keys():
-                yield name, metric, {k: v for k, v in inputs.items() if k in accepted}  # type: ignore[misc]
+        return [
+            (name, metric, {k: v for k, v in inputs.items() if k in params[name][1]})
+            for name, metric in self._modules.items()
+            if params[name][0] <= inputs.keys()
+        ]
+
+    def _all_or_none(self, inputs: dict[str, Any], call: Callable[..., Any]) -> dict[str, Any]:
+        """``call(metric, **its inputs)`` for every routed metric; with ``atomic_update``, a raise
+        puts back every metric already called."""
+        results: dict[str, Any] = {}
+        restores: list[Callable[[], None]] = []
+        try:
+            for name, metric, kwargs in self._route(inputs):
+                if self.atomic_update:
+                    restores.append(_snapshot(metric))
+                results[name] = call(metric, **kwargs)
+        except Exception:
+            for restore in restores:
+                restore()
+            raise
+        return results
 
     def update(self, *args: Any, **inputs: Any) -> None:
         """Update every metric whose required inputs are all present (inputs by keyword only)."""
         if args:
             raise TypeError("DiagnosticCollection.update takes keyword inputs only (e.g. clean_logits=...)")
-        routed = list(self._route(inputs))
-        saved: list[tuple[Metric, dict[str, Any], int, Any]] = []
-        try:
-            for _, metric, kwargs in routed:
-                if self.atomic_update:
-                    saved.append(
-                        (metric, metric._copy_state_dict(), metric._update_count, _extra_state(metric))
-                    )
-                metric.update(**kwargs)
-        except Exception:
-            for metric, state, count, extra in saved:
-                for attr, value in state.items():
-                    setattr(metric, attr, value)
-                metric._update_count = count
-                metric._computed = None
-                if extra is not None:
-                    metric.set_extra_state(extra)
-            raise
+        self._all_or_none(inputs, lambda metric, **kwargs: metric.update(**kwargs))
 
     def forward(self, *args: Any, **inputs: Any) -> dict[str, Any]:
-        """Update with ``inputs`` and return the batch values (flat keys, no sync)."""
+        """Update with ``inputs`` and return the values of this batch alone (flat keys, no sync).
+
+        Only the metrics this call updated appear, and without ``nonfinite_count``: that count is
+        kept over all updates since the last reset (one warning per metric) and ``compute()``
+        reports it, so a batch value never mixes in earlier batches. A rejected batch is rolled back
+        as in :meth:`update`.
+        """
         if args:
             raise TypeError("DiagnosticCollection takes keyword inputs only (e.g. clean_logits=...)")
-        results = {name: metric(**kwargs) for name, metric, kwargs in self._route(inputs)}
-        return self._flat_results(results)
+        return self._flat_results(self._all_or_none(inputs, lambda metric, **kwargs: metric(**kwargs)))
 
     # ------------------------------------------------------------------ compute
     def _metric_items(self) -> list[tuple[str, Metric]]:
@@ -151,9 +198,7 @@ class DiagnosticCollection(MetricCollection):
         if not distributed or not items:
             yield counts
             return
-        states: list[tuple[str, Tensor]] = []
-        for name, m in items:
-            states.extend((f"{name}.{attr}", getattr(m, attr)) for attr in m._defaults)
+        states = [(f"{name}.{attr}", getattr(m, attr)) for name, m in items for attr in m._defaults]
         device = states[0][1].device if states else torch.device("cpu")
         states.append(
             ("update_counts", torch.tensor(list(counts.values()), dtype=torch.int64, device=device))
@@ -161,20 +206,17 @@ class DiagnosticCollection(MetricCollection):
         group = next((m.process_group for _, m in items if m.process_group is not None), None)
         reduced = fused_all_reduce(states, group=group, check_layout=self.check_layout)
         # computes never modify states in place, so the local tensors can be restored by reference
-        local = [(m, {attr: getattr(m, attr) for attr in m._defaults}, m._update_count) for _, m in items]
+        local = [(m, {attr: getattr(m, attr) for attr in m._defaults}) for _, m in items]
         it = iter(reduced)
-        global_counts = dict(zip(counts, reduced[-1].tolist()))
-        for name, m in items:
+        for _, m in items:
             for attr in m._defaults:
                 setattr(m, attr, next(it))
-            m._update_count = int(global_counts[name])
         try:
-            yield {k: int(v) for k, v in global_counts.items()}
+            yield dict(zip(counts, reduced[-1].tolist()))
         finally:
-            for m, state, count in local:
+            for m, state in local:
                 for attr, value in state.items():
                     setattr(m, attr, value)
-                m._update_count = count
 
     def compute(self) -> dict[str, Any]:
         """Compute every metric on states summed over all ranks, with one collective.

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 SuiteName = Literal["reconstruction", "utility", "noise", "credit"]
 
@@ -16,10 +16,11 @@ class SuiteConfig(BaseModel):
     """Which suites to build and how to configure their metrics.
 
     Attributes:
-        suites: suite names; all four by default.
+        suites: suite names; all four when the field is left out. An explicit empty list is
+            refused (most likely a mistake, not a request for every suite).
         metrics: per-metric settings keyed by registry name: constructor arguments (this also
             adds a metric that needs configuration), ``true`` to include with defaults, or
-            ``false`` to leave it out.
+            ``false`` to leave it out. Anything else (``0``, ``"no"``) is refused.
 
     Example (TOML):
 
@@ -32,8 +33,8 @@ class SuiteConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    suites: list[SuiteName] = Field(default_factory=lambda: list(get_args(SuiteName)))
-    metrics: dict[str, dict[str, Any] | bool] = Field(default_factory=dict)
+    suites: list[SuiteName] = Field(default_factory=lambda: list(get_args(SuiteName)), min_length=1)
+    metrics: dict[str, dict[str, Any] | StrictBool] = Field(default_factory=dict)
 
 
 def load_config(path: str | Path) -> SuiteConfig:

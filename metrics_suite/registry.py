@@ -97,6 +97,10 @@ def suite(*names: str, **overrides: Mapping[str, Any] | bool) -> DiagnosticColle
             (which also adds a metric that needs configuration), ``True`` to include with
             defaults, ``False`` to leave the metric out.
 
+    Raises:
+        ValueError: an unknown suite or metric name, or constructor arguments a metric rejects.
+        TypeError: an override that is neither a mapping nor a bool (e.g. ``next_token=None``).
+
     Examples:
         >>> import metrics_suite as ms
         >>> col = ms.suite("reconstruction", reconstruction_score={"num_components": 2})
@@ -112,6 +116,11 @@ def suite(*names: str, **overrides: Mapping[str, Any] | bool) -> DiagnosticColle
             f"unknown metric(s) {unknown} for suites {list(suites)}; available: "
             + ", ".join(f"{s}: {list(_REGISTRY[s])}" for s in suites)
         )
+    for name, setting in overrides.items():
+        if not isinstance(setting, bool | Mapping):
+            raise TypeError(
+                f"override `{name}` must be a dict of constructor arguments, True or False, got {setting!r}"
+            )
     metrics: dict[str, DiagnosticMetric] = {}
     for name, entry in known.items():
         setting = overrides.get(name, not entry.needs_config)

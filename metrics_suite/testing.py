@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import multiprocessing as mp
 import os
 import queue
@@ -28,23 +29,38 @@ import torch.distributed as dist
 
 __all__ = ["DistributedError", "count_collectives", "free_port", "run_distributed"]
 
-#: torch.distributed functions that talk to other ranks.
+#: torch.distributed functions that talk to other ranks (absent ones, e.g. deprecated in this torch, are skipped).
 COLLECTIVES = (
     "all_reduce",
+    "all_reduce_coalesced",
     "all_gather",
+    "all_gather_coalesced",
     "all_gather_into_tensor",
     "all_gather_single",
     "all_gather_object",
+    "all_to_all",
+    "all_to_all_single",
     "broadcast",
     "broadcast_object_list",
     "barrier",
+    "monitored_barrier",
     "reduce",
     "reduce_scatter",
+    "reduce_scatter_single",
+    "reduce_scatter_tensor",
     "gather",
+    "gather_object",
     "scatter",
-    "all_to_all",
+    "scatter_object_list",
     "send",
     "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+    "send_object_list",
+    "recv_object_list",
+    "_all_gather_base",
+    "_reduce_scatter_base",
 )
 
 
@@ -61,7 +77,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def count_collectives() -> Iterator[Counter[str]]:
-    """Count calls to torch.distributed collectives inside the block.
+    """Count calls to the ``torch.distributed`` functions in :data:`COLLECTIVES` inside the block.
+
+    Counts calls made through the ``torch.distributed`` namespace (what metrics, torchmetrics and
+    Lightning use); a call that torch makes internally (``all_gather_object`` gathering through
+    ``all_gather``) counts once, under the name called. ``P2POp`` built inside the block accepts the
+    counted ``isend``/``irecv``; ``batch_isend_irecv`` counts as one call. Direct ``ProcessGroup``
+    method calls and functional collectives are not seen.
 
     Examples:
         >>> with count_collectives() as calls:
@@ -71,21 +93,36 @@ def count_collectives() -> Iterator[Counter[str]]:
     """
     calls: Counter[str] = Counter()
     originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+    counted: dict[Any, Any] = {}  # counting wrapper -> original
 
     def counting(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             calls[name] += 1
             return fn(*args, **kwargs)
 
+        counted[wrapper] = fn
         return wrapper
+
+    original_p2p = dist.P2POp
+
+    class P2POp(original_p2p):  # type: ignore[misc, valid-type]
+        # torch checks ``op`` by identity against its own isend/irecv: hand it the originals
+        def __new__(cls, op: Any, *args: Any, **kwargs: Any) -> Any:
+            return super().__new__(cls, counted.get(op, op), *args, **kwargs)
+
+        def __init__(self, op: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(counted.get(op, op), *args, **kwargs)
 
     for name, fn in originals.items():
         setattr(dist, name, counting(name, fn))
+    dist.P2POp = P2POp  # type: ignore[misc]
     try:
         yield calls
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
+        dist.P2POp = original_p2p  # type: ignore[misc]
 
 
 def _worker(

@@ -8,6 +8,7 @@ state exactly as it was.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -69,11 +70,11 @@ def check_same_shape(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
 
 
 def _as_bool_mask(name: str, mask: object) -> Tensor:
-    """``mask`` as a bool tensor; integer masks must hold only 0 and 1."""
+    """``mask`` as a bool tensor; integer masks (signed or unsigned, any width) must hold only 0 and 1."""
     m = check_tensor(name, mask)
     if m.dtype == torch.bool:
         return m
-    if m.dtype not in INT_DTYPES:
+    if m.dtype.is_floating_point or m.dtype.is_complex:
         raise TypeError(f"`{name}` must be a bool (or 0/1 integer) tensor, got dtype {m.dtype}")
     if m.numel() and bool(((m != 0) & (m != 1)).any()):
         raise ValueError(f"`{name}` must hold only 0 and 1 when given as integers")
@@ -128,11 +129,15 @@ def check_ids_in_range(name: str, ids: Tensor, size: int, kind: str, where: str)
 
 
 def check_index(name: str, value: object, size: int, size_name: str) -> int:
-    """Require an integer index ``0 <= value < size`` (e.g. ``layer`` against ``num_layers``)."""
+    """Require an integer index ``0 <= value < size`` (e.g. ``layer`` against ``num_layers``).
+
+    Python and numpy integers and one-element integer tensors are accepted; bools are not.
+    """
     if isinstance(value, Tensor) and value.numel() == 1 and value.dtype in INT_DTYPES:
         value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    value = int(value)
     if not 0 <= value < size:
         raise ValueError(f"`{name}` must be in [0, {size}) (`{size_name}`={size}), got {value}")
     return value

@@ -6,10 +6,13 @@ checks every registered metric and scenario at once.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchmetrics.aggregation import SumMetric
 
 from metrics_suite.collection import DiagnosticCollection
 from metrics_suite.registry import registered
@@ -52,12 +55,15 @@ def _expected_collectives(calls: Any) -> list[str]:
 
 def conformance(rank: int, world_size: int) -> list[str]:
     """Per metric and scenario: synced compute == one process over all data, 2 collectives,
-    local states restored (accumulation continues), and a whole collection in 2 collectives."""
+    local states restored (accumulation continues), and a whole collection (plus a torchmetrics
+    SumMetric) in 2 collectives, without a "never updated" warning on idle ranks, with its local
+    states restored too."""
     failures: list[str] = []
     entries = registered()
     for scenario_idx in range(2):
         collection_metrics: dict[str, Any] = {}
-        references: dict[str, dict[str, float]] = {}
+        references: dict[str, Any] = {}
+        extra_batches: dict[str, dict[str, Any]] = {}
         for seed, entry in enumerate(entries):
             label = f"{entry.suite}/{entry.name}"
             batches = example_batches(entry, _batch_sizes(seed), seed=seed)
@@ -89,25 +95,95 @@ def conformance(rank: int, world_size: int) -> list[str]:
                         f"{tag} after restore: {p}"
                         for p in compare(flat(metric, metric.compute()), flat(reference, reference.compute()))
                     ]
-                    references[label] = flat(reference, reference.compute())
+                    references[label] = reference
+                    extra_batches[label] = batches[0]
             except Exception as err:  # report and go on with the next metric
                 failures.append(f"{tag} raised {type(err).__name__}: {err}")
-        # the same metrics as one collection: one fused sync for all of them
-        collection = DiagnosticCollection(collection_metrics)
+        # the same metrics as one collection: one fused sync for all of them; a torchmetrics sum
+        # metric updated on rank 0 only rides along (its update count travels in the same buffer)
+        collection = DiagnosticCollection({**collection_metrics, "torchmetrics/sum": SumMetric()})
+        if rank == 0:
+            collection["torchmetrics/sum"].update(torch.tensor([2.0, 3.0]))
+        tag = f"[world={world_size} rank={rank} collection]"
         try:
-            with count_collectives() as calls:
+            with count_collectives() as calls, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 out = collection.compute()
+            # local states were restored: one more batch on rank 0 and a second compute still agree
+            if rank == 0:
+                for label, batch in extra_batches.items():
+                    collection[label].update(**batch)
+            second = collection.compute()
         except Exception as err:
-            failures.append(f"[world={world_size} collection] raised {type(err).__name__}: {err}")
+            failures.append(f"{tag} raised {type(err).__name__}: {err}")
             continue
-        failures += [f"[world={world_size} collection] {p}" for p in _expected_collectives(calls)]
-        for label, expected in references.items():
-            actual = {
-                k.removeprefix(label).lstrip("/"): float(v)
-                for k, v in out.items()
-                if (k == label or k.startswith(label + "/")) and not k.endswith("/nonfinite_count")
-            }
-            failures += [f"[world={world_size} collection {label}] {p}" for p in compare(actual, expected)]
+        failures += [f"{tag} {p}" for p in _expected_collectives(calls)]
+        failures += [f"{tag} warned: {w.message}" for w in caught if "never updated" in str(w.message)]
+        if float(out["torchmetrics/sum"]) != 5.0:
+            failures.append(f"{tag} SumMetric gave {float(out['torchmetrics/sum'])}, expected 5.0")
+        for label, reference in references.items():
+            for when, result in (("", out), (" after restore", second)):
+                if when:
+                    reference.update(**extra_batches[label])
+                expected = flat(reference, reference.compute())
+                actual = {
+                    k.removeprefix(label).lstrip("/"): float(v)
+                    for k, v in result.items()
+                    if (k == label or k.startswith(label + "/")) and not k.endswith("/nonfinite_count")
+                }
+                failures += [f"{tag} {label}{when}: {p}" for p in compare(actual, expected)]
+    return failures
+
+
+def _probes(rank: int, world_size: int) -> dict[str, Callable[[], Any]]:
+    """One call of each collective (pairs of point-to-point calls between ranks 0 and 1)."""
+    peer = 1 - rank
+    root = rank == 0
+
+    def batch_p2p() -> None:
+        ops = [dist.P2POp(dist.isend, torch.ones(2), peer), dist.P2POp(dist.irecv, torch.empty(2), peer)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+    return {
+        "all_reduce_coalesced": lambda: dist.all_reduce_coalesced([torch.ones(2), torch.ones(3)]),
+        "all_gather_coalesced": lambda: dist.all_gather_coalesced(
+            [[torch.empty(2)] for _ in range(world_size)], [torch.ones(2)]
+        ),
+        "all_to_all_single": lambda: dist.all_to_all_single(
+            torch.empty(2 * world_size), torch.ones(2 * world_size)
+        ),
+        "reduce_scatter_tensor": lambda: dist.reduce_scatter_tensor(
+            torch.empty(2), torch.ones(2 * world_size)
+        ),
+        "monitored_barrier": lambda: dist.monitored_barrier(),
+        "gather_object": lambda: dist.gather_object(rank, [None] * world_size if root else None, dst=0),
+        "scatter_object_list": lambda: dist.scatter_object_list(
+            [None], [1] * world_size if root else None, src=0
+        ),
+        "send" if root else "recv": lambda: (
+            dist.send(torch.ones(2), 1) if root else dist.recv(torch.empty(2), 0)
+        ),
+        "isend" if root else "irecv": lambda: (
+            dist.isend(torch.ones(2), 1) if root else dist.irecv(torch.empty(2), 0)
+        ).wait(),
+        "batch_isend_irecv": batch_p2p,
+        "send_object_list" if root else "recv_object_list": lambda: (
+            dist.send_object_list([1], 1) if root else dist.recv_object_list([None], 0)
+        ),
+    }
+
+
+def collective_counts(rank: int, world_size: int) -> list[str]:
+    """``count_collectives`` counts each kind of collective exactly once under its own name."""
+    failures = []
+    for name, probe in _probes(rank, world_size).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated coalesced variants
+            with count_collectives() as calls:
+                probe()
+        if dict(calls) != {name: 1}:
+            failures.append(f"[rank={rank}] {name}: counted {dict(calls)}")
     return failures
 
 

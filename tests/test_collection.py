@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 import metrics_suite as ms
-from metrics_suite.base import DiagnosticMetric, mean_and_stderr, mean_stats
+from metrics_suite.base import DiagnosticMetric, mean_and_stderr, mean_stats, safe_div
 from metrics_suite.collection import DiagnosticCollection
 from metrics_suite.reconstruction import ReconstructionScore
 from tests.helpers import state_snapshot, states_equal
@@ -129,17 +129,31 @@ def test_never_updated_metrics_warn_once_and_are_nan() -> None:
     assert torch.isnan(out["a/score"]) and out["b/sum/mean"] == 1.0
 
 
-def test_failed_update_rolls_back_the_whole_collection() -> None:
-    col = DiagnosticCollection({"b/sum": _Sum(), "a/score": ReconstructionScore()})
-    col.update(value=torch.ones(3), **_losses())
-    before = {name: state_snapshot(m) for name, m in col.items(keep_base=True)}
+def _bad_losses() -> dict[str, torch.Tensor]:
     bad = _losses()
     bad["source_model_loss"] = bad["source_model_loss"][:2]
-    with pytest.raises(ValueError, match="source_model_loss"):
-        col.update(value=torch.ones(3), **bad)  # _Sum is updated first, then the score rejects
-    for name, m in col.items(keep_base=True):
-        assert states_equal(state_snapshot(m), before[name]), name
-        assert m.update_count == 1
+    return bad
+
+
+@pytest.mark.parametrize("call", ["update", "forward"])
+def test_failed_update_rolls_back_the_whole_collection(call: str) -> None:
+    # MetricCollection orders metrics by name: "a/sum" is updated before "b/score" rejects
+    for atomic in (True, False):
+        col = DiagnosticCollection({"a/sum": _Sum(), "b/score": ReconstructionScore()}, atomic_update=atomic)
+        col.update(value=torch.ones(3), **_losses())
+        before = {name: state_snapshot(m) for name, m in col.items(keep_base=True)}
+        with pytest.raises(ValueError, match="source_model_loss"):
+            getattr(col, call)(value=torch.full((3,), 5.0), **_bad_losses())
+        unchanged = {
+            name: states_equal(state_snapshot(m), before[name]) for name, m in col.items(keep_base=True)
+        }
+        if not atomic:  # negative control: without the rollback the first metric keeps the batch
+            assert unchanged == {"a/sum": False, "b/score": True}
+            continue
+        assert all(unchanged.values()), unchanged
+        assert [m.update_count for m in col.values()] == [1, 1]
+        col.update(value=torch.tensor([3.0]))
+        assert col.compute()["a/sum/mean"] == 1.5  # (1 + 1 + 1 + 3) / 4: nothing of the rejected batch
 
 
 def test_forward_gives_batch_values_and_accumulates() -> None:
@@ -224,14 +238,149 @@ def test_rollback_restores_extra_state_such_as_a_random_generator() -> None:
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(5, 3, generator=g)
-    col = DiagnosticCollection(
-        {"credit/pc": PerturbationCorrelation(seed=0), "a/score": ReconstructionScore()}
-    )
     reference = PerturbationCorrelation(seed=0)
-    bad = _losses()
-    bad["source_model_loss"] = bad["source_model_loss"][:2]
-    with pytest.raises(ValueError):
-        col.update(hidden=hidden, credit=hidden, loss_fn=Quadratic(), **bad)
-    col.update(hidden=hidden, credit=hidden, loss_fn=Quadratic())
     reference.update(hidden=hidden, credit=hidden, loss_fn=Quadratic())
-    assert states_equal(state_snapshot(col["credit/pc"]), state_snapshot(reference))
+    for atomic in (True, False):
+        # "a/pc" draws its directions before "b/score" rejects the call
+        col = DiagnosticCollection(
+            {"a/pc": PerturbationCorrelation(seed=0), "b/score": ReconstructionScore()}, atomic_update=atomic
+        )
+        with pytest.raises(ValueError):
+            col.update(hidden=hidden, credit=hidden, loss_fn=Quadratic(), **_bad_losses())
+        if atomic:
+            col.update(hidden=hidden, credit=hidden, loss_fn=Quadratic())
+        else:  # negative control: without the rollback the pc state and generator moved on
+            col["a/pc"].reset()
+            col.update(hidden=hidden, credit=hidden, loss_fn=Quadratic())
+        assert states_equal(state_snapshot(col["a/pc"]), state_snapshot(reference)) is atomic
+
+
+def _half_way_losses() -> dict[str, torch.Tensor]:
+    """Reconstruction losses half way between clean and zero-ablation: score exactly 0.5."""
+    clean = torch.tensor([1.0, 2.0, 3.0])
+    zero = torch.tensor([3.0, 4.0, 7.0])
+    return {
+        "source_model_loss": clean,
+        "source_model_loss_with_reconstruction": (clean + zero) / 2,
+        "source_model_loss_with_zero_ablation": zero,
+    }
+
+
+def test_nonfinite_warning_fires_once_across_forward_calls_until_reset() -> None:
+    bad = _half_way_losses()
+    bad["source_model_loss"] = torch.tensor([1.0, float("nan"), 3.0])
+    metric = ReconstructionScore()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            metric(**bad)
+        metric.compute()
+        metric.reset()
+        metric(**bad)
+    skipped = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert (
+        skipped == ["ReconstructionScore: skipped 1 item(s) with NaN/inf inputs (nan_strategy='skip')."] * 2
+    )
+
+
+def test_only_sum_state_metrics_can_join() -> None:
+    from torchmetrics.aggregation import CatMetric, MaxMetric, MeanMetric, MinMetric
+
+    with pytest.raises(TypeError, match=r"x/max \(MaxMetric\): state `max_value` has reduction 'max'"):
+        DiagnosticCollection({"x/max": MaxMetric()})
+    with pytest.raises(TypeError, match=r"x/cat \(CatMetric\): state `value` is a list"):
+        DiagnosticCollection({"a/score": ReconstructionScore(), "x/cat": CatMetric()})
+    col = DiagnosticCollection({"a/score": ReconstructionScore()})
+    with pytest.raises(TypeError, match=r"x/min \(MinMetric\): state `min_value` has reduction 'min'"):
+        col.add_metrics({"x/min": MinMetric()})
+    with pytest.raises(TypeError, match="x/max"):
+        col["x/max"] = MaxMetric()
+    assert list(col.keys()) == ["a/score"]
+    col["x/mean"] = MeanMetric()  # its states are sums (Σw·x, Σw): fine
+    col.update(value=torch.tensor([2.0, 3.0]))
+    with pytest.warns(UserWarning, match=r"never updated .*\['a/score'\]"):
+        assert col.compute()["x/mean"] == 2.5
+
+
+def test_merge_and_load_refuse_other_shapes_and_keep_dtypes() -> None:
+    two = ReconstructionScore(num_components=2)
+    two.update(**_losses(components=2))
+    one = ReconstructionScore()
+    one.update(**_half_way_losses())
+    before = state_snapshot(one)
+    with pytest.raises(ValueError, match=r"`loss_sums` must have shape \[1, 3\], got \[2, 3\]"):
+        one.merge_state(two)
+    with pytest.raises(ValueError, match=r"`loss_sums` must have shape \[1, 3\], got \[2, 3\]"):
+        one.load_state_dict(two.state_dict())
+    assert states_equal(state_snapshot(one), before)
+
+    resumed = ReconstructionScore()
+    resumed.load_state_dict({k: v.float() for k, v in one.state_dict().items()})
+    assert resumed.loss_sums.dtype == torch.float64 and resumed.nonfinite_count.dtype == torch.int64
+    resumed.update(**_half_way_losses())
+    assert resumed.compute().item() == 0.5
+
+
+def test_resumed_or_merged_collection_counts_the_saved_updates() -> None:
+    col = ms.suite("reconstruction", changed_tokens=False)
+    col.update(**_half_way_losses())
+    resumed = ms.suite("reconstruction", changed_tokens=False)
+    resumed.load_state_dict(col.state_dict())
+    merged = DiagnosticCollection({"r/s": ReconstructionScore()})
+    merged["r/s"].merge_state(col["reconstruction/reconstruction_score"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "never updated" (nor "compute before update") warning
+        assert resumed.compute()["reconstruction/reconstruction_score"] == 0.5
+        assert merged.compute()["r/s"] == 0.5
+        assert merged["r/s"].compute() == 0.5
+
+
+def test_routes_follow_setitem_and_del() -> None:
+    col = DiagnosticCollection({"a/score": ReconstructionScore()})
+    col["b/sum"] = _Sum()
+    col.update(value=torch.tensor([4.0]), **_half_way_losses())
+    del col["a/score"]
+    with pytest.raises(TypeError, match="source_model_loss"):
+        col.update(**_half_way_losses())  # no metric takes the losses any more
+    col.update(value=torch.tensor([2.0]))
+    assert col.compute() == {"b/sum/mean": 3.0, "b/sum/nonfinite_count": 0}
+
+
+def test_forward_keys_are_compute_keys_without_the_running_counts() -> None:
+    col = DiagnosticCollection({"a/score": ReconstructionScore(num_components=2), "b/sum": _Sum()})
+    batch = col(value=torch.tensor([1.0]), **_losses(components=2))
+    assert set(batch) == {k for k in col.compute() if not k.endswith("/nonfinite_count")}
+
+
+def test_overrides_must_be_a_mapping_or_a_bool() -> None:
+    for setting in (None, 0, 768, "no"):
+        with pytest.raises(TypeError, match=rf"`next_token` must be a dict.*got {setting!r}"):
+            ms.suite("utility", next_token=setting)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="next_token"):
+            ms.build({"suites": ["utility"], "metrics": {"next_token": setting}})
+    with pytest.raises(ValidationError, match="suites"):
+        ms.build({"suites": []})
+    assert "utility/next_token" not in ms.suite("utility", next_token=False)
+
+
+def test_safe_div_promotes_both_sides_to_float64() -> None:
+    assert safe_div(torch.tensor(3), 0.5).item() == 6.0
+    assert safe_div(torch.tensor(1.0), torch.tensor(1e-50, dtype=torch.float64)).item() == pytest.approx(1e50)
+    assert torch.isnan(safe_div(torch.tensor([1.0]), 0.0)).all()
+
+
+def test_index_and_mask_checks_accept_numpy_ints_and_unsigned_masks() -> None:
+    import numpy as np
+
+    from metrics_suite.validation import check_index, check_mask
+
+    assert check_index("layer", np.int64(1), 2, "num_layers") == 1
+    with pytest.raises(TypeError, match="`layer` must be an int"):
+        check_index("layer", True, 2, "num_layers")
+    for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64):
+        mask = torch.tensor([1, 0, 1], dtype=dtype)
+        assert check_mask("mask", mask, (3,)).tolist() == [True, False, True]
+        with pytest.raises(ValueError, match="`mask` must hold only 0 and 1"):
+            check_mask("mask", torch.tensor([2, 0, 1], dtype=dtype), (3,))
+    with pytest.raises(TypeError, match="`mask` must be a bool"):
+        check_mask("mask", torch.ones(3), (3,))

@@ -33,6 +33,12 @@ def test_collection_without_layout_check_is_one_all_reduce() -> None:
     assert all(c == {"all_reduce": 1} for c in calls), calls
 
 
+def test_count_collectives_sees_every_collective() -> None:
+    per_rank = run_distributed(ddp_scenarios.collective_counts, 2, timeout=120)
+    failures = [f for rank_failures in per_rank for f in rank_failures]
+    assert not failures, failures
+
+
 def test_every_metric_travels_to_a_spawned_process() -> None:
     """ddp_spawn sends metrics through torch.multiprocessing's pickler (tensors by file descriptor)."""
     metrics = {}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from metrics_suite.base import mean_and_stderr, mean_stats
+from metrics_suite.collection import DiagnosticCollection
 from metrics_suite.reconstruction import ReconstructionScore
 from metrics_suite.registry import registered
 from tests.helpers import compare, example_batches, flat, make_metric
@@ -61,13 +62,18 @@ def test_reconstruction_score_itemwise_over_a_million_items() -> None:
 
 
 def test_counts_do_not_saturate() -> None:
-    """int64 counts keep counting where a float32 counter stops at 2**24."""
+    """int64 counts keep counting where a float32 counter stops at 2**24 (2**40 + 1 would read 2**40),
+    through an update, a checkpoint and a collection's compute."""
     metric = ReconstructionScore()
     metric.nonfinite_count += 2**40
     bad = torch.tensor([float("nan")])
     metric.update(bad, bad, bad)
     assert metric.nonfinite_count.item() == 2**40 + 1
-    assert torch.tensor(2.0**24, dtype=torch.float32) + 1 == 2.0**24  # what float32 would have done
+    resumed = ReconstructionScore()
+    resumed.load_state_dict(metric.state_dict())
+    col = DiagnosticCollection({"a/score": resumed})
+    with pytest.warns(UserWarning, match=f"skipped {2**40 + 1} item"):
+        assert col.compute()["a/score/nonfinite_count"].item() == 2**40 + 1
 
 
 def _bytes_per_item(batch: dict, n: int) -> float:
