@@ -159,6 +159,10 @@ class DiagnosticMetric(Metric):
     higher_is_better: bool | None = None
     #: How vector outputs are flattened by a collection: ``"{stat}/{vector_label}_{i}"``.
     vector_label: str = "component"
+    #: For a metric whose value is one tensor: the name of that value in the dict ``compute()``
+    #: returns with ``with_stderr=True``. A collection then keeps the value under the metric's own
+    #: key and puts the standard error under ``".../stderr"``, so turning stderr on renames nothing.
+    value_name: str | None = None
 
     nonfinite_count: Tensor
 
@@ -431,8 +435,12 @@ class DiagnosticMetric(Metric):
         """Flatten a ``compute()`` result into scalar entries keyed relative to the metric.
 
         A scalar tensor gets the key ``""``; a vector gets ``"{vector_label}_{i}"``; a dict entry
-        ``stat`` gets ``"stat"`` or ``"stat/{vector_label}_{i}"``.
+        ``stat`` gets ``"stat"`` or ``"stat/{vector_label}_{i}"`` (with :attr:`value_name` set, the
+        value keeps ``""`` and its standard error gets ``"stderr"``).
         """
+        if isinstance(value, dict) and self.value_name is not None:
+            renamed = {self.value_name: "", f"{self.value_name}_stderr": "stderr"}
+            value = {renamed.get(k, k): v for k, v in value.items()}
         items: Iterable[tuple[str, Tensor]] = value.items() if isinstance(value, dict) else [("", value)]
         flat: dict[str, Tensor] = {}
         for stat, tensor in items:

@@ -198,7 +198,8 @@ class CreditCosine(_PerLayerMetric):
     Args:
         num_layers: number of layers tracked.
         kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr=True`` returns
-            ``{"cosine", "cosine_stderr"}``).
+            ``{"cosine", "cosine_stderr"}``; a collection keeps the cosine under
+            ``credit/cosine`` and the standard error under ``credit/cosine/stderr``).
 
     ``update(credit, reference, layer=0)`` takes ``[N, ...]`` tensors of one shape.
     ``compute()`` returns a float64 scalar (one layer) or ``[num_layers]``.
@@ -215,6 +216,7 @@ class CreditCosine(_PerLayerMetric):
     """
 
     higher_is_better = True
+    value_name = "cosine"
 
     cosine_stats: Tensor
 
@@ -503,7 +505,8 @@ class BridgeResidual(_PerLayerMetric):
         num_layers: number of layers (or value functions) tracked.
         lam: temperature $\lambda > 0$.
         kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr=True`` returns
-            ``{"bridge_residual", "bridge_residual_stderr"}``).
+            ``{"bridge_residual", "bridge_residual_stderr"}``; a collection keeps the residual under
+            ``credit/bridge_residual`` and the standard error under ``credit/bridge_residual/stderr``).
 
     ``update(value, next_values, layer=0)``: ``value`` ``[B]``, ``next_values`` ``[B, K]``.
 
@@ -517,6 +520,7 @@ class BridgeResidual(_PerLayerMetric):
     """
 
     higher_is_better = False
+    value_name = "bridge_residual"
 
     residual_stats: Tensor
 

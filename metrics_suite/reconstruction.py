@@ -97,7 +97,7 @@ class ReconstructionScore(DiagnosticMetric):
     ``compute()`` returns a scalar when ``num_components == 1``, else ``[num_components]``; with
     ``with_stderr=True`` the dict ``{"reconstruction_score", "reconstruction_score_stderr"}``
     (in a collection the score keeps its key ``reconstruction/reconstruction_score``, the standard
-    error goes to ``reconstruction/reconstruction_score/reconstruction_score_stderr``).
+    error goes to ``reconstruction/reconstruction_score/stderr``).
 
     Examples:
         >>> import torch
@@ -114,6 +114,7 @@ class ReconstructionScore(DiagnosticMetric):
     """
 
     higher_is_better = True
+    value_name = "reconstruction_score"
     vector_label = "component"
 
     loss_sums: Tensor
@@ -172,12 +173,6 @@ class ReconstructionScore(DiagnosticMetric):
             return {k: v.squeeze(0) if self.num_components == 1 else v for k, v in out.items()}
         score = _reconstruction_score_compute(self.loss_sums, self.ratio_stats, self.reduction)
         return score.squeeze(0) if self.num_components == 1 else score
-
-    def flatten_output(self, value: MetricOutput) -> dict[str, Tensor]:
-        """As the base class, but the score keeps the metric's own key when ``with_stderr`` is set."""
-        if isinstance(value, dict):
-            value = {"" if k == "reconstruction_score" else k: v for k, v in value.items()}
-        return super().flatten_output(value)
 
 
 # ---------------------------------------------------------------------------------- ChangedTokenRate

@@ -706,3 +706,27 @@ def test_seed_none_does_not_advance_the_global_rng() -> None:
     ms.suite("credit")
     PerturbationCorrelation()
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_stderr_keeps_the_collection_keys_of_tensor_valued_metrics(num_layers: int) -> None:
+    g = _gen(47)
+    credit, reference = torch.randn(9, 4, generator=g), torch.randn(9, 4, generator=g)
+    value, next_values = torch.randn(9, generator=g), torch.randn(9, 3, generator=g)
+    settings = {"num_layers": num_layers}
+    plain = ms.suite("credit", cosine=settings, bridge_residual=settings)
+    with_se = ms.suite(
+        "credit", cosine={**settings, "with_stderr": True}, bridge_residual={**settings, "with_stderr": True}
+    )
+    for col in (plain, with_se):
+        col.update(credit=credit, reference=reference, value=value, next_values=next_values)
+    with pytest.warns(UserWarning, match="never updated"):
+        out, out_se = plain.compute(), with_se.compute()
+    suffixes = [""] if num_layers == 1 else ["/layer_0", "/layer_1"]
+    stderr_keys = {f"credit/{m}/stderr{s}" for m in ("cosine", "bridge_residual") for s in suffixes}
+    assert set(out_se) == set(out) | stderr_keys  # stderr adds keys, renames none
+    c, r = credit.double().numpy(), reference.double().numpy()
+    cosines = (c * r).sum(1) / np.linalg.norm(c, axis=1) / np.linalg.norm(r, axis=1)
+    key = "credit/cosine/stderr" + suffixes[0]
+    np.testing.assert_allclose(out_se[key].item(), scipy.stats.sem(cosines), rtol=1e-9)
+    np.testing.assert_allclose(out_se["credit/cosine" + suffixes[0]].item(), cosines.mean(), rtol=1e-12)

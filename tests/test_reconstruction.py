@@ -196,11 +196,11 @@ def test_score_stderr_keeps_the_collection_key(num_components: int) -> None:
     assert set(out) == {
         f"{prefix}/nonfinite_count",
         *(f"{prefix}{s}" for s in suffixes),  # the same keys as without stderr
-        *(f"{prefix}/reconstruction_score_stderr{s}" for s in suffixes),
+        *(f"{prefix}/stderr{s}" for s in suffixes),
     }
     for c, s in enumerate(suffixes):
         assert out[f"{prefix}{s}"].item() == pytest.approx(ratios[:, c].mean(), rel=1e-12)
-        stderr = out[f"{prefix}/reconstruction_score_stderr{s}"].item()
+        stderr = out[f"{prefix}/stderr{s}"].item()
         assert stderr == pytest.approx(scipy.stats.sem(ratios[:, c]), rel=1e-9)
     plain = ReconstructionScore(num_components=num_components, reduction="itemwise_mean")
     plain.update(clean, recon, zero)
