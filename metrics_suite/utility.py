@@ -11,11 +11,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+from collections import Counter
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import PositiveInt, validate_call
+from pydantic import Field, StrictInt, validate_call
 from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric
@@ -35,7 +36,7 @@ from metrics_suite.functional.utility import (
     patch_majority_label,
 )
 from metrics_suite.registry import register
-from metrics_suite.validation import check_float, check_mask, check_ndim, shape_str
+from metrics_suite.validation import check_float, check_mask, check_ndim, check_tensor, shape_str
 
 __all__ = [
     "ClassChange",
@@ -50,6 +51,9 @@ __all__ = [
 
 _VOCAB = 37
 _SEQ = 5
+
+#: A positive int; unlike ``PositiveInt``, ``True`` or ``2.0`` are rejected rather than converted.
+StrictPositiveInt = Annotated[StrictInt, Field(gt=0)]
 
 
 # ---------------------------------------------------------------------------------------------- examples
@@ -154,8 +158,10 @@ class NextTokenDivergence(DiagnosticMetric):
     \text{squared\_hellinger} = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v}.
     $$
 
-    With ``num_logits=k`` both distributions are restricted to the union of the top-k indices of
-    the clean and of the noisy logits at that position, and renormalised on it.
+    With ``num_logits=k`` both distributions are restricted to the union of the top-k sets of the
+    clean and of the noisy logits at that position, and renormalised on it. A top-k set holds every
+    entry at least the k-th largest logit (ties at the k-th place all count, so it may exceed k)
+    except −inf entries: the result does not depend on the order of the vocabulary.
 
     ``reduction="sequence"`` (default) averages over the attended tokens of each sequence, then over
     sequences (sequences without attended tokens do not count); ``"token"`` averages over all attended
@@ -174,8 +180,11 @@ class NextTokenDivergence(DiagnosticMetric):
             ``<name>_stderr``: over sequences, or over tokens for ``"token"``).
 
     ``update(clean_logits, noisy_logits, attention_mask=None)`` takes logits ``[B, T, V]`` and a bool
-    mask ``[B, T]``. An item is a sequence: with ``nan_strategy="skip"`` a sequence whose attended
-    logits hold NaN or ±inf is left out and counted in ``nonfinite_count``.
+    mask ``[B, T]``. A −inf logit (a banned token) is valid: a token that is −inf in both inputs
+    contributes 0, one that is −inf in only one makes that position's Jeffreys +inf (the other
+    three stay finite). An item is a sequence: with ``nan_strategy="skip"`` a sequence with an attended
+    position whose logits hold NaN or +inf, or are all −inf, is left out and counted in
+    ``nonfinite_count``.
 
     ``compute()`` returns ``{"jeffreys", "jensen_shannon", "total_variation", "squared_hellinger"}``
     (NaN when no token was attended).
@@ -200,9 +209,9 @@ class NextTokenDivergence(DiagnosticMetric):
     @validate_call
     def __init__(
         self,
-        num_logits: PositiveInt | None = None,
-        max_batch_size: PositiveInt | None = None,
-        max_sequence_length: PositiveInt | None = None,
+        num_logits: StrictPositiveInt | None = None,
+        max_batch_size: StrictPositiveInt | None = None,
+        max_sequence_length: StrictPositiveInt | None = None,
         reduction: DivergenceReduction = "sequence",
         **kwargs: Any,
     ) -> None:
@@ -250,6 +259,8 @@ class NextTokenDivergence(DiagnosticMetric):
                     f"`logits` must stack clean and noisy halves along dim 0 (even size), got {shape_str(logits.shape)}"
                 )
         half = logits.shape[0] // 2
+        if attention_mask is not None:
+            check_tensor("attention_mask", attention_mask)
         if attention_mask is not None and tuple(attention_mask.shape) == (logits.shape[0], logits.shape[1]):
             both = check_mask("attention_mask", attention_mask, tuple(attention_mask.shape))
             attention_mask = both[:half] & both[half:]
@@ -300,7 +311,11 @@ class MaskedCrossEntropy(DiagnosticMetric):
             ``cross_entropy_stderr``, over tokens).
 
     ``update(logits, target_ids, attention_mask=None)``: logits ``[B, T, V]``, integer targets
-    ``[B, T]`` (in ``[0, V)`` where counted), bool mask ``[B, T]``. An item is a sequence.
+    ``[B, T]`` (in ``[0, V)`` where counted), bool mask ``[B, T]``. An item is a sequence. As in
+    :func:`torch.nn.functional.cross_entropy`, −inf logits are valid and a target whose logit is
+    −inf has an infinite loss, which is counted (``cross_entropy`` becomes +inf, not skipped); only
+    counted positions whose logits hold NaN or +inf, or are all −inf, are non-finite for
+    ``nan_strategy``.
 
     Examples:
         >>> import torch
@@ -320,9 +335,9 @@ class MaskedCrossEntropy(DiagnosticMetric):
     @validate_call
     def __init__(
         self,
-        ignore_index: int | None = None,
-        max_batch_size: PositiveInt | None = None,
-        max_sequence_length: PositiveInt | None = None,
+        ignore_index: StrictInt | None = None,
+        max_batch_size: StrictPositiveInt | None = None,
+        max_sequence_length: StrictPositiveInt | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -445,7 +460,7 @@ class PredictionChange(DiagnosticMetric):
 
     Args:
         num_classes: number of classes ``C``.
-        class_names: optional ``C`` names for :meth:`class_results`.
+        class_names: optional ``C`` distinct names for :meth:`class_results`.
         kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options.
 
     ``update(original_preds, modified_preds, mask=None)`` takes integer class ids of equal shape
@@ -469,13 +484,17 @@ class PredictionChange(DiagnosticMetric):
 
     @validate_call
     def __init__(
-        self, num_classes: PositiveInt, class_names: Sequence[str] | None = None, **kwargs: Any
+        self, num_classes: StrictPositiveInt, class_names: Sequence[str] | None = None, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(
                 f"`class_names` must hold num_classes={num_classes} names, got {len(class_names)}"
             )
+        if class_names is not None and len(set(class_names)) != num_classes:
+            # names key `change_distribution`: a repeated name would merge two classes' counts
+            repeated = sorted(name for name, count in Counter(class_names).items() if count > 1)
+            raise ValueError(f"`class_names` must be distinct, got repeated names {repeated}")
         self.num_classes = num_classes
         self.class_names = (
             tuple(class_names) if class_names is not None else tuple(map(str, range(num_classes)))

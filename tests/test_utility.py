@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.spatial.distance import jensenshannon
 from scipy.special import log_softmax as np_log_softmax
 
@@ -43,10 +44,15 @@ LN2 = math.log(2.0)
 
 # ---------------------------------------------------------------------------------------------- references
 def ref_token(clean: Any, noisy: Any, support: Any = None) -> dict[str, float]:
-    """Float64 divergences of one position (optionally restricted to the index set ``support``)."""
+    """Float64 divergences of one position (optionally restricted to the index set ``support``).
+
+    Entries that are -inf in both inputs (probability 0 in both) are left out.
+    """
     c, n = np.asarray(clean, dtype=np.float64), np.asarray(noisy, dtype=np.float64)
+    keep = ~(np.isneginf(c) & np.isneginf(n))
     if support is not None:
-        c, n = c[sorted(support)], n[sorted(support)]
+        keep &= np.isin(np.arange(len(c)), sorted(support))
+    c, n = c[keep], n[keep]
     lp, lq = np_log_softmax(c), np_log_softmax(n)
     p, q = np.exp(lp), np.exp(lq)
     return {
@@ -58,7 +64,9 @@ def ref_token(clean: Any, noisy: Any, support: Any = None) -> dict[str, float]:
 
 
 def hand_top_k(row: np.ndarray, k: int) -> set[int]:
-    return {int(i) for i in np.argsort(-row, kind="stable")[:k]}
+    """The documented top-k set: every entry at least the k-th largest value (ties included), but not -inf."""
+    kth = sorted(row.tolist(), reverse=True)[min(k, len(row)) - 1]
+    return {i for i, v in enumerate(row.tolist()) if v >= kth and v > -math.inf}
 
 
 def ref_metric(
@@ -185,6 +193,41 @@ def test_top_k_matches_hand_built_support() -> None:
             assert_close({n: float(per_token[n][b, t]) for n in NAMES}, expected, rtol=1e-4, atol=1e-8)
 
 
+def test_top_k_ties_are_all_included_whatever_the_vocabulary_order() -> None:
+    # hand-built: the 2nd largest clean logit (3) is shared by 4 tokens, the noisy one by 0 and 4
+    clean = torch.tensor([[3.0, 3.0, 3.0, 3.0, 0.0, 0.0]])
+    noisy = torch.tensor([[3.0, 2.0, 1.0, 0.0, 3.0, 0.0]])
+    assert top_k_support_mask(noisy, clean, 2).tolist() == [[True, True, True, True, True, False]]
+    for order in ([0, 1, 2, 3, 4, 5], [1, 0, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]):
+        out = token_divergences(clean[:, order], noisy[:, order], num_logits=2)
+        expected = ref_token(clean[0], noisy[0], {0, 1, 2, 3, 4})
+        assert_close({k: float(out[k][0]) for k in NAMES}, expected, rtol=1e-5)
+    # bfloat16 logits tie often at the k-th place
+    g = torch.Generator().manual_seed(21)
+    clean32 = 2.0 * torch.randn(3, 6, 4000, generator=g)
+    clean = clean32.bfloat16()
+    noisy = (clean32 + 0.3 * torch.randn(3, 6, 4000, generator=g)).bfloat16()
+    k = 64
+    kth = clean.float().topk(k, -1).values[..., -1:]
+    assert int(((clean.float() >= kth).sum(-1) > k).sum()) >= 10  # most positions have ties
+    mask = attention(3, 6, seed=21, fully_masked=())
+    metric = NextTokenDivergence(num_logits=k, reduction="token", max_sequence_length=4)
+    metric.update(clean, noisy, mask)
+    assert_close(as_floats(metric.compute()), ref_metric(clean.float(), noisy.float(), mask, k)[1], rtol=1e-4)
+    perm = torch.randperm(4000, generator=g)
+    per_token = token_divergences(clean, noisy, num_logits=k)
+    permuted = token_divergences(clean[..., perm], noisy[..., perm], num_logits=k)
+    support = top_k_support_mask(noisy, clean, k)
+    assert torch.equal(top_k_support_mask(noisy[..., perm], clean[..., perm], k), support[..., perm])
+    for name in NAMES:
+        assert torch.allclose(permuted[name], per_token[name], rtol=1e-5, atol=0), name
+    for b, t in ((0, 0), (1, 3), (2, 5)):
+        hand = hand_top_k(clean[b, t].float().numpy(), k) | hand_top_k(noisy[b, t].float().numpy(), k)
+        assert set(support[b, t].nonzero().flatten().tolist()) == hand
+        expected = ref_token(clean[b, t].double(), noisy[b, t].double(), hand)
+        assert_close({n: float(per_token[n][b, t]) for n in NAMES}, expected, rtol=1e-4)
+
+
 def test_top_k_covering_the_vocabulary_is_the_full_distribution() -> None:
     clean, noisy = logits((2, 3, 11), seed=4)
     full = as_floats(next_token_divergence(clean, noisy))
@@ -222,13 +265,15 @@ def test_batches_and_shards_give_one_pass_result() -> None:
         assert_close(as_floats(parts.compute()), as_floats(whole.compute()), rtol=1e-12)
 
 
-def test_bounds_and_identical_logits() -> None:
+def test_near_bounds_and_identical_logits() -> None:
+    # nearly disjoint distributions: JS, TV and H^2 close to their upper bounds ln 2, 1, 1
     clean, noisy = logits((4, 16, 64), seed=7, scale=15.0, noise=20.0)
     out = token_divergences(clean, noisy)
-    assert bool((out["jeffreys"] >= 0).all())
-    assert bool(((out["jensen_shannon"] >= 0) & (out["jensen_shannon"] <= LN2)).all())
-    assert bool(((out["total_variation"] >= 0) & (out["total_variation"] <= 1)).all())
-    assert bool(((out["squared_hellinger"] >= 0) & (out["squared_hellinger"] <= 1)).all())
+    assert float(out["total_variation"].max()) > 0.999  # the data does reach the bounds
+    for b in range(4):
+        for t in range(16):
+            expected = ref_token(clean[b, t], noisy[b, t])
+            assert_close({k: float(out[k][b, t]) for k in NAMES}, expected, rtol=1e-5, atol=1e-7)
     same = token_divergences(clean, clean.clone())
     for k in NAMES:
         assert bool((same[k] == 0).all()), k  # exactly zero, not rounding noise
@@ -236,12 +281,20 @@ def test_bounds_and_identical_logits() -> None:
         assert bool((token_divergences(clean, clean.clone(), num_logits=5)[k] == 0).all()), k
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("peak", [0.0, 20.0])  # 20: the top token holds ~0.9999 of the mass
 @pytest.mark.parametrize("noise", [1e-2, 1e-3])
-def test_near_identical_distributions_keep_relative_precision(noise: float) -> None:
-    clean, noisy = logits((4, 500), seed=8, scale=2.0, noise=noise)
+def test_near_identical_distributions_keep_relative_precision(
+    noise: float, peak: float, dtype: torch.dtype
+) -> None:
+    clean, noisy = logits((4, 1000), seed=8, scale=2.0, noise=noise, dtype=torch.float64)
+    clean[:, 0] += peak
+    noisy[:, 0] += peak
+    clean, noisy = clean.to(dtype), noisy.to(dtype)
     out = token_divergences(clean, noisy)
     for i in range(4):
-        expected = ref_token(clean[i], noisy[i])
+        # float64 reference from the same rounded inputs
+        expected = ref_token(clean[i].double(), noisy[i].double())
         for k in NAMES:
             assert float(out[k][i]) == pytest.approx(expected[k], rel=2e-3), (k, expected[k])
 
@@ -327,11 +380,60 @@ def test_nonfinite_sequences_are_skipped_and_counted() -> None:
     with pytest.raises(ValueError, match="NaN or inf"):
         strict.update(bad, noisy, mask)
     assert states_equal(before, state_snapshot(strict))
-    neg_inf = clean.clone()
-    neg_inf[0, 0, 1] = -math.inf
-    metric = NextTokenDivergence()
-    metric.update(neg_inf, noisy, mask)
-    assert int(metric.nonfinite_count) == 1
+    all_neg_inf, pos_inf, one_neg_inf = clean.clone(), clean.clone(), clean.clone()
+    all_neg_inf[0, 0] = -math.inf
+    pos_inf[0, 0, 0] = math.inf
+    one_neg_inf[0, 0, 0] = -math.inf  # a banned token is valid
+    for odd, skipped in ((all_neg_inf, 1), (pos_inf, 1), (one_neg_inf, 0)):
+        metric = NextTokenDivergence()
+        metric.update(odd, noisy, mask)
+        assert int(metric.nonfinite_count) == skipped
+        per_token = token_divergences(odd, noisy)
+        assert all(math.isnan(float(v[0, 0])) == bool(skipped) for v in per_token.values())
+
+
+def test_huge_finite_logits_are_valid() -> None:
+    clean = torch.full((1, 1, 100), 1e37)  # finite, but a float32 row sum overflows
+    clean[0, 0, 0] = 1.1e37
+    noisy = clean.clone()
+    noisy[0, 0, 1] = 1.2e37
+    metric = NextTokenDivergence(nan_strategy="error")
+    metric.update(clean, noisy)
+    expected = ref_token(clean[0, 0].double(), noisy[0, 0].double())
+    assert_close(as_floats(metric.compute()), expected, rtol=1e-6)
+    ce = MaskedCrossEntropy(nan_strategy="error")
+    ce.update(clean, torch.tensor([[1]]))
+    reference = float(F.cross_entropy(clean[0].double(), torch.tensor([1])))
+    assert float(ce.compute()["cross_entropy"]) == pytest.approx(reference, rel=1e-6)
+
+
+def test_negative_inf_logits_are_valid() -> None:
+    clean, noisy = logits((3, 4, 10), seed=22, dtype=torch.float64)
+    clean[..., 9] = noisy[..., 9] = -math.inf  # banned in both: contributes 0
+    clean[..., 7] = -math.inf  # banned in clean only: p = 0 < q
+    clean[2, :, :6] = noisy[2, :, :6] = -math.inf  # fewer finite logits than k
+    out = token_divergences(clean, noisy)
+    top_k = token_divergences(clean, noisy, num_logits=5)
+    for b in range(3):
+        for t in range(4):
+            expected = ref_token(clean[b, t], noisy[b, t])
+            assert expected["jeffreys"] == math.inf and math.isfinite(expected["total_variation"])
+            assert_close({k: float(out[k][b, t]) for k in NAMES}, expected, rtol=1e-10)
+            support = hand_top_k(clean[b, t].numpy(), 5) | hand_top_k(noisy[b, t].numpy(), 5)
+            expected = ref_token(clean[b, t], noisy[b, t], support)
+            assert_close({k: float(top_k[k][b, t]) for k in NAMES}, expected, rtol=1e-10)
+    # banned in one, underflowing in the other: p = q = 0 in floating point, yet KL(q || p) = inf
+    hand = token_divergences(torch.tensor([0.0, -math.inf]), torch.tensor([0.0, -1e4]))
+    assert {k: float(v) for k, v in hand.items()} == {
+        "jeffreys": math.inf,
+        "jensen_shannon": 0.0,
+        "total_variation": 0.0,
+        "squared_hellinger": 0.0,
+    }
+    clean[..., 7] = 0.0  # shared banned tokens only: every value finite
+    metric = NextTokenDivergence(reduction="token", nan_strategy="error")
+    metric.update(clean, noisy)
+    assert_close(as_floats(metric.compute()), ref_metric(clean, noisy, None)[1], rtol=1e-10)
 
 
 def test_update_from_super_batch_equals_update() -> None:
@@ -357,17 +459,33 @@ def test_update_from_super_batch_equals_update() -> None:
         metric.update_from_super_batch(torch.cat([clean, noisy[:2]]), None)
     with pytest.raises(ValueError, match="attention_mask"):
         metric.update_from_super_batch(torch.cat([clean, noisy]), mask[:, :2])
+    with pytest.raises(TypeError, match=r"`attention_mask` must be a torch\.Tensor, got list"):
+        metric.update_from_super_batch(torch.cat([clean, noisy]), mask.tolist())  # type: ignore[arg-type]
     assert states_equal(before, state_snapshot(metric))
 
 
 def test_constructor_arguments_are_validated() -> None:
-    for kwargs in ({"num_logits": 0}, {"max_batch_size": -1}, {"reduction": "mean"}):
+    bad_divergence: tuple[dict[str, Any], ...] = (
+        {"num_logits": 0},
+        {"num_logits": True},  # bools and floats are not silently converted
+        {"num_logits": 2.0},
+        {"max_batch_size": -1},
+        {"max_sequence_length": 1.5},
+        {"reduction": "mean"},
+    )
+    for kwargs in bad_divergence:
         with pytest.raises(ValueError):
             NextTokenDivergence(**kwargs)
-    with pytest.raises(ValueError):
-        PredictionChange(num_classes=3, class_names=["a", "b"])
-    with pytest.raises(ValueError):
-        PredictionChange(num_classes=0)
+    for kwargs in ({"ignore_index": True}, {"ignore_index": -100.0}, {"max_batch_size": True}):
+        with pytest.raises(ValueError):
+            MaskedCrossEntropy(**kwargs)
+    for kwargs in ({"num_classes": 3, "class_names": ["a", "b"]}, {"num_classes": 0}, {"num_classes": True}):
+        with pytest.raises(ValueError):
+            PredictionChange(**kwargs)
+    with pytest.raises(ValueError, match=r"`class_names` must be distinct.*\['a'\]"):
+        PredictionChange(num_classes=3, class_names=["a", "a", "b"])
+    assert NextTokenDivergence(num_logits=4).num_logits == 4
+    assert MaskedCrossEntropy(ignore_index=-100).ignore_index == -100
 
 
 # ---------------------------------------------------------------------------------------------- cross-entropy
@@ -417,6 +535,46 @@ def test_cross_entropy_extreme_and_empty() -> None:
         assert all(math.isnan(v) for v in as_floats(empty.compute()).values())
 
 
+def test_cross_entropy_negative_inf_logits_follow_torch() -> None:
+    x, _ = logits((3, 4, 7), seed=23, dtype=torch.float64)
+    x[..., 6] = -math.inf  # banned token
+    target = torch.randint(0, 6, (3, 4), generator=torch.Generator().manual_seed(23))
+    metric = MaskedCrossEntropy(nan_strategy="error")
+    metric.update(x, target)
+    expected = float(F.cross_entropy(x.reshape(-1, 7), target.reshape(-1)))
+    assert float(metric.compute()["cross_entropy"]) == pytest.approx(expected, rel=1e-12)
+    target[1, 2] = 6  # a target the model rules out: infinite loss, counted like torch does
+    assert float(F.cross_entropy(x.reshape(-1, 7), target.reshape(-1))) == math.inf
+    metric = MaskedCrossEntropy(nan_strategy="error")
+    metric.update(x, target)
+    assert float(metric.compute()["cross_entropy"]) == math.inf
+    assert float(masked_cross_entropy(x, target)["perplexity"]) == math.inf
+    x[0, 0] = -math.inf  # no token possible: non-finite, skipped
+    metric = MaskedCrossEntropy()
+    metric.update(x, target)
+    assert int(metric.nonfinite_count) == 1
+
+
+def test_functional_forms_accept_logits_that_require_grad() -> None:
+    clean, noisy = logits((2, 3, 11), seed=24)
+    target = torch.randint(0, 11, (2, 3), generator=torch.Generator().manual_seed(24))
+    grad_clean, grad_noisy = clean.clone().requires_grad_(), noisy.clone().requires_grad_()
+    pairs = (
+        (token_divergences(grad_clean, grad_noisy), token_divergences(clean, noisy)),
+        (
+            next_token_divergence(grad_clean, grad_noisy, num_logits=3),
+            next_token_divergence(clean, noisy, num_logits=3),
+        ),
+        (masked_cross_entropy(grad_clean, target), masked_cross_entropy(clean, target)),
+    )
+    for with_grad, plain in pairs:
+        for k in plain:
+            assert not with_grad[k].requires_grad  # documented: not differentiable
+            assert torch.equal(with_grad[k], plain[k]), k
+    expected = ref_token(clean[1, 2], noisy[1, 2])
+    assert_close({k: float(pairs[0][0][k][1, 2]) for k in NAMES}, expected, rtol=1e-4, atol=1e-8)
+
+
 def test_cross_entropy_ignores_out_of_range_ids_that_are_not_counted() -> None:
     x, _ = logits((2, 3, 5), seed=16)
     target = torch.tensor([[1, 7, -1], [2, 0, 4]])
@@ -454,6 +612,13 @@ def test_error_messages_name_argument_and_shapes() -> None:
         PredictionChange(num_classes=3).update(torch.tensor([0, 1]), torch.tensor([5, 1]))
     with pytest.raises(TypeError, match="`original_preds` must be an integer tensor"):
         PredictionChange(num_classes=3).update(torch.tensor([0.0, 1.0]), torch.tensor([0, 1]))
+    for empty in (torch.zeros(2, 0), torch.zeros(2, 3, 0)):  # no vocabulary
+        with pytest.raises(ValueError, match=r"`clean_logits` must be \[\.\.\., V\] with V >= 1, got \[2, "):
+            token_divergences(empty, empty)
+    with pytest.raises(ValueError, match=r"`clean_logits` .* got \[2, 3, 0\]"):
+        metric.update(torch.zeros(2, 3, 0), torch.zeros(2, 3, 0))
+    with pytest.raises(ValueError, match=r"`logits` .* got \[1, 2, 0\]"):
+        MaskedCrossEntropy().update(torch.zeros(1, 2, 0), torch.zeros(1, 2, dtype=torch.long))
 
 
 # ---------------------------------------------------------------------------------------------- prediction change

@@ -75,11 +75,12 @@ class _RowGather:
     """Copies selected positions of ``[..., V]`` logits into a ``[n, V]`` buffer of the compute dtype.
 
     Never copies the whole tensor: a contiguous input is read with ``index_select`` through a
-    ``[N, V]`` view, a strided one with advanced indexing on the unravelled positions.
+    ``[N, V]`` view, a strided one with advanced indexing on the unravelled positions. The logits
+    are detached: ``out=`` buffers cannot carry gradients, and the divergences are diagnostics.
     """
 
     def __init__(self, logits: Tensor, dtype: torch.dtype, max_rows: int) -> None:
-        self.logits = logits
+        self.logits = logits = logits.detach()
         self.vocab = logits.shape[-1]
         try:
             self.flat: Tensor | None = logits.view(-1, self.vocab)
@@ -107,76 +108,118 @@ def _chunks(positions: Tensor, rows: int) -> Iterator[tuple[int, Tensor]]:
 
 
 def _row_finite(x: Tensor) -> Tensor:
-    """True per row when every entry is finite (a row sum is NaN/inf iff an entry is, barring overflow)."""
-    return torch.isfinite(x.sum(-1))
+    """True per row of logits that define a distribution: no NaN, no +inf, not all −inf.
+
+    A −inf logit (a banned token) is valid. The row maximum is NaN, +inf or −inf exactly in the
+    three bad cases, and unlike a row sum it cannot overflow.
+    """
+    return torch.isfinite(x.amax(-1))
 
 
 # ---------------------------------------------------------------------------------------------- divergences
 def _divergences_from_logits(
-    clean: Tensor, noisy: Tensor, p: Tensor, q: Tensor, s1: Tensor, s2: Tensor, repeat: Tensor | None = None
-) -> Tensor:
+    clean: Tensor, noisy: Tensor, p: Tensor, q: Tensor, s1: Tensor, s2: Tensor
+) -> tuple[Tensor, Tensor]:
     r"""The four divergences ``[n, 4]`` of the softmax distributions of logit rows ``[n, W]``.
+
+    Also returns the finiteness of each row pair ``[n]`` (as :func:`_row_finite`), from the row
+    maxima it needs anyway; values of non-finite rows are meaningless.
 
     Per entry, with $M = \max(p, q)$ and $\delta = |\log p - \log q|$, every term is
     $M$ times a function of $\delta$ (take $p \ge q$, so $q = M e^{-\delta}$):
 
     $$
-    (p - q)(\log p - \log q) = -M e \delta, \quad \tfrac12|p - q| = -\tfrac12 M e, \quad
+    (p - q)(\log p - \log q) = -M e \delta, \quad |p - q| = -M e, \quad
     \tfrac12(\sqrt p - \sqrt q)^2 = \tfrac12 M e_2^2, \quad
     \tfrac12\Big(p \log\frac{p}{m} + q \log\frac{q}{m}\Big) = -\tfrac12 M \big(u + \rho(u + \delta)\big),
     $$
 
     where $e_2 = \mathrm{expm1}(-\delta/2)$, $e = e^{-\delta} - 1 = e_2(e_2 + 2)$,
-    $\rho = e^{-\delta} = 1 + e$ and $u = \mathrm{log1p}(e/2)$. $\delta$ comes straight
+    $\rho = e^{-\delta} = 1 + e$ and $u = \mathrm{log1p}(e/2)$. $\log p - \log q$ comes straight
     from the logit difference, ``(clean − noisy) − Δlogsumexp``, so near-identical rows keep their
     relative precision (no ``p − q`` of rounded probabilities, no ``1 − Σ√(pq)``), identical rows give
     exactly 0, and rows with disjoint mass (logits of ±1e4) give finite values.
 
-    Every input is used as scratch. ``repeat`` marks entries that take no part (their logits are
-    ``-inf``): they get ``δ = 0`` and ``M = 0``, so their terms are exactly 0.
+    Total variation is first order in $\delta$: an absolute rounding error $\varepsilon$ of
+    ``Δlogsumexp`` (about one ulp of $\log \max p$) shifts every $\delta$ and would dominate the
+    most probable entry of a peaked row. With the signed $\hat d_v = p_v - q_v$ computed as
+    $-\operatorname{sign}(\log p_v - \log q_v)\, M_v e_v$, $\hat d_v \approx d_v - p_v \varepsilon$
+    and $\sum_v d_v = 0$, so $\hat\varepsilon = -\sum_v \hat d_v$ measures the error and
+    $\mathrm{TV} = \tfrac12 \sum_v |\hat d_v + M_v \hat\varepsilon|$ removes it (to first order).
+    The other three are quadratic in $\delta$ for small $\delta$: there $\varepsilon$ only changes
+    them by a relative $O(\varepsilon)$.
+
+    An entry where both logits are −inf ($p = q = 0$) contributes 0. Where only one is, Jeffreys is
+    +inf and the other three stay finite. Every input is used as scratch.
     """
     torch.softmax(clean, -1, out=p)
     torch.softmax(noisy, -1, out=q)
+    clean_max, noisy_max = clean.amax(-1, keepdim=True), noisy.amax(-1, keepdim=True)
+    finite = (torch.isfinite(clean_max) & torch.isfinite(noisy_max)).squeeze(-1)
     # logsumexp(x) = max(x) − log(max(softmax(x))): the largest probability is 1 / Σ exp(x − max)
-    shift = (clean.amax(-1, keepdim=True) - noisy.amax(-1, keepdim=True)).sub_(
-        p.amax(-1, keepdim=True).log_() - q.amax(-1, keepdim=True).log_()
-    )
-    delta = torch.sub(clean, noisy, out=s1).sub_(shift).abs_()
-    if repeat is not None:
-        delta.masked_fill_(repeat, 0.0)
+    shift = (clean_max - noisy_max).sub_(p.amax(-1, keepdim=True).log_() - q.amax(-1, keepdim=True).log_())
+    # log p − log q; NaN only where both logits are −inf: δ = 0 there, and M = 0 zeroes the terms
+    log_ratio = torch.sub(clean, noisy, out=s1).sub_(shift).nan_to_num_(0.0, math.inf, -math.inf)
+    delta = torch.abs(log_ratio, out=s2)
     big = torch.maximum(p, q, out=p)
-    e2 = torch.mul(delta, -0.5, out=s2).expm1_()
+    e2 = torch.mul(delta, -0.5, out=q).expm1_()
     e = torch.add(e2, 2.0, out=clean).mul_(e2)
-    rho = torch.add(e, 1.0, out=noisy)
     squared_hellinger = e2.square_().mul_(big).sum(-1).mul_(0.5)
-    neg_abs_diff = torch.mul(big, e, out=q)  # −|p − q|
-    total_variation = neg_abs_diff.sum(-1).mul_(-0.5)
-    jeffreys = neg_abs_diff.mul_(delta).sum(-1).neg_()
-    u = e.mul_(0.5).log1p_()
-    js_terms = u.addcmul_(rho, delta.add_(u)).mul_(big)
+    neg_abs_diff = torch.mul(big, e, out=noisy)  # −|p − q|
+    # M = 0 with δ = inf (one −inf logit, the other underflowing) is still an infinite term
+    jeffreys = torch.mul(neg_abs_diff, delta, out=q).sum(-1).neg_().nan_to_num_(math.inf, math.inf)
+    # signed p − q, corrected by M·ε̂ with ε̂ = −Σ(p − q)
+    diff = torch.copysign(neg_abs_diff, log_ratio, out=q)
+    total_variation = diff.addcmul_(big, diff.sum(-1, keepdim=True), value=-1.0).abs_().sum(-1).mul_(0.5)
+    u = torch.mul(e, 0.5, out=noisy).log1p_()
+    rho = e.add_(1.0)
+    # ρ = 0 where δ = inf: a finite δ keeps ρ·(u + δ) at 0 instead of 0·inf
+    js_terms = u.addcmul_(rho, delta.clamp_max_(torch.finfo(delta.dtype).max).add_(u)).mul_(big)
     jensen_shannon = js_terms.sum(-1).mul_(-0.5)
     values = torch.stack([jeffreys, jensen_shannon, total_variation, squared_hellinger], dim=-1)
     upper = values.new_tensor([math.inf, _LN2, 1.0, 1.0])
     # rounding only (NaN stays NaN); adding 0.0 turns -0.0 into 0.0
-    return torch.minimum(values.clamp_min_(0.0), upper).add_(0.0)
+    return torch.minimum(values.clamp_min_(0.0), upper).add_(0.0), finite
+
+
+def _top_k_set(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Indices ``[n, w]`` that cover the top-k set of each row (``k < V``), and a mask of those outside it.
+
+    The top-k set is every entry at least the k-th largest value, ties included, except −inf
+    entries: it does not depend on the order of the vocabulary.
+    """
+    values, index = x.topk(k + 1, -1)
+    kth = values[:, k - 1 : k]
+    if bool(((values[:, k:] == kth) & (kth > -math.inf)).any()):  # a tie crosses the k-th place
+        width = int((x >= kth).sum(-1).max())
+        values, index = x.topk(width, -1, sorted=False)
+    return index, (values < kth) | (values == -math.inf)
 
 
 def _top_k_union(clean: Tensor, noisy: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Sorted indices ``[n, 2k]`` of the top-k of each row of both inputs, and a mask of repeats."""
-    index = torch.cat([clean.topk(k, -1, sorted=False).indices, noisy.topk(k, -1, sorted=False).indices], -1)
+    """Sorted indices ``[n, w]`` of the union of both top-k sets, and a mask of entries to leave out.
+
+    Left out: repeats, and padding (rows whose union is narrower than ``w``).
+    """
+    vocab = clean.shape[-1]
+    # entries outside their set get index V: sorted last, then dropped
+    index = torch.cat(
+        [i.masked_fill_(out, vocab) for i, out in (_top_k_set(clean, k), _top_k_set(noisy, k))], -1
+    )
     index = index.sort(-1).values
-    repeat = torch.zeros_like(index, dtype=torch.bool)
-    repeat[:, 1:] = index[:, 1:] == index[:, :-1]
-    return index, repeat
+    drop = index == vocab
+    drop[:, 1:] |= index[:, 1:] == index[:, :-1]
+    return index.clamp_max_(vocab - 1), drop
 
 
 def _top_k_chunk(clean: Tensor, noisy: Tensor, k: int) -> Tensor:
     """Divergences of rows restricted to (and renormalised on) the union of both top-k sets."""
-    index, repeat = _top_k_union(clean, noisy, k)
-    support_clean = clean.gather(-1, index).masked_fill_(repeat, -math.inf)
-    support_noisy = noisy.gather(-1, index).masked_fill_(repeat, -math.inf)
+    index, drop = _top_k_union(clean, noisy, k)
+    # −inf in both: a dropped entry contributes exactly 0
+    support_clean = clean.gather(-1, index).masked_fill_(drop, -math.inf)
+    support_noisy = noisy.gather(-1, index).masked_fill_(drop, -math.inf)
     p, q, s1, s2 = (torch.empty_like(support_clean) for _ in range(4))
-    return _divergences_from_logits(support_clean, support_noisy, p, q, s1, s2, repeat=repeat)
+    return _divergences_from_logits(support_clean, support_noisy, p, q, s1, s2)[0]
 
 
 def _divergence_rows(
@@ -186,7 +229,7 @@ def _divergence_rows(
     num_logits: int | None,
     rows: int,
 ) -> tuple[Tensor, Tensor]:
-    """Divergences ``[n, 4]`` (compute dtype) and input finiteness ``[n]`` at flat ``positions``."""
+    """Divergences ``[n, 4]`` (compute dtype; NaN for non-finite rows) and row finiteness ``[n]``."""
     vocab = clean_logits.shape[-1]
     dtype = torch.promote_types(compute_dtype(clean_logits), compute_dtype(noisy_logits))
     device = clean_logits.device
@@ -204,14 +247,20 @@ def _divergence_rows(
         n = chunk.numel()
         clean = gather_clean(chunk, workspace[0][:n])
         noisy = gather_noisy(chunk, workspace[1][:n])
-        finite[start : start + n] = _row_finite(clean) & _row_finite(noisy)
         if top_k is None:
             p, q, s1, s2 = (b[:n] for b in workspace[2:])
-            out = _divergences_from_logits(clean, noisy, p, q, s1, s2)
+            out, ok = _divergences_from_logits(clean, noisy, p, q, s1, s2)
         else:
+            ok = _row_finite(clean) & _row_finite(noisy)
             out = _top_k_chunk(clean, noisy, top_k)
-        values[start : start + n] = out
+        finite[start : start + n] = ok
+        values[start : start + n] = out.masked_fill_(~ok[:, None], math.nan)
     return values, finite
+
+
+def _check_vocabulary(name: str, logits: Tensor) -> None:
+    if logits.ndim == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"`{name}` must be [..., V] with V >= 1, got {shape_str(logits.shape)}")
 
 
 def _check_logits_pair(clean_logits: Tensor, noisy_logits: Tensor) -> None:
@@ -219,10 +268,7 @@ def _check_logits_pair(clean_logits: Tensor, noisy_logits: Tensor) -> None:
     check_float("noisy_logits", noisy_logits)
     check_ndim("clean_logits", clean_logits, 3)
     check_same_shape("noisy_logits", noisy_logits, "clean_logits", clean_logits)
-    if clean_logits.shape[-1] == 0:
-        raise ValueError(
-            f"`clean_logits` must have a non-empty vocabulary, got {shape_str(clean_logits.shape)}"
-        )
+    _check_vocabulary("clean_logits", clean_logits)
 
 
 def _check_num_logits(num_logits: int | None) -> None:
@@ -323,37 +369,41 @@ def token_divergences(
     H^2 = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v}.
     $$
 
-    With ``num_logits=k`` both distributions are restricted to the union of the top-k indices of
-    each input at that position (:func:`top_k_support_mask`) and renormalised on it. Computed in
-    log space in at least float32, one chunk of positions at a time.
+    With ``num_logits=k`` both distributions are restricted to the union of the top-k sets of
+    both inputs at that position (:func:`top_k_support_mask`: ties at the k-th place included) and
+    renormalised on it. Computed in log space in at least float32, one chunk of positions at a time.
+
+    A −inf logit (a banned token) is valid: a token that is −inf in both inputs contributes 0, one
+    that is −inf in only one makes Jeffreys +inf (the other three stay finite). A position whose
+    logits hold NaN or +inf, or are all −inf, gives NaN. The inputs are detached: the result is
+    not differentiable.
 
     Args:
         clean_logits: logits ``[..., V]`` of the clean model.
         noisy_logits: logits of the transformed model, same shape.
         attention_mask: bool ``[...]``; positions where it is False are not computed (NaN).
-        num_logits: size of each top-k set, or None for the full vocabulary.
+        num_logits: k of the top-k sets, or None for the full vocabulary.
 
     Returns:
         ``{"jeffreys", "jensen_shannon", "total_variation", "squared_hellinger"}``, each ``[...]``
         (float32, float64 for float64 inputs).
 
     Examples:
-        >>> import torch
-        >>> clean = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]])
-        >>> noisy = torch.tensor([[0.5, 0.5, 2.0], [1.0, 1.0, 1.0]])
+        >>> import math, torch
+        >>> clean = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, -math.inf]])
+        >>> noisy = torch.tensor([[0.0, 2.0, 1.0], [1.0, 2.0, -math.inf]])
         >>> out = token_divergences(clean, noisy)
         >>> tuple(round(v, 4) for v in out["total_variation"].tolist())
-        (0.0904, 0.0)
+        (0.4205, 0.2311)
         >>> tuple(round(v, 4) for v in out["jensen_shannon"].tolist())
-        (0.0096, 0.0)
+        (0.101, 0.0285)
         >>> tuple(round(v, 4) for v in out["squared_hellinger"].tolist())
-        (0.0096, 0.0)
+        (0.103, 0.0287)
     """
     check_float("clean_logits", clean_logits)
     check_float("noisy_logits", noisy_logits)
     check_same_shape("noisy_logits", noisy_logits, "clean_logits", clean_logits)
-    if clean_logits.ndim == 0:
-        raise ValueError("`clean_logits` must have a vocabulary dimension [..., V], got a 0-d tensor")
+    _check_vocabulary("clean_logits", clean_logits)
     _check_num_logits(num_logits)
     lead = clean_logits.shape[:-1]
     mask = None if attention_mask is None else check_mask("attention_mask", attention_mask, lead)
@@ -367,26 +417,34 @@ def token_divergences(
 
 
 def top_k_support_mask(noisy_logits: Tensor, clean_logits: Tensor, num_logits: int) -> Tensor:
-    """Bool mask ``[..., V]`` of the union of the top-``num_logits`` indices of both inputs per position.
+    """Bool mask ``[..., V]`` of the union of the top-``num_logits`` sets of both inputs per position.
+
+    The top-k set of a position holds every entry at least its k-th largest logit, so ties at the
+    k-th place are all included (the set may exceed k), and no −inf entry (probability 0). It does
+    not depend on the order of the vocabulary.
 
     Args:
         noisy_logits: logits ``[..., V]``.
         clean_logits: logits of the same shape.
-        num_logits: size of each top-k set (``>= V`` selects the whole vocabulary).
+        num_logits: k (``>= V`` selects every entry above −inf).
 
     Examples:
         >>> import torch
         >>> top_k_support_mask(torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 2.0, 3.0]), 1)
         tensor([ True, False, False,  True])
+        >>> top_k_support_mask(torch.tensor([3.0, 2.0, 2.0, 0.0]), torch.tensor([3.0, 1.0, 0.0, 0.0]), 2)  # a tie
+        tensor([ True,  True,  True, False])
     """
     check_float("noisy_logits", noisy_logits)
     check_float("clean_logits", clean_logits)
     check_same_shape("clean_logits", clean_logits, "noisy_logits", noisy_logits)
     _check_num_logits(num_logits)
+    _check_vocabulary("noisy_logits", noisy_logits)
     k = min(num_logits, noisy_logits.shape[-1])
     mask = torch.zeros(noisy_logits.shape, dtype=torch.bool, device=noisy_logits.device)
-    mask.scatter_(-1, noisy_logits.topk(k, -1).indices, True)
-    mask.scatter_(-1, clean_logits.topk(k, -1).indices, True)
+    for logits in (noisy_logits, clean_logits):
+        kth = logits.topk(k, -1).values[..., -1:]
+        mask |= (logits >= kth) & (logits > -math.inf)
     return mask
 
 
@@ -403,7 +461,9 @@ def next_token_divergence(
 
     Per-token values as in :func:`token_divergences`. ``reduction="sequence"`` averages over the
     attended tokens of each sequence, then over sequences (a sequence without attended tokens does
-    not count); ``"token"`` averages over all attended tokens. No attended token gives NaN.
+    not count); ``"token"`` averages over all attended tokens. No attended token gives NaN, and so
+    does a non-finite position (:class:`~metrics_suite.utility.NextTokenDivergence` can skip such
+    sequences instead). Not differentiable (the inputs are detached).
 
     Examples:
         >>> import torch
@@ -433,6 +493,7 @@ def _cross_entropy_check(
     """Validate the inputs; return the bool mask of tokens that count (attended, not ignored)."""
     check_float("logits", logits)
     check_ndim("logits", logits, 3)
+    _check_vocabulary("logits", logits)
     check_integer("target_ids", target_ids)
     batch, seq, vocab = logits.shape
     if tuple(target_ids.shape) != (batch, seq):
@@ -534,6 +595,10 @@ def masked_cross_entropy(
 
     over the set $S$ of attended positions whose target is not ``ignore_index``.
     ``target_ids[b, t]`` is the token that ``logits[b, t]`` predicts (shift labels yourself).
+
+    As in :func:`torch.nn.functional.cross_entropy`, −inf logits are valid and a target whose logit
+    is −inf has an infinite loss (so the mean is +inf); a position whose logits hold NaN or +inf, or
+    are all −inf, makes the result NaN. Not differentiable (the inputs are detached).
 
     Examples:
         >>> import torch
