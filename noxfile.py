@@ -1,8 +1,17 @@
 """Every check a contributor needs: ``nox -s tests lint typecheck docs bench demo``.
 
-The test, bench and demo sessions install the CPU build of torch first. Set
-``METRICS_SUITE_TORCH`` to another requirement (e.g. ``torch==2.13.0+cu124`` or ``torch``) to use
-your own build, or to ``skip`` to keep whatever the environment already has.
+The test, typecheck, bench and demo sessions install torch first (``torch==2.13.0``), then the
+package. Environment variables:
+
+* ``METRICS_SUITE_TORCH_INDEX``: an index URL passed to pip as ``--index-url`` for the torch install
+  only, e.g. ``https://download.pytorch.org/whl/cpu`` for the CPU build (on PyPI ``torch==2.13.0``
+  is the CUDA build; this project's machines resolve it to a local CPU wheel through pip's
+  ``find-links`` configuration, so they need no index).
+* ``METRICS_SUITE_TORCH``: another requirement (e.g. ``torch==2.13.0+cu124`` or ``torch``), or
+  ``skip`` to keep the torch the environment already has: the sessions' virtualenvs are then
+  created with ``--system-site-packages`` so they see it.
+
+The docs session needs no torch: mkdocstrings reads the sources statically.
 """
 
 from __future__ import annotations
@@ -17,15 +26,17 @@ nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
 TORCH = os.environ.get("METRICS_SUITE_TORCH", "torch==2.13.0")
+TORCH_INDEX = os.environ.get("METRICS_SUITE_TORCH_INDEX")
+TORCH_VENV = ["--system-site-packages"] if TORCH == "skip" else []
 
 
 def _install(session: nox.Session, *extras: str) -> None:
     if TORCH != "skip":
-        session.install(TORCH)
+        session.install(TORCH, *(["--index-url", TORCH_INDEX] if TORCH_INDEX else []))
     session.install("-e", f".[{','.join(extras)}]" if extras else ".")
 
 
-@nox.session(python=PYTHON)
+@nox.session(python=PYTHON, venv_params=TORCH_VENV)
 def tests(session: nox.Session) -> None:
     """The whole test suite: unit, conformance kit, real-DDP (gloo) and doc examples."""
     _install(session, "dev", "lightning", "plots")
@@ -40,7 +51,7 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
-@nox.session(python=PYTHON)
+@nox.session(python=PYTHON, venv_params=TORCH_VENV)
 def typecheck(session: nox.Session) -> None:
     """mypy over the package."""
     _install(session, "dev", "lightning", "plots")
@@ -49,19 +60,22 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def docs(session: nox.Session) -> None:
-    """Build the documentation site, warnings as errors."""
-    _install(session, "docs")
+    """Build the documentation site, warnings as errors (only the docs extra: no torch, no package)."""
+    import tomllib  # Python 3.11+, like every session
+
+    with open("pyproject.toml", "rb") as f:
+        session.install(*tomllib.load(f)["project"]["optional-dependencies"]["docs"])
     session.run("mkdocs", "build", "--strict", "-d", "site", env={"NO_MKDOCS_2_WARNING": "1"})
 
 
-@nox.session(python=PYTHON)
+@nox.session(python=PYTHON, venv_params=TORCH_VENV)
 def bench(session: nox.Session) -> None:
     """Run every benchmark; JSON into benchmarks/results/ and a summary table."""
     _install(session, "lightning")
     session.run("python", "benchmarks/run_all.py", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session(python=PYTHON, venv_params=TORCH_VENV)
 def demo(session: nox.Session) -> None:
     """The end-to-end demo: a tiny noisy-embedding language model trained on 2 CPU processes."""
     _install(session, "lightning", "plots")

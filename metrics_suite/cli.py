@@ -2,21 +2,25 @@
 
 * ``metrics-suite demo [--out DIR] [--epochs N] [--seed S] [--devices N]`` — the end-to-end demo
   (also ``python -m metrics_suite demo``);
-* ``metrics-suite plot RESULTS.json [-o FIGURE.png]`` — render a results file;
+* ``metrics-suite plot RESULTS.json [-o FIGURE.png] [--stage STAGE]`` — render a results file;
 * ``metrics-suite suites`` — the registered suites and metrics.
+
+A missing optional dependency or a bad results file is a message on stderr and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "positive_int"]
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (its name appears in argparse's "invalid positive_int value")."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -40,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)"
     )
-    demo.add_argument("--epochs", type=_positive, default=6, help="training epochs (default: 6)")
+    demo.add_argument("--epochs", type=positive_int, default=6, help="training epochs (default: 6)")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, model and noise (default: 0)")
     demo.add_argument(
-        "--devices", type=_positive, default=2, help="CPU processes; 2+ run DDP over gloo (default: 2)"
+        "--devices", type=positive_int, default=2, help="CPU processes; 2+ run DDP over gloo (default: 2)"
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -57,16 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    try:
-        from metrics_suite.demo.figure import format_tables, save_figure
-        from metrics_suite.demo.training import DemoConfig, run_demo
-    except ModuleNotFoundError as err:
+    # checked before training: without matplotlib the run would fail only when drawing the figure
+    missing = [name for name in ("pytorch_lightning", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
         print(
-            f"metrics-suite demo needs the lightning and plots extras ({err}): "
+            f"metrics-suite demo needs {' and '.join(missing)}, not installed: "
             "pip install 'metrics_suite[lightning,plots]'",
             file=sys.stderr,
         )
         return 1
+    from metrics_suite.demo.figure import format_tables, save_figure
+    from metrics_suite.demo.training import DemoConfig, run_demo
+
     config = DemoConfig(
         out=str(args.out),
         epochs=args.epochs,
@@ -91,7 +97,12 @@ def _plot(args: argparse.Namespace) -> int:
     from metrics_suite.plots import plot_results
 
     output = args.output or args.results.with_suffix(".png")
-    plot_results(args.results, output, stage=args.stage)
+    try:
+        plot_results(args.results, output, stage=args.stage)
+    except (OSError, ValueError, ImportError) as err:
+        reason = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.filename else err
+        print(f"metrics-suite plot: {reason}", file=sys.stderr)
+        return 1
     print(f"wrote {output}")
     return 0
 

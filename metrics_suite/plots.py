@@ -118,11 +118,38 @@ def plot_metric(
 
 
 # ---------------------------------------------------------------------------------------------- results file
+_RECORD = '{"stage": str, "epoch": int, "values": {key: number}}'
+
+
 def load_results(results: Mapping[str, Any] | str | Path) -> dict[str, Any]:
-    """A results dict, read from a JSON file when given a path."""
+    """A results dict, read from a JSON file when given a path, checked to hold a ``"history"``.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the file is not JSON, or the results are not ``{"history": [record, ...]}`` with
+            records ``{"stage": str, "epoch": int, "values": {key: number}}``.
+    """
+    source = "results"
+    data: Any = results  # from a file: any JSON value, checked below
     if isinstance(results, str | Path):
-        return dict(json.loads(Path(results).read_text()))
-    return dict(results)
+        source = str(results)
+        try:
+            data = json.loads(Path(results).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source} is not JSON ({err})") from err
+    history = data.get("history") if isinstance(data, Mapping) else None
+    if not isinstance(history, list):
+        raise ValueError(f'{source}: expected an object {{"history": [{_RECORD}, ...]}}')
+    for i, record in enumerate(history):
+        if not (
+            isinstance(record, Mapping)
+            and isinstance(record.get("stage"), str)
+            and isinstance(record.get("epoch"), int)
+            and isinstance(record.get("values"), Mapping)
+            and all(isinstance(v, int | float) for v in record["values"].values())
+        ):
+            raise ValueError(f"{source}: history[{i}] is not a record {_RECORD}")
+    return dict(data)
 
 
 def _split_key(key: str) -> tuple[str, str, str, int | None]:
@@ -188,6 +215,10 @@ def plot_results(
     Returns:
         The :class:`matplotlib.figure.Figure` (made without pyplot, so no GUI backend is needed).
 
+    Raises:
+        ValueError: the results are malformed (see :func:`load_results`), or hold records but
+            none of ``stage``.
+
     Examples:
         >>> history = [
         ...     {"stage": "val", "epoch": e, "values": {"utility/cross_entropy/cross_entropy": 2.0 - e,
@@ -198,11 +229,14 @@ def plot_results(
         >>> print(" | ".join(ax.get_title() for ax in fig.axes))
         utility · cross_entropy | credit · cosine | credit · cosine (last epoch)
     """
+    data = load_results(results)
+    history = [r for r in data["history"] if r["values"]]
+    stages = sorted({r["stage"] for r in history})
+    if stages and stage not in stages:
+        raise ValueError(f"no {stage!r} records in the results; stages: {stages}")
     _matplotlib()
     from matplotlib.figure import Figure
 
-    data = load_results(results)
-    history = [r for r in data.get("history", []) if r.get("values")]
     panels, bars = _panels(history)
     n = max(len(panels) + len(bars), 1)
     ncols = min(4, n)
@@ -239,7 +273,7 @@ def plot_results(
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="x-small")
 
-    last = by_stage.get(stage, [])[-1:] or history[-1:]
+    last = by_stage.get(stage, [])[-1:]
     for ax, (group, entries) in zip(axes[len(panels) :], bars.items()):
         suite, metric = group.split("/", 1)
         values = last[0]["values"] if last else {}

@@ -155,6 +155,30 @@ def test_python_m_entry_point_and_plot_command(tmp_path: Path, capsys: pytest.Ca
     assert (tmp_path / "r.png").exists() and "r.png" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["demo", "--epochs", "0"])
+    with pytest.raises(SystemExit):
+        main(["demo", "--devices", "two"])
+    assert "argument --devices: invalid positive_int value: 'two'" in capsys.readouterr().err
+
+
+def test_demo_without_matplotlib_stops_before_training(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    import metrics_suite.demo.training as training
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "matplotlib" else find_spec(name, *args),
+    )
+    monkeypatch.setattr(training, "run_demo", lambda config: pytest.fail("trained without matplotlib"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--devices", "1", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "needs matplotlib" in captured.err and "metrics_suite[lightning,plots]" in captured.err
+    assert captured.out == "" and not out.exists()
 
 
 def test_getting_started_examples_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

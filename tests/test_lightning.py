@@ -97,14 +97,16 @@ def reference(stage: str, epoch: int, items: list[int] | None = None) -> Diagnos
     return collection
 
 
-class DiagModule(pl.LightningModule):
-    """Updates train/val collections via the callback, and a LoggableDiagnostics via plain log_dict."""
+class StepsModule(pl.LightningModule):
+    """Updates the train/val collections of ``self.diagnostics`` in its steps."""
+
+    owns_diagnostics = True
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(1, 1)
-        self.diagnostics = StageDiagnostics(train=train_collection(), val=val_collection())
-        self.plain = LoggableDiagnostics(val_collection(), prefix="plain/")
+        if self.owns_diagnostics:
+            self.diagnostics = StageDiagnostics(train=train_collection(), val=val_collection())
 
     def setup(self, stage: str) -> None:
         torch.set_num_threads(1)
@@ -114,10 +116,7 @@ class DiagModule(pl.LightningModule):
         return self.lin(torch.ones(1, 1)).square().sum()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        inputs = val_inputs(batch, self.current_epoch)
-        self.diagnostics["val"].update(**inputs)
-        self.plain.update(**inputs)
-        self.log_dict(self.plain)
+        self.diagnostics["val"].update(**val_inputs(batch, self.current_epoch))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -127,6 +126,29 @@ class DiagModule(pl.LightningModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(val_items(), batch_size=VAL_BATCH)
+
+
+class AttachedSteps(StepsModule):
+    """The same steps, without collections of its own: the callback attaches them."""
+
+    owns_diagnostics = False
+
+
+def attaching_callback(cls: type[DiagnosticsCallback] = DiagnosticsCallback) -> DiagnosticsCallback:
+    return cls(StageDiagnostics(train=train_collection(), val=val_collection()))
+
+
+class DiagModule(StepsModule):
+    """Also logs a LoggableDiagnostics of the validation inputs via plain log_dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plain = LoggableDiagnostics(val_collection(), prefix="plain/")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        self.plain.update(**val_inputs(batch, self.current_epoch))
+        self.log_dict(self.plain)
 
 
 class CountingCallback(DiagnosticsCallback):
@@ -144,16 +166,34 @@ class CountingCallback(DiagnosticsCallback):
 
 
 class SaveMidEpoch(pl.Callback):
-    """Saves a checkpoint after the first validation batch of epoch 0 (mid-epoch)."""
+    """Saves a checkpoint after the first validation batch of epoch 0 (mid-validation) and, given
+    ``train_path``, one after the second training batch of epoch 0 (mid-training)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, train_path: Path | None = None) -> None:
         self.path = path
+        self.train_path = train_path
 
     def on_validation_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if not trainer.sanity_checking and trainer.current_epoch == 0 and batch_idx == 0:
             trainer.save_checkpoint(self.path)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.train_path is not None and trainer.current_epoch == 0 and batch_idx == 1:
+            trainer.save_checkpoint(self.train_path)
+
+
+class TrainBatches(pl.Callback):
+    """Records the training batches each epoch actually runs."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, list[Any]] = {}
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.seen.setdefault(trainer.current_epoch, []).append(batch)
 
 
 def read_csv_metrics(path: Path) -> dict[tuple[int, str], float]:
@@ -171,8 +211,20 @@ def floats(values: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float
     return {f"{prefix}{k}": float(v) for k, v in values.items()}
 
 
+def assert_partial_val_sums(saved: dict[str, torch.Tensor], prefix: str, items: list[int]) -> None:
+    """``saved[prefix + state key]`` holds the val states of a single pass over ``items`` of epoch 0."""
+    partial = reference("val", 0, items=items)
+    for name, metric in partial.items(keep_base=True):
+        for attr in metric._defaults:
+            torch.testing.assert_close(
+                saved[f"{prefix}{name}.{attr}"], getattr(metric, attr), rtol=1e-12, atol=0
+            )
+
+
 def quiet_trainer(**kwargs: Any) -> Any:
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|litlogger).*")
+    warnings.filterwarnings(
+        "ignore", message=".*(does not have many workers|LeafSpec|litlogger|dataloader is not resumable).*"
+    )
     return pl.Trainer(
         accelerator="cpu",
         enable_progress_bar=False,
@@ -188,15 +240,20 @@ def test_ddp_spawn_logs_the_single_process_values(tmp_path: Path) -> None:
     one process over the same epoch's data (so each epoch starts empty, sanity check included); each
     compute costs 2 collectives; a mid-epoch checkpoint holds the states summed over the ranks."""
     ckpt = tmp_path / "mid.ckpt"
+    callback = CountingCallback()
     trainer = quiet_trainer(
         devices=2,
         strategy="ddp_spawn",
         max_epochs=2,
         num_sanity_val_steps=1,
         logger=pl.loggers.CSVLogger(tmp_path, name="csv", version=0),
-        callbacks=[SaveMidEpoch(ckpt), CountingCallback()],
+        callbacks=[SaveMidEpoch(ckpt), callback],
     )
     trainer.fit(DiagModule())
+    assert callback.history == []  # documented: the hooks ran on the spawned processes' copies
+    assert float(trainer.callback_metrics["val/noise/noise/input_norm"]) == pytest.approx(
+        float(reference("val", 1).compute()["noise/noise/input_norm"]), rel=1e-12
+    )
     logged = read_csv_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
 
     for epoch in range(2):
@@ -223,11 +280,7 @@ def test_ddp_spawn_logs_the_single_process_values(tmp_path: Path) -> None:
 
     # the first validation batch of each rank (items 0, 2, 4 and 1, 3, 5), summed
     state_dict = torch.load(ckpt, weights_only=False)["state_dict"]
-    partial = reference("val", 0, items=[0, 1, 2, 3, 4, 5])
-    for name, metric in partial.items(keep_base=True):
-        for attr in metric._defaults:
-            saved = state_dict[f"diagnostics.val_metrics.{name}.{attr}"]
-            torch.testing.assert_close(saved, getattr(metric, attr), rtol=1e-12, atol=0)
+    assert_partial_val_sums(state_dict, "diagnostics.val_metrics.", items=[0, 1, 2, 3, 4, 5])
 
 
 # ---------------------------------------------------------------------------------------------- one process
@@ -374,6 +427,113 @@ def test_on_load_checkpoint_keeps_global_sums_on_rank_zero_only() -> None:
         assert (total > 0) is kept
 
 
+@pytest.fixture(scope="module", params=["owned", "attached"])
+def mid_epoch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """One epoch of fit that saves a checkpoint mid-training (after 2 of 4 batches) and one
+    mid-validation (after 1 of 4 batches), with the module's own collections or attached ones."""
+    attached = request.param == "attached"
+    out = tmp_path_factory.mktemp(request.param)
+    run = SimpleNamespace(
+        attached=attached,
+        train_ckpt=out / "train.ckpt",
+        val_ckpt=out / "val.ckpt",
+        module=AttachedSteps if attached else StepsModule,
+        callback=attaching_callback if attached else DiagnosticsCallback,
+    )
+    trainer = quiet_trainer(
+        devices=1,
+        logger=False,
+        max_epochs=1,
+        num_sanity_val_steps=0,
+        callbacks=[run.callback(), SaveMidEpoch(run.val_ckpt, run.train_ckpt)],
+    )
+    trainer.fit(run.module())
+    return run
+
+
+def resume(run: SimpleNamespace, ckpt: Path, max_epochs: int, *callbacks: Any) -> dict[tuple[str, int], Any]:
+    """``fit(ckpt_path=ckpt)`` with a fresh module and callback; the callback's history by (stage, epoch)."""
+    callback = run.callback()
+    trainer = quiet_trainer(
+        devices=1,
+        logger=False,
+        max_epochs=max_epochs,
+        num_sanity_val_steps=0,
+        callbacks=[callback, *callbacks],
+    )
+    trainer.fit(run.module(), ckpt_path=ckpt)
+    return {(r["stage"], r["epoch"]): r["values"] for r in callback.history}
+
+
+def test_mid_epoch_checkpoint_holds_the_partial_sums(mid_epoch: SimpleNamespace) -> None:
+    """Owned collections are saved in the module's state_dict; attached ones in the callback's own
+    entry only, so the module loads without the callback (``load_from_checkpoint``, ``test``)."""
+    checkpoint = torch.load(mid_epoch.val_ckpt, weights_only=False)
+    module_keys = [key for key in checkpoint["state_dict"] if key.startswith("diagnostics.")]
+    if mid_epoch.attached:
+        assert not module_keys
+        states = checkpoint["callbacks"][DiagnosticsCallback().state_key]["states"]
+        assert_partial_val_sums(states, "val_metrics.", items=[0, 1, 2])
+    else:
+        assert_partial_val_sums(checkpoint["state_dict"], "diagnostics.val_metrics.", items=[0, 1, 2])
+    mid_epoch.module.load_from_checkpoint(mid_epoch.val_ckpt)
+    if mid_epoch.attached:  # another module and other stages: the saved train/val states are ignored
+        callback = DiagnosticsCallback(StageDiagnostics(test=val_collection()))
+        trainer = quiet_trainer(devices=1, logger=False, callbacks=[callback])
+        (result,) = trainer.test(AttachModule(), ckpt_path=mid_epoch.val_ckpt, verbose=False)
+        expected = floats(reference("val", 3).compute())
+        assert not compare({k[len("test/") :]: v for k, v in result.items()}, expected)
+
+
+def test_fit_resumed_mid_validation_starts_the_next_validation_empty(mid_epoch: SimpleNamespace) -> None:
+    """Lightning skips the rest of the interrupted validation: the restored partial sums must not
+    leak into the next one, while the finished training epoch keeps its restored sums."""
+    history = resume(mid_epoch, mid_epoch.val_ckpt, max_epochs=2)
+    assert sorted(history) == [("train", 0), ("train", 1), ("val", 1)]
+    for (stage, epoch), values in history.items():
+        assert not compare(values, floats(reference(stage, epoch).compute())), (stage, epoch)
+
+
+def test_fit_resumed_mid_training_continues_the_epoch(mid_epoch: SimpleNamespace) -> None:
+    """The train states of the first two batches are restored and the epoch adds the batches it runs
+    after the resume (Lightning re-reads a plain DataLoader from its start, so they are recorded)."""
+    batches = TrainBatches()
+    history = resume(mid_epoch, mid_epoch.train_ckpt, 1, batches)
+    expected = train_collection()
+    expected.update(**train_inputs(train_items()[: 2 * TRAIN_BATCH], 0))
+    for batch in batches.seen[0]:
+        expected.update(**train_inputs(batch, 0))
+    assert not compare(history[("train", 0)], floats(expected.compute()))
+    assert not compare(history[("val", 0)], floats(reference("val", 0).compute()))
+
+
+def test_validate_from_a_mid_validation_checkpoint_starts_empty(mid_epoch: SimpleNamespace) -> None:
+    callback = mid_epoch.callback()
+    trainer = quiet_trainer(devices=1, logger=False, callbacks=[callback])
+    (result,) = trainer.validate(mid_epoch.module(), ckpt_path=mid_epoch.val_ckpt, verbose=False)
+    expected = floats(reference("val", 0).compute())
+    assert not compare({k[len("val/") :]: v for k, v in result.items()}, expected)
+    assert not compare(callback.history[0]["values"], expected)
+
+
+def test_several_val_dataloaders_warn_once_and_are_summed() -> None:
+    class TwoLoaders(StepsModule):
+        def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            super().validation_step(batch, batch_idx)
+
+        def val_dataloader(self) -> list[DataLoader]:
+            return [DataLoader(val_items(), batch_size=VAL_BATCH), DataLoader(val_items(), batch_size=4)]
+
+    callback = DiagnosticsCallback()
+    with pytest.warns(UserWarning, match="'val' stage has 2 dataloaders") as caught:
+        quiet_trainer(devices=1, logger=False, max_epochs=2, callbacks=[callback]).fit(TwoLoaders())
+    assert sum("dataloaders;" in str(w.message) for w in caught) == 1  # sanity check + 2 epochs
+    expected = reference("val", 1)
+    expected.update(**val_inputs(val_items()[:], 1))  # the second loader holds the same items
+    last_val = [r["values"] for r in callback.history if r["stage"] == "val"][-1]
+    assert not compare(last_val, floats(expected.compute()))
+
+
 def test_generators_cross_the_spawn_pickler_as_bytes() -> None:
     """ddp_spawn pickles the module with torch.multiprocessing; a Generator's state must survive."""
     metric = ms.PerturbationCorrelation(seed=3)
@@ -383,7 +543,8 @@ def test_generators_cross_the_spawn_pickler_as_bytes() -> None:
 
 
 def test_plain_ddp_strategy_logs_the_single_process_values(tmp_path: Path) -> None:
-    """strategy="ddp" (Lightning re-launches the script per rank) gives the same values as one process."""
+    """strategy="ddp" (Lightning re-launches the script per rank) gives the same values as one process;
+    the collections are attached by the callback, whose checkpoint entry holds the sums over the ranks."""
     import os
     import signal
     import subprocess
@@ -414,3 +575,7 @@ def test_plain_ddp_strategy_logs_the_single_process_values(tmp_path: Path) -> No
         }
         assert not compare(actual, expected), (stage, compare(actual, expected))
         assert logged[(0, f"collectives/{stage}")] == 2.0
+    checkpoint = torch.load(tmp_path / "mid.ckpt", weights_only=False)
+    assert not any(key.startswith("diagnostics.") for key in checkpoint["state_dict"])
+    states = checkpoint["callbacks"][attaching_callback(CountingCallback).state_key]["states"]
+    assert_partial_val_sums(states, "val_metrics.", items=[0, 1, 2, 3, 4, 5])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 import metrics_suite as ms
+from metrics_suite.cli import main
 from metrics_suite.plots import MAX_CURVES, plot_metric, plot_results
 
 
@@ -161,10 +164,43 @@ def test_results_figure_curves_and_last_epoch_bars(tmp_path: Path) -> None:
 
 
 def test_results_are_read_from_a_json_file(tmp_path: Path) -> None:
-    import json
-
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"history": synthetic_history()}))
     fig = plot_results(path, stage="train")
     ce = next(ax for ax in fig.axes if ax.get_title() == "utility · cross_entropy")
     assert ce.lines[0].get_label() == "cross_entropy (train)" and ce.lines[0].get_linestyle() == "-"
+
+
+VAL_ONLY = json.dumps({"history": [{"stage": "val", "epoch": 0, "values": {"noise/noise/input_norm": 1.0}}]})
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "message"),
+    [
+        (None, [], "No such file or directory: "),
+        ("not json", [], "r.json is not JSON (Expecting value"),
+        ('{"foo": 1}', [], 'r.json: expected an object {"history": ['),
+        ("[1, 2]", [], 'r.json: expected an object {"history": ['),
+        ('{"history": [{"stage": "val", "epoch": 0}]}', [], "r.json: history[0] is not a record {"),
+        (
+            '{"history": [{"stage": "val", "epoch": 0, "values": {"k": "x"}}]}',
+            [],
+            "history[0] is not a record",
+        ),
+        (VAL_ONLY, ["--stage", "test"], "no 'test' records in the results; stages: ['val']"),
+    ],
+)
+def test_plot_command_reports_bad_input_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, args: list[str], message: str
+) -> None:
+    results = tmp_path / "r.json"
+    if content is not None:
+        results.write_text(content)
+    assert main(["plot", str(results), *args]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("metrics-suite plot: ") and message in captured.err, captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert not (tmp_path / "r.png").exists()
+    if content is not None:  # the same message from the library function
+        with pytest.raises(ValueError, match=re.escape(message)):
+            plot_results(results, stage=args[-1] if args else "val")

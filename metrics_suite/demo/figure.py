@@ -31,7 +31,7 @@ def format_tables(results: Mapping[str, Any] | str | Path, stage: str = "val") -
         key               epoch 0  epoch 1
         noise/input_norm        1        2
     """
-    records = [r for r in load_results(results).get("history", []) if r["stage"] == stage]
+    records = [r for r in load_results(results)["history"] if r["stage"] == stage]
     blocks = []
     for suite in SUITES:
         keys = [

@@ -20,8 +20,9 @@ Three tools, from the most explicit to the most automatic:
   whole collection; every rank gets the global values), ``log_dict(..., sync_dist=False)`` (the
   values are already global, another reduction would only cost collectives) and ``reset()``.
 * :class:`DiagnosticsCallback` does it for every stage (train/val/test) of the collections a module
-  keeps in ``self.diagnostics = StageDiagnostics(val=..., ...)``, and makes mid-epoch checkpoints
-  exact under DDP.
+  keeps in ``self.diagnostics = StageDiagnostics(val=..., ...)``, resets each stage at epoch start
+  (so states restored from a checkpoint never leak into a validation) and makes mid-epoch
+  checkpoints exact under DDP.
 * :class:`LoggableDiagnostics` lets plain ``self.log_dict(x)`` take a collection: Lightning then
   computes and resets it itself. A bare collection does not work there: Lightning calls each
   metric's ``compute()`` on its own (one sync per metric) and needs a scalar tensor back, while
@@ -44,10 +45,12 @@ from metrics_suite.registry import SUITES
 
 try:
     import pytorch_lightning as pl
+    from pytorch_lightning.utilities import rank_zero_warn
     from pytorch_lightning.utilities.warnings import PossibleUserWarning
 except ImportError:  # pragma: no cover - the unified ``lightning`` package
     try:
         import lightning.pytorch as pl  # type: ignore[no-redef]
+        from lightning.pytorch.utilities import rank_zero_warn  # type: ignore[no-redef]
         from lightning.pytorch.utilities.warnings import PossibleUserWarning  # type: ignore[no-redef]
     except ImportError as err:
         raise ModuleNotFoundError(
@@ -96,6 +99,10 @@ def log_diagnostics(
     Call it from an epoch-end hook (``on_validation_epoch_end``, ...) on every rank. The values are
     logged with ``sync_dist=False``: ``DiagnosticCollection.compute()`` already summed the states of
     all ranks, so every rank logs the same global values.
+
+    Also reset a validation or test collection at epoch start (``on_validation_epoch_start``):
+    its states are saved in checkpoints, and Lightning does not resume an evaluation where a
+    checkpoint interrupted it, so restored partial sums would otherwise leak into the next value.
 
     Args:
         module: the LightningModule that logs.
@@ -207,8 +214,25 @@ class StageDiagnostics(nn.Module):
         return self[stage] if stage in self._stages else None
 
 
+def _state_entries(diagnostics: nn.Module, prefix: str = "") -> list[tuple[str, Tensor]]:
+    """``(state_dict key, tensor)`` of every persistent metric state under ``diagnostics``."""
+    entries: list[tuple[str, Tensor]] = []
+    for name, metric in diagnostics.named_modules(prefix=prefix):
+        if isinstance(metric, Metric):
+            entries.extend(
+                (f"{name}.{attr}", getattr(metric, attr))
+                for attr in metric._defaults
+                if metric._persistent[attr]
+            )
+    return entries
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 class DiagnosticsCallback(pl.Callback):
-    """Compute, log and reset the diagnostics of every stage at the end of its epoch.
+    """Reset every stage's diagnostics at the start of its epoch; compute, log and reset them at the end.
 
     The LightningModule keeps its collections in a :class:`StageDiagnostics` (submodules, so they
     follow the module's device and their states are saved in checkpoints) and only updates them::
@@ -229,22 +253,42 @@ class DiagnosticsCallback(pl.Callback):
     ``sync_dist=False``, reset afterwards. The sanity-check validation is computed and reset too,
     so it never leaks into epoch 0.
 
+    At ``on_{stage}_epoch_start`` it resets the stage's collection, so states restored from a
+    checkpoint never leak into a value: Lightning does not resume a validation or test where a
+    checkpoint interrupted it (``fit(ckpt_path=...)`` skips or restarts it, ``validate`` and
+    ``test`` start over). Training is different: when Lightning resumes a training epoch mid-way it
+    does not call ``on_train_epoch_start``, so the restored train states are kept and the epoch
+    continues its sums.
+
     Checkpoints: every state is a sum, so a checkpoint stores the states summed over all ranks
-    (one more collective, in ``on_save_checkpoint``), and on restore every rank but rank 0 starts
-    from zero: resuming from a mid-epoch checkpoint continues the epoch exactly, on any number of
-    ranks. (Without the callback, a checkpoint holds rank 0's local states only.)
+    (one more collective when the checkpoint is saved), and on restore every rank but rank 0 starts
+    from zero: a training epoch resumed from a mid-epoch checkpoint continues its sums exactly, on
+    any number of ranks. (Without the callback, a checkpoint holds rank 0's local states only.)
+
+    Several val or test dataloaders feed the same collection, so its value covers all of them
+    (the callback warns once per stage); for one value per dataloader keep one collection per
+    ``dataloader_idx`` and log it with :func:`log_diagnostics`.
 
     Args:
         diagnostics: a :class:`StageDiagnostics` to attach to the module as ``attribute`` at
             ``setup``, for modules that do not create their own; ``None`` (default) uses the
-            module's.
+            module's. Attached collections are a plain attribute of the module, not a submodule:
+            the callback moves them to the module's device, and saves their states in its own
+            checkpoint entry (:meth:`state_dict`), so the module's ``state_dict`` (and
+            ``Model.load_from_checkpoint``) stays as without the callback.
         attribute: name of the module attribute holding the :class:`StageDiagnostics`.
         prog_bar: also show the values in the progress bar.
         logger: send the values to the logger(s) (``None``: Lightning's default, yes).
 
     Attributes:
-        history: one record per computed epoch (sanity check excluded), on every rank:
-            ``{"stage": ..., "epoch": ..., "values": {key: float}}`` with keys without prefix.
+        history: one record per computed epoch (sanity check excluded):
+            ``{"stage": ..., "epoch": ..., "values": {key: float}}`` with keys without prefix,
+            identical on every rank. It fills in the processes that run the hooks: with
+            ``strategy="ddp_spawn"`` those are spawned copies of the callback, so after
+            ``trainer.fit`` the main process's ``history`` is empty. There, read the last logged
+            values from ``trainer.callback_metrics``, or write ``history`` to a file from rank 0
+            in a callback after this one (as the demo's ``ResultsWriter`` does), or use
+            ``strategy="ddp"``.
     """
 
     def __init__(
@@ -263,6 +307,12 @@ class DiagnosticsCallback(pl.Callback):
         self.prog_bar = prog_bar
         self.logger = logger
         self.history: list[dict[str, Any]] = []
+        self._warned_stages: set[str] = set()
+
+    @property
+    def state_key(self) -> str:
+        # one checkpoint entry per attribute, so two callbacks on different attributes do not collide
+        return self._generate_state_key(attribute=self.attribute)
 
     def stage_diagnostics(self, pl_module: pl.LightningModule) -> StageDiagnostics:
         """The module's :class:`StageDiagnostics`."""
@@ -279,7 +329,8 @@ class DiagnosticsCallback(pl.Callback):
         if self.diagnostics is not None:
             existing = getattr(pl_module, self.attribute, None)
             if existing is None:
-                pl_module.add_module(self.attribute, self.diagnostics)
+                # not a submodule: the module's state_dict stays free of states it does not own
+                object.__setattr__(pl_module, self.attribute, self.diagnostics)
             elif existing is not self.diagnostics:
                 raise ValueError(
                     f"`{type(pl_module).__name__}.{self.attribute}` already exists: pass no diagnostics "
@@ -287,6 +338,51 @@ class DiagnosticsCallback(pl.Callback):
                 )
         self.stage_diagnostics(pl_module)
         _silence_sync_dist_warning()
+
+    def _follow_device(self, pl_module: pl.LightningModule) -> None:
+        # attached collections are no submodules, so the module's `.to(device)` does not move them
+        if self.diagnostics is not None:
+            self.diagnostics.to(pl_module.device)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Move attached collections to the module's device."""
+        self._follow_device(pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Move attached collections to the module's device."""
+        self._follow_device(pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Move attached collections to the module's device."""
+        self._follow_device(pl_module)
+
+    # ------------------------------------------------------------------ epoch starts
+    def _start_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        collection = self.stage_diagnostics(pl_module).get(stage)
+        if collection is None:
+            return
+        if stage != "train" and stage not in self._warned_stages:
+            loaders = len(trainer.num_test_batches if stage == "test" else trainer.num_val_batches)
+            if loaders > 1:
+                self._warned_stages.add(stage)
+                rank_zero_warn(
+                    f"DiagnosticsCallback: the {stage!r} stage has {loaders} dataloaders; its collection "
+                    "sums all of them into one value per epoch (keep one collection per dataloader_idx "
+                    "for separate values)"
+                )
+        collection.reset()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reset the ``"train"`` collection (not called when Lightning resumes an epoch mid-way)."""
+        self._start_stage(trainer, pl_module, "train")
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reset the ``"val"`` collection, so restored checkpoint states never leak into it."""
+        self._start_stage(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reset the ``"test"`` collection, so restored checkpoint states never leak into it."""
+        self._start_stage(trainer, pl_module, "test")
 
     # ------------------------------------------------------------------ epoch ends
     def _log_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -318,27 +414,40 @@ class DiagnosticsCallback(pl.Callback):
         self._log_stage(trainer, pl_module, "test")
 
     # ------------------------------------------------------------------ checkpoints
-    def _state_entries(self, pl_module: pl.LightningModule) -> list[tuple[str, Tensor]]:
-        """``(state_dict key, tensor)`` of every persistent metric state of the stage collections."""
-        diagnostics = self.stage_diagnostics(pl_module)
-        path = next(name for name, module in pl_module.named_modules() if module is diagnostics)
-        entries: list[tuple[str, Tensor]] = []
-        for name, metric in diagnostics.named_modules(prefix=path):
-            if isinstance(metric, Metric):
-                entries.extend(
-                    (f"{name}.{attr}", getattr(metric, attr))
-                    for attr in metric._defaults
-                    if metric._persistent[attr]
-                )
-        return entries
+    def state_dict(self) -> dict[str, Any]:
+        """The states of attached collections, summed over all ranks (one collective); empty when
+        the module owns its collections (they are in its ``state_dict``)."""
+        if self.diagnostics is None:
+            return {}
+        states = self.diagnostics.state_dict()
+        entries = _state_entries(self.diagnostics)
+        if _distributed() and torch.distributed.get_world_size() > 1:
+            states.update((key, total) for (key, _), total in zip(entries, fused_all_reduce(entries)))
+        return {"states": states}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore attached collections, on rank 0 only (the saved states are sums over all ranks).
+
+        Stages this callback does not have are ignored.
+        """
+        if self.diagnostics is None or "states" not in state_dict:
+            return
+        if _distributed() and torch.distributed.get_rank() != 0:
+            return
+        own = self.diagnostics.state_dict()
+        self.diagnostics.load_state_dict(
+            {key: value for key, value in state_dict["states"].items() if key in own}, strict=False
+        )
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Store the metric states summed over all ranks (one collective for every stage)."""
-        if trainer.world_size == 1 or not torch.distributed.is_initialized():
-            return
-        entries = self._state_entries(pl_module)
+        """Store the module's metric states summed over all ranks (one collective for every stage)."""
+        if self.diagnostics is not None or trainer.world_size == 1 or not _distributed():
+            return  # attached collections are saved by ``state_dict``
+        diagnostics = self.stage_diagnostics(pl_module)
+        path = next(name for name, module in pl_module.named_modules() if module is diagnostics)
+        entries = _state_entries(diagnostics, prefix=path)
         state_dict = checkpoint.get("state_dict", {})
         for (key, _), total in zip(entries, fused_all_reduce(entries)):
             if key in state_dict:
