@@ -29,6 +29,7 @@ from metrics_suite import (
 )
 from metrics_suite.functional.utility import (
     DivergenceReduction,
+    chunk_rows,
     masked_cross_entropy,
     next_token_divergence,
     prediction_change,
@@ -251,6 +252,22 @@ def test_chunking_does_not_change_results(
     assert_close(as_floats(chunked.compute()), as_floats(default.compute()), rtol=1e-6)
     for a, b in zip(chunked.state_items(), default.state_items()):
         assert torch.allclose(a[1].double(), b[1].double(), rtol=1e-6, atol=0), a[0]
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        ((None, None), 16),  # 2 MiB / (128 KiB per row)
+        ((1, None), 16),  # one limit: the missing one is the full sequence, but within 2 MiB
+        ((None, 2), 6),  # 3 sequences of 2 tokens: below the default, kept
+        ((1, 4096), 4096),  # both limits: exactly what was asked
+    ],
+)
+def test_chunk_rows_stays_bounded_when_one_limit_is_set(
+    limits: tuple[int | None, int | None], expected: int
+) -> None:
+    # V = 32768 float32: one row is 128 KiB; B = 3 sequences of T = 4096 tokens
+    assert chunk_rows(32768, torch.float32, 3, 4096, *limits) == expected
 
 
 def test_batches_and_shards_give_one_pass_result() -> None:

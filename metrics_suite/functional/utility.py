@@ -59,15 +59,19 @@ def chunk_rows(
     """Number of positions (rows of ``V`` logits) processed at once.
 
     With neither limit set, a chunk is sized so that one ``[chunk, V]`` buffer of ``dtype`` takes
-    about :data:`DEFAULT_CHUNK_BYTES`, which keeps the working set in cache. Otherwise a chunk holds
-    at most ``max_batch_size × max_sequence_length`` positions (a missing limit means the full batch
-    or sequence).
+    about :data:`DEFAULT_CHUNK_BYTES`, which keeps the working set in cache. With both set, a chunk
+    holds at most ``max_batch_size × max_sequence_length`` positions. With one set, the missing one
+    means the full batch or sequence, but the chunk stays within the default size: ``max_batch_size=1``
+    alone must not make a chunk of a whole 4096-token sequence at a 128k vocabulary (2 GiB per buffer).
     """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    default = max(1, DEFAULT_CHUNK_BYTES // max(1, vocab_size * itemsize))
     if max_batch_size is None and max_sequence_length is None:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return max(1, DEFAULT_CHUNK_BYTES // max(1, vocab_size * itemsize))
+        return default
     batch = min(max_batch_size or batch_size, batch_size)
     seq = min(max_sequence_length or sequence_length, sequence_length)
+    if max_batch_size is None or max_sequence_length is None:
+        return max(1, min(batch * seq, default))
     return max(1, batch * seq)
 
 
