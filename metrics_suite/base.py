@@ -165,6 +165,7 @@ class DiagnosticMetric(Metric):
     value_name: str | None = None
 
     nonfinite_count: Tensor
+    _in_forward: bool = False  # a class default also covers metrics unpickled from older versions
 
     def __init__(
         self,
@@ -189,7 +190,6 @@ class DiagnosticMetric(Metric):
         self.check_layout = check_layout
         self.nan_strategy = nan_strategy
         self._warned_nonfinite = False
-        self._in_forward = False
         self.add_count_state("nonfinite_count")
 
     # ------------------------------------------------------------------ non-finite input
@@ -255,7 +255,11 @@ class DiagnosticMetric(Metric):
         are put back here, so a rejected batch loses nothing. The reset inside does not re-arm the
         non-finite warning: it fires once per metric until the user calls ``reset()``.
         """
-        saved = {name: getattr(self, name) for name in self._defaults}  # reset() replaces, never mutates
+        if self.full_state_update or self.dist_sync_on_step:
+            # torchmetrics' full-state path adds the batch into the current tensors in place
+            saved = self._copy_state_dict()
+        else:  # reset() replaces the tensors and never mutates them: references suffice
+            saved = {name: getattr(self, name) for name in self._defaults}
         update_count, compute_on_cpu = self._update_count, self.compute_on_cpu
         self._in_forward = True
         try:
@@ -323,8 +327,9 @@ class DiagnosticMetric(Metric):
     def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
         """Add the states of another metric of this class (or a ``{state: tensor}`` dict) to these.
 
-        The update counts add up too (a dict counts as one update), so a metric that only received
-        merged states is not "never updated".
+        The update counts add up too (a dict counts as one update, unless it carries the
+        ``update_count`` of a ``state_dict()``), so a metric that only received merged states is not
+        "never updated".
 
         Raises:
             ValueError: a state has another shape than this metric's (e.g. a different
@@ -335,6 +340,9 @@ class DiagnosticMetric(Metric):
         if isinstance(incoming_state, type(self)):
             updates = incoming_state._update_count
             incoming_state = incoming_state.metric_state
+        elif isinstance(incoming_state, dict) and "update_count" in incoming_state:  # a state_dict()
+            incoming_state = dict(incoming_state)
+            updates = int(incoming_state.pop("update_count"))
         if isinstance(incoming_state, dict):
             incoming_state = {
                 k: self._checked_state(k, v) if k in self._defaults else v for k, v in incoming_state.items()
@@ -344,8 +352,10 @@ class DiagnosticMetric(Metric):
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        # resumed from a checkpoint, a metric must still know it holds updates ("never updated" warnings)
-        destination[prefix + "update_count"] = torch.tensor(self._update_count, dtype=torch.int64)
+        # resumed from a checkpoint, a metric must still know it holds updates ("never updated"
+        # warnings); without persistent states there is nothing the count could describe
+        if any(self._persistent[name] for name in self._defaults):
+            destination[prefix + "update_count"] = torch.tensor(self._update_count, dtype=torch.int64)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any

@@ -89,7 +89,9 @@ class ForwardCapture:
         ValueError: (during a forward) ``output`` asks for an index or key the output lacks.
         AttributeError: (during a forward) the module has no attribute named in ``attributes``.
         RuntimeError: (during a forward) the forward changed a captured argument in place and
-            ``copy_inputs`` is off.
+            ``copy_inputs`` is off. Views of one buffer share a version counter, so a forward that
+            writes another view of the captured argument's buffer raises too: pass
+            ``copy_inputs=True`` there.
 
     Use as a context manager (hooks removed on exit) or call :meth:`attach`/:meth:`remove`.
 
@@ -208,7 +210,9 @@ class ForwardCapture:
                 value = bound.arguments[param]
                 self._store(name, value, copy=self.copy_inputs)
                 if not self.copy_inputs:  # a captured reference must still hold the pre-forward value
-                    leaves = [t for t in tree_leaves(value) if isinstance(t, Tensor)]
+                    # inference tensors (Lightning's evaluation loops) have no version counter,
+                    # and cannot be changed in place outside inference mode either
+                    leaves = [t for t in tree_leaves(value) if isinstance(t, Tensor) and not t.is_inference()]
                     self._input_versions += [(name, t, t._version) for t in leaves]
 
     def _finish(self, module: nn.Module, args: tuple[Any, ...], result: Any) -> None:

@@ -264,3 +264,12 @@ def test_detach_reaches_tensors_inside_containers() -> None:
     assert not pair[0].requires_grad and not pair[1]["more"][0].requires_grad
     assert torch.equal(parts[0], x * 4) and not parts[0].requires_grad and parts[1] == 7
     assert kept.tensors["all"][1]["more"][0].requires_grad
+
+
+def test_inputs_under_inference_mode_are_captured() -> None:
+    """Lightning evaluates under inference mode: inference tensors have no version counter."""
+    layer = NoiseLayer(3)
+    with ForwardCapture(layer, inputs={"input": "x"}) as capture, torch.inference_mode():
+        x = torch.randn(2, 3)
+        layer(x)
+    assert torch.equal(capture.tensors["input"], x)

@@ -384,3 +384,45 @@ def test_index_and_mask_checks_accept_numpy_ints_and_unsigned_masks() -> None:
             check_mask("mask", torch.tensor([2, 0, 1], dtype=dtype), (3,))
     with pytest.raises(TypeError, match="`mask` must be a bool"):
         check_mask("mask", torch.ones(3), (3,))
+
+
+def test_rejected_forward_on_the_full_state_path_keeps_the_states() -> None:
+    """With dist_sync_on_step torchmetrics adds the batch in place before its second update."""
+    calls = {"n": 0}
+
+    def flaky_loss(h: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the forward's second update (after one plain update)
+            raise RuntimeError("out of memory")
+        return 0.5 * h.square().sum(-1)
+
+    hidden = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    metric = ms.NudgingDelta(dist_sync_on_step=True)
+    metric.update(hidden, hidden, flaky_loss)
+    before = {k: v.clone() for k, v in metric.state_items()}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        metric(hidden, hidden, flaky_loss)
+    assert all(torch.equal(v, before[k]) for k, v in metric.state_items())
+    assert metric.update_count == 1
+
+
+def test_update_count_in_state_dicts_and_merges() -> None:
+    a, b = ms.ReconstructionScore(), ms.ReconstructionScore()
+    loss = torch.tensor([1.0, 2.0])
+    for _ in range(3):
+        b.update(loss, loss + 1, loss + 2)
+    a.merge_state(b.state_dict())  # a state_dict carries its update count
+    assert a.update_count == 3
+    assert a.compute().item() == pytest.approx(0.5)
+    b.persistent(False)
+    assert "update_count" not in b.state_dict()  # nothing saved: no count that describes nothing
+
+
+def test_metric_unpickled_from_an_older_version_resets() -> None:
+    metric = ms.ReconstructionScore()
+    state = metric.__getstate__()
+    state.pop("_in_forward", None)  # older versions had no such attribute
+    restored = ms.ReconstructionScore.__new__(ms.ReconstructionScore)
+    restored.__setstate__(state)
+    restored.reset()
+    assert restored.update_count == 0

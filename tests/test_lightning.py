@@ -211,14 +211,19 @@ def floats(values: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float
     return {f"{prefix}{k}": float(v) for k, v in values.items()}
 
 
-def assert_partial_val_sums(saved: dict[str, torch.Tensor], prefix: str, items: list[int]) -> None:
-    """``saved[prefix + state key]`` holds the val states of a single pass over ``items`` of epoch 0."""
+def assert_partial_val_sums(
+    saved: dict[str, torch.Tensor], prefix: str, items: list[int], updates: int | None = None
+) -> None:
+    """``saved[prefix + state key]`` holds the val states of a single pass over ``items`` of epoch 0
+    (and, given ``updates``, the update count summed over ranks)."""
     partial = reference("val", 0, items=items)
     for name, metric in partial.items(keep_base=True):
         for attr in metric._defaults:
             torch.testing.assert_close(
                 saved[f"{prefix}{name}.{attr}"], getattr(metric, attr), rtol=1e-12, atol=0
             )
+        if updates is not None:
+            assert int(saved[f"{prefix}{name}.update_count"]) == updates, name
 
 
 def quiet_trainer(**kwargs: Any) -> Any:
@@ -280,7 +285,7 @@ def test_ddp_spawn_logs_the_single_process_values(tmp_path: Path) -> None:
 
     # the first validation batch of each rank (items 0, 2, 4 and 1, 3, 5), summed
     state_dict = torch.load(ckpt, weights_only=False)["state_dict"]
-    assert_partial_val_sums(state_dict, "diagnostics.val_metrics.", items=[0, 1, 2, 3, 4, 5])
+    assert_partial_val_sums(state_dict, "diagnostics.val_metrics.", items=[0, 1, 2, 3, 4, 5], updates=2)
 
 
 # ---------------------------------------------------------------------------------------------- one process
@@ -578,4 +583,4 @@ def test_plain_ddp_strategy_logs_the_single_process_values(tmp_path: Path) -> No
     checkpoint = torch.load(tmp_path / "mid.ckpt", weights_only=False)
     assert not any(key.startswith("diagnostics.") for key in checkpoint["state_dict"])
     states = checkpoint["callbacks"][attaching_callback(CountingCallback).state_key]["states"]
-    assert_partial_val_sums(states, "val_metrics.", items=[0, 1, 2, 3, 4, 5])
+    assert_partial_val_sums(states, "val_metrics.", items=[0, 1, 2, 3, 4, 5], updates=2)  # 2 ranks x 1 batch

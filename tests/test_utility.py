@@ -763,3 +763,12 @@ def test_utility_suite_routes_inputs() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert float(configured.compute()["utility/prediction_change/target_change"]) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_jensen_shannon_of_disjoint_supports_stays_within_ln2(dtype: torch.dtype) -> None:
+    clean = torch.tensor([[0.0, -math.inf]], dtype=dtype)
+    noisy = torch.tensor([[-math.inf, 0.0]], dtype=dtype)
+    js = token_divergences(clean, noisy)["jensen_shannon"].item()
+    assert js <= LN2
+    assert js == pytest.approx(LN2, rel=1e-6)

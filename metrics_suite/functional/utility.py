@@ -7,6 +7,7 @@ memory is ``O(chunk × V)`` whatever the batch and sequence sizes, and masked po
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from typing import Literal
@@ -45,6 +46,13 @@ DivergenceReduction = Literal["sequence", "token"]
 DEFAULT_CHUNK_BYTES = 1 << 21
 
 _LN2 = math.log(2.0)
+
+
+@functools.cache
+def _ln2_below(dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` not above ln 2 (float32 rounds ln 2 up: JS would exceed it)."""
+    ln2 = torch.tensor(_LN2, dtype=dtype)
+    return float(torch.nextafter(ln2, torch.zeros_like(ln2)) if float(ln2) > _LN2 else ln2)
 
 
 # ---------------------------------------------------------------------------------------------- chunking
@@ -181,7 +189,7 @@ def _divergences_from_logits(
     js_terms = u.addcmul_(rho, delta.clamp_max_(torch.finfo(delta.dtype).max).add_(u)).mul_(big)
     jensen_shannon = js_terms.sum(-1).mul_(-0.5)
     values = torch.stack([jeffreys, jensen_shannon, total_variation, squared_hellinger], dim=-1)
-    upper = values.new_tensor([math.inf, _LN2, 1.0, 1.0])
+    upper = values.new_tensor([math.inf, _ln2_below(values.dtype), 1.0, 1.0])
     # rounding only (NaN stays NaN); adding 0.0 turns -0.0 into 0.0
     return torch.minimum(values.clamp_min_(0.0), upper).add_(0.0), finite
 

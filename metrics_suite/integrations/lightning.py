@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from metrics_suite.base import fused_all_reduce
+from metrics_suite.base import DiagnosticMetric, fused_all_reduce
 from metrics_suite.collection import DiagnosticCollection
 from metrics_suite.registry import SUITES
 
@@ -215,15 +215,19 @@ class StageDiagnostics(nn.Module):
 
 
 def _state_entries(diagnostics: nn.Module, prefix: str = "") -> list[tuple[str, Tensor]]:
-    """``(state_dict key, tensor)`` of every persistent metric state under ``diagnostics``."""
+    """``(state_dict key, tensor)`` of every persistent metric state under ``diagnostics``.
+
+    With the update count a :class:`~metrics_suite.base.DiagnosticMetric` saves: summed over ranks
+    like the states, so a metric only other ranks updated is not "never updated" after a resume.
+    """
     entries: list[tuple[str, Tensor]] = []
     for name, metric in diagnostics.named_modules(prefix=prefix):
         if isinstance(metric, Metric):
-            entries.extend(
-                (f"{name}.{attr}", getattr(metric, attr))
-                for attr in metric._defaults
-                if metric._persistent[attr]
-            )
+            persistent = [attr for attr in metric._defaults if metric._persistent[attr]]
+            entries.extend((f"{name}.{attr}", getattr(metric, attr)) for attr in persistent)
+            if isinstance(metric, DiagnosticMetric) and persistent:
+                count = torch.tensor(metric._update_count, dtype=torch.int64, device=metric.device)
+                entries.append((f"{name}.update_count", count))
     return entries
 
 
