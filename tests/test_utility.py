@@ -194,6 +194,20 @@ def test_top_k_matches_hand_built_support() -> None:
             assert_close({n: float(per_token[n][b, t]) for n in NAMES}, expected, rtol=1e-4, atol=1e-8)
 
 
+def test_top_k_with_a_row_of_equal_logits_matches_the_slow_loop() -> None:
+    """A constant row makes its top-k set the whole vocabulary: the chunk then masks instead of gathering."""
+    clean, noisy = logits((2, 5, 300), seed=22)
+    clean[0, 1] = 0.5  # every token ties at the k-th place
+    noisy[1, 3, :200] = 10.0  # 200 tokens tie at the top of the noisy row
+    mask = attention(2, 5, seed=22, fully_masked=())
+    for rows in (None, 1):  # one chunk holding normal and tied rows, and one row per chunk
+        metric = NextTokenDivergence(
+            num_logits=8, reduction="token", max_batch_size=rows, max_sequence_length=rows
+        )
+        metric.update(clean, noisy, mask)
+        assert_close(as_floats(metric.compute()), ref_metric(clean, noisy, mask, 8)[1], rtol=1e-5)
+
+
 def test_top_k_ties_are_all_included_whatever_the_vocabulary_order() -> None:
     # hand-built: the 2nd largest clean logit (3) is shared by 4 tokens, the noisy one by 0 and 4
     clean = torch.tensor([[3.0, 3.0, 3.0, 3.0, 0.0, 0.0]])

@@ -194,30 +194,41 @@ def _divergences_from_logits(
     return torch.minimum(values.clamp_min_(0.0), upper).add_(0.0), finite
 
 
-def _top_k_set(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _top_k_set(x: Tensor, k: int) -> tuple[Tensor, Tensor] | Tensor:
     """Indices ``[n, w]`` that cover the top-k set of each row (``k < V``), and a mask of those outside it.
 
     The top-k set is every entry at least the k-th largest value, ties included, except −inf
-    entries: it does not depend on the order of the vocabulary.
+    entries: it does not depend on the order of the vocabulary. When ties make a set wider than a
+    quarter of the vocabulary (e.g. a row of equal logits), gathering would cost more than the
+    whole row: then only the bool mask ``[n, V]`` of the set is returned.
     """
     values, index = x.topk(k + 1, -1)
     kth = values[:, k - 1 : k]
     if bool(((values[:, k:] == kth) & (kth > -math.inf)).any()):  # a tie crosses the k-th place
         width = int((x >= kth).sum(-1).max())
+        if 4 * width > x.shape[-1]:
+            return (x >= kth) & (x > -math.inf)
         values, index = x.topk(width, -1, sorted=False)
     return index, (values < kth) | (values == -math.inf)
 
 
-def _top_k_union(clean: Tensor, noisy: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _as_mask(top_k_set: tuple[Tensor, Tensor] | Tensor, shape: torch.Size) -> Tensor:
+    """The bool ``[n, V]`` mask of a set from :func:`_top_k_set`."""
+    if isinstance(top_k_set, Tensor):
+        return top_k_set
+    index, outside = top_k_set
+    return torch.zeros(shape, dtype=torch.bool, device=index.device).scatter_(-1, index, ~outside)
+
+
+def _top_k_union(
+    clean_set: tuple[Tensor, Tensor], noisy_set: tuple[Tensor, Tensor], vocab: int
+) -> tuple[Tensor, Tensor]:
     """Sorted indices ``[n, w]`` of the union of both top-k sets, and a mask of entries to leave out.
 
     Left out: repeats, and padding (rows whose union is narrower than ``w``).
     """
-    vocab = clean.shape[-1]
     # entries outside their set get index V: sorted last, then dropped
-    index = torch.cat(
-        [i.masked_fill_(out, vocab) for i, out in (_top_k_set(clean, k), _top_k_set(noisy, k))], -1
-    )
+    index = torch.cat([i.masked_fill_(out, vocab) for i, out in (clean_set, noisy_set)], -1)
     index = index.sort(-1).values
     drop = index == vocab
     drop[:, 1:] |= index[:, 1:] == index[:, :-1]
@@ -226,7 +237,15 @@ def _top_k_union(clean: Tensor, noisy: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def _top_k_chunk(clean: Tensor, noisy: Tensor, k: int) -> Tensor:
     """Divergences of rows restricted to (and renormalised on) the union of both top-k sets."""
-    index, drop = _top_k_union(clean, noisy, k)
+    clean_set, noisy_set = _top_k_set(clean, k), _top_k_set(noisy, k)
+    if isinstance(clean_set, Tensor) or isinstance(noisy_set, Tensor):
+        # a very wide set: mask the whole rows instead of gathering (−inf outside the union)
+        outside = ~(_as_mask(clean_set, clean.shape) | _as_mask(noisy_set, clean.shape))
+        p, q, s1, s2 = (torch.empty_like(clean) for _ in range(4))
+        return _divergences_from_logits(
+            clean.masked_fill_(outside, -math.inf), noisy.masked_fill_(outside, -math.inf), p, q, s1, s2
+        )[0]
+    index, drop = _top_k_union(clean_set, noisy_set, clean.shape[-1])
     # −inf in both: a dropped entry contributes exactly 0
     support_clean = clean.gather(-1, index).masked_fill_(drop, -math.inf)
     support_noisy = noisy.gather(-1, index).masked_fill_(drop, -math.inf)
