@@ -267,7 +267,9 @@ class DiagnosticsCallback(pl.Callback):
     Checkpoints: every state is a sum, so a checkpoint stores the states summed over all ranks
     (one more collective when the checkpoint is saved), and on restore every rank but rank 0 starts
     from zero: a training epoch resumed from a mid-epoch checkpoint continues its sums exactly, on
-    any number of ranks. (Without the callback, a checkpoint holds rank 0's local states only.)
+    any number of ranks, from the batches the resumed run feeds it (a plain ``DataLoader`` is
+    re-read from its start, as Lightning warns; a resumable one continues where it stopped).
+    (Without the callback, a checkpoint holds rank 0's local states only.)
 
     Several val or test dataloaders feed the same collection, so its value covers all of them
     (the callback warns once per stage); for one value per dataloader keep one collection per
