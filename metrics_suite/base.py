@@ -128,6 +128,35 @@ def mean_and_stderr(stats: Tensor) -> tuple[Tensor, Tensor]:
     return mean, torch.sqrt(safe_div(var, n))
 
 
+def snapshot(metric: Metric, copy_states: bool = True) -> Callable[[], None]:
+    """A function that puts ``metric`` back as it is now.
+
+    Restores the states, the update count, any extra state (e.g. a random generator) and the context
+    torchmetrics' ``forward()`` leaves behind when it raises. States are copied, as ``update`` adds in
+    place; ``copy_states=False`` keeps references, enough where the next step is a ``reset()`` (which
+    replaces the tensors rather than mutating them).
+    """
+    states = (
+        metric._copy_state_dict()
+        if copy_states
+        else {name: getattr(metric, name) for name in metric._defaults}
+    )
+    count, on_cpu = metric._update_count, metric.compute_on_cpu
+    has_extra = type(metric).get_extra_state is not torch.nn.Module.get_extra_state
+    extra = metric.get_extra_state() if has_extra else None
+
+    def restore() -> None:
+        for attr, value in states.items():
+            setattr(metric, attr, value)
+        metric._update_count, metric.compute_on_cpu = count, on_cpu
+        metric._computed, metric._enable_grad = None, False
+        metric._to_sync, metric._should_unsync = metric.sync_on_compute, True
+        if has_extra:
+            metric.set_extra_state(extra)
+
+    return restore
+
+
 class DiagnosticMetric(Metric):
     """Base class of every metric in ``metrics_suite``.
 
@@ -255,21 +284,14 @@ class DiagnosticMetric(Metric):
         are put back here, so a rejected batch loses nothing. The reset inside does not re-arm the
         non-finite warning: it fires once per metric until the user calls ``reset()``.
         """
-        if self.full_state_update or self.dist_sync_on_step:
-            # torchmetrics' full-state path adds the batch into the current tensors in place
-            saved = self._copy_state_dict()
-        else:  # reset() replaces the tensors and never mutates them: references suffice
-            saved = {name: getattr(self, name) for name in self._defaults}
-        update_count, compute_on_cpu = self._update_count, self.compute_on_cpu
+        # torchmetrics' full-state path adds the batch into the current tensors in place; the
+        # reduce-state path starts with a reset()
+        restore = snapshot(self, copy_states=self.full_state_update or self.dist_sync_on_step)
         self._in_forward = True
         try:
             return super().forward(*args, **kwargs)
         except Exception:
-            for name, value in saved.items():
-                setattr(self, name, value)
-            self._update_count, self.compute_on_cpu = update_count, compute_on_cpu
-            self._enable_grad, self._computed = False, None
-            self._to_sync, self._should_unsync = self.sync_on_compute, True
+            restore()
             raise
         finally:
             self._in_forward = False

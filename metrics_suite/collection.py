@@ -20,7 +20,7 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities.data import dim_zero_sum
 
-from metrics_suite.base import DiagnosticMetric, fused_all_reduce
+from metrics_suite.base import DiagnosticMetric, fused_all_reduce, snapshot
 
 _NOT_UPDATED = "was called before the ``update`` method"
 
@@ -59,28 +59,6 @@ def _flatten(metric: Metric, value: Any) -> dict[str, Tensor]:
     if isinstance(value, Mapping):
         return {str(k): v for k, v in value.items()}
     return {"": value}
-
-
-def _snapshot(metric: Metric) -> Callable[[], None]:
-    """A function that puts ``metric`` back as it is now.
-
-    Restores the states (copied: ``update`` adds in place), the update count, any extra state (e.g.
-    a random generator) and the context torchmetrics' ``forward()`` leaves behind when it raises.
-    """
-    states, count, on_cpu = metric._copy_state_dict(), metric._update_count, metric.compute_on_cpu
-    has_extra = type(metric).get_extra_state is not torch.nn.Module.get_extra_state
-    extra = metric.get_extra_state() if has_extra else None
-
-    def restore() -> None:
-        for attr, value in states.items():
-            setattr(metric, attr, value)
-        metric._update_count, metric.compute_on_cpu = count, on_cpu
-        metric._computed, metric._enable_grad = None, False
-        metric._to_sync, metric._should_unsync = metric.sync_on_compute, True
-        if has_extra:
-            metric.set_extra_state(extra)
-
-    return restore
 
 
 class DiagnosticCollection(MetricCollection):
@@ -156,7 +134,7 @@ class DiagnosticCollection(MetricCollection):
         try:
             for name, metric, kwargs in self._route(inputs):
                 if self.atomic_update:
-                    restores.append(_snapshot(metric))
+                    restores.append(snapshot(metric))
                 results[name] = call(metric, **kwargs)
         except Exception:
             for restore in restores:
