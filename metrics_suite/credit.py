@@ -21,6 +21,7 @@ from metrics_suite.functional.credit import (
     Difference,
     LossFn,
     _bridge_check,
+    _bridge_target,
     _credit_cosine_check,
     _drift_check,
     _drift_compute,
@@ -34,7 +35,6 @@ from metrics_suite.functional.credit import (
     _pearson_sums,
     _per_item_cosine,
     _perturbation_pairs,
-    bridge_target,
 )
 from metrics_suite.registry import register
 from metrics_suite.validation import check_index
@@ -535,7 +535,7 @@ class BridgeResidual(_PerLayerMetric):
         layer = self._layer(layer)
         if self.validate_args:
             _bridge_check(value, next_values)
-        residual = (value.to(torch.float64) - bridge_target(next_values, self.lam).to(value.device)).abs()
+        residual = (value.to(torch.float64) - _bridge_target(next_values, self.lam).to(value.device)).abs()
         keep, skipped = self.nonfinite_filter("value` or `next_values", _items_finite(value, next_values))
         stats = mean_stats(torch.where(keep, residual, 0.0), keep)
         self.nonfinite_count += skipped

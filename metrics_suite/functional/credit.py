@@ -492,15 +492,19 @@ def _nudging_delta(hidden: Tensor, credit: Tensor, loss_fn: LossFn, eta: float) 
 
 
 # ---------------------------------------------------------------------------------------------- bridge
-def _bridge_check(value: Tensor, next_values: Tensor) -> None:
-    check_float("value", value)
-    check_ndim("value", value, 1)
+def _next_values_check(next_values: Tensor, batch: int | None = None) -> None:
     check_float("next_values", next_values)
-    check_shape("next_values", next_values, (value.shape[0], None))
+    check_shape("next_values", next_values, (batch, None))
     if next_values.shape[1] == 0:
         raise ValueError(
             f"`next_values` must hold at least one next value per item, got {shape_str(next_values.shape)}"
         )
+
+
+def _bridge_check(value: Tensor, next_values: Tensor) -> None:
+    check_float("value", value)
+    check_ndim("value", value, 1)
+    _next_values_check(next_values, value.shape[0])
 
 
 def bridge_target(next_values: Tensor, lam: float = 0.1) -> Tensor:
@@ -526,13 +530,13 @@ def bridge_target(next_values: Tensor, lam: float = 0.1) -> Tensor:
         >>> bridge_target(torch.tensor([[0.0, 1.0]]), lam=1.0)  # -log((1 + e^-1) / 2)
         tensor([0.3799], dtype=torch.float64)
     """
-    check_float("next_values", next_values)
-    check_ndim("next_values", next_values, 2)
-    if next_values.shape[1] == 0:
-        raise ValueError(
-            f"`next_values` must hold at least one next value per item, got {shape_str(next_values.shape)}"
-        )
+    _next_values_check(next_values)
     _check_positive("lam", lam)
+    return _bridge_target(next_values, lam)
+
+
+def _bridge_target(next_values: Tensor, lam: float) -> Tensor:
+    """:func:`bridge_target` without the input checks."""
     v = next_values.to(torch.float64)
     return -lam * torch.logsumexp(-v / lam, dim=1) + lam * math.log(v.shape[1])
 
@@ -559,7 +563,7 @@ def bridge_residual(value: Tensor, next_values: Tensor, lam: float = 0.1) -> Ten
     """
     _bridge_check(value, next_values)
     _check_positive("lam", lam)
-    residual = (value.to(torch.float64) - bridge_target(next_values, lam)).abs()
+    residual = (value.to(torch.float64) - _bridge_target(next_values, lam)).abs()
     return safe_div(residual.sum(), torch.tensor(float(residual.numel()), dtype=torch.float64))
 
 
