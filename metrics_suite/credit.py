@@ -72,6 +72,12 @@ class _PerLayerMetric(DiagnosticMetric):
         """``{name: mean}`` (plus ``{name}_stderr``) per layer from ``[L, 3]`` mean statistics."""
         return {k: _per_layer(v, self.num_layers) for k, v in self.mean_output(stats, name).items()}
 
+    def _layer_value(self, stats: Tensor) -> MetricOutput:
+        """The per-layer mean of a one-value metric, or with ``with_stderr`` the dict under :attr:`value_name`."""
+        assert self.value_name is not None
+        out = self._layer_means(stats, self.value_name)
+        return out if self.with_stderr else out[self.value_name]
+
 
 # ---------------------------------------------------------------------------------------------- examples
 class _QuadraticLoss:
@@ -239,8 +245,7 @@ class CreditCosine(_PerLayerMetric):
 
     def compute(self) -> MetricOutput:
         """Mean cosine per layer."""
-        out = self._layer_means(self.cosine_stats, "cosine")
-        return out if self.with_stderr else out["cosine"]
+        return self._layer_value(self.cosine_stats)
 
 
 @register(
@@ -543,8 +548,7 @@ class BridgeResidual(_PerLayerMetric):
 
     def compute(self) -> MetricOutput:
         """Mean absolute residual per layer."""
-        out = self._layer_means(self.residual_stats, "bridge_residual")
-        return out if self.with_stderr else out["bridge_residual"]
+        return self._layer_value(self.residual_stats)
 
 
 @register(
