@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from metrics_suite.base import mean_stats
+from metrics_suite.functional._rows import RowGather
 from metrics_suite.validation import check_broadcast_mask, check_float, shape_str
 
 __all__ = ["noise_statistics"]
@@ -78,22 +77,6 @@ def _div_defined(num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(defined, num / torch.where(defined, den, 1.0), float("nan")), defined
 
 
-def _position_rows(t: Tensor, dim: int, positions: torch.Size, d: int) -> Callable[[int, int], Tensor]:
-    """A reader of rows ``[start, end)`` of ``t`` seen as ``[positions, d]``, never copying all of ``t``.
-
-    A view when the layout allows one; otherwise (``dim`` not last, or a broadcast input with zero
-    strides) only the requested rows are gathered, so the extra memory stays one chunk.
-    """
-    moved = t.movedim(dim, -1)
-    try:
-        flat = moved.view(-1, d)
-    except RuntimeError:
-        return lambda start, end: moved[
-            torch.unravel_index(torch.arange(start, min(end, positions.numel()), device=t.device), positions)
-        ]
-    return lambda start, end: flat[start:end]
-
-
 def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """The ten statistics at every position.
 
@@ -115,10 +98,12 @@ def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) ->
     positions, d = _position_shape(x_all.shape, dim), x_all.shape[dim]
     chunk_elements = _CHUNK_ELEMENTS if x_all.device.type == "cpu" else _CHUNK_ELEMENTS << 6
     rows = max(1, chunk_elements // max(d, 1))
-    readers = [_position_rows(t, dim, positions, d) for t in (x_all, mu_all, eps_all)]
+    gathers = [RowGather(t.movedim(dim, -1), torch.float64, rows) for t in (x_all, mu_all, eps_all)]
+    buffers = [x_all.new_empty((rows, d), dtype=torch.float64) for _ in gathers]
     parts = [x_all.new_zeros((6, 0), dtype=torch.float64)]
     for start in range(0, positions.numel(), rows):
-        x, mu, eps = (read(start, start + rows).to(torch.float64) for read in readers)
+        end = min(start + rows, positions.numel())
+        x, mu, eps = (gather.span(start, end, out[: end - start]) for gather, out in zip(gathers, buffers))
         shifted = mu + eps
         norms = [torch.linalg.vector_norm(t, dim=-1) for t in (x, mu, eps, shifted)]
         parts.append(torch.stack([*norms, torch.linalg.vecdot(x, mu), torch.linalg.vecdot(x, shifted)]))

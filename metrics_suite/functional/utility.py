@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from metrics_suite.base import mean_and_stderr, safe_div
+from metrics_suite.functional._rows import RowGather
 from metrics_suite.validation import (
     check_float,
     check_ids_in_range,
@@ -81,37 +82,6 @@ def chunk_rows(
     if max_batch_size is None or max_sequence_length is None:
         return max(1, min(batch * seq, default))
     return max(1, batch * seq)
-
-
-class _RowGather:
-    """Copies selected positions of ``[..., V]`` logits into a ``[n, V]`` buffer of the compute dtype.
-
-    Never copies the whole tensor: a contiguous input is read with ``index_select`` through a
-    ``[N, V]`` view, a strided one with advanced indexing on the unravelled positions. The logits
-    are detached: ``out=`` buffers cannot carry gradients, and the divergences are diagnostics.
-    """
-
-    def __init__(self, logits: Tensor, dtype: torch.dtype, max_rows: int) -> None:
-        self.logits = logits = logits.detach()
-        self.vocab = logits.shape[-1]
-        try:
-            self.flat: Tensor | None = logits.view(-1, self.vocab)
-        except RuntimeError:
-            self.flat = None
-        # half-precision inputs are gathered in their own dtype first, then converted
-        self.raw = (
-            torch.empty(max_rows, self.vocab, dtype=logits.dtype, device=logits.device)
-            if logits.dtype != dtype and self.flat is not None
-            else None
-        )
-
-    def __call__(self, positions: Tensor, out: Tensor) -> Tensor:
-        if self.flat is None:
-            return out.copy_(self.logits[torch.unravel_index(positions, self.logits.shape[:-1])])
-        if self.raw is None:
-            return torch.index_select(self.flat, 0, positions, out=out)
-        raw = torch.index_select(self.flat, 0, positions, out=self.raw[: positions.numel()])
-        return out.copy_(raw)
 
 
 def _chunks(positions: Tensor, rows: int) -> Iterator[tuple[int, Tensor]]:
@@ -272,8 +242,8 @@ def _divergence_rows(
     rows = min(rows, n_rows)
     top_k = num_logits if num_logits is not None and num_logits < vocab else None
     workspace = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(2 if top_k else 6)]
-    gather_clean = _RowGather(clean_logits, dtype, rows)
-    gather_noisy = _RowGather(noisy_logits, dtype, rows)
+    gather_clean = RowGather(clean_logits, dtype, rows)
+    gather_noisy = RowGather(noisy_logits, dtype, rows)
     for start, chunk in _chunks(positions, rows):
         n = chunk.numel()
         clean = gather_clean(chunk, workspace[0][:n])
@@ -586,7 +556,7 @@ def _cross_entropy_update(
     if positions.numel():
         x_buffer = torch.empty(rows, vocab, dtype=dtype, device=logits.device)
         log_probs = torch.empty_like(x_buffer)
-        gather = _RowGather(logits, dtype, rows)
+        gather = RowGather(logits, dtype, rows)
         for start, chunk in _chunks(positions, rows):
             n = chunk.numel()
             x = gather(chunk, x_buffer[:n])
