@@ -256,14 +256,13 @@ class CreditCosine(_PerLayerMetric):
         bad_inputs=_credit_bad,
         init_kwargs={"num_layers": 1, "num_directions": 4, "seed": 0},
         batch_keys=("hidden", "credit"),
-        shardable=False,
     ),
 )
 class PerturbationCorrelation(_PerLayerMetric):
     r"""Correlation between the loss change a credit signal predicts and the true change, per layer.
 
     For each item $i$ and $M$ random unit directions $v_{im}$ (uniform on the
-    sphere of the flattened item, drawn afresh per item and per update):
+    sphere of the flattened item, keyed by the item: see *Randomness* below):
 
     $$
     x_{im} = \langle a_i, \varepsilon v_{im}\rangle, \qquad
@@ -290,23 +289,28 @@ class PerturbationCorrelation(_PerLayerMetric):
     ``loss_fn`` must be item-wise, and sees whole copies of the batch stacked (row ``s·N + i`` is
     item ``i``: tile per-item targets with ``targets.repeat(R // N)``).
 
-    Sharding: the directions come from the metric's own generator, so a different split of the same
-    data (or a different number of ranks) draws different directions, and $\rho$ agrees only up
-    to Monte-Carlo noise. Random directions that depend only on the item would be needed for exact
-    invariance; the metric therefore is registered with ``shardable=False``. Its sums still merge
-    exactly across ranks.
+    Randomness: item $i$'s directions come from its own random stream, seeded from ``seed`` and the
+    values of $h_i$ (``perturbation_pairs(..., seed=seed)``). So an item gets the same directions in
+    any batch, at any position and on any rank: any split of the same data, and any number of ranks,
+    gives the same $\rho$ up to float64 rounding (for a ``loss_fn`` whose per-item values do not
+    depend on the batch: float32 matrix products may round differently for another number of rows),
+    and the same data gives the same $\rho$ after a
+    ``reset()`` or a resume from a checkpoint. Two metrics with the same seed score two credit rules
+    on the same directions (a paired comparison). Items with equal values share directions (as
+    duplicates should); distinct items share them with probability about ``2**-32``.
 
     Args:
         num_layers: number of layers tracked.
         epsilon: step size $\varepsilon$.
         num_directions: directions per item $M$.
         difference: ``"forward"`` or ``"central"`` differences.
-        seed: seed of the metric's ``torch.Generator`` (CPU; directions are moved to the input's
-            device). ``None`` derives the seed from torch's global RNG at construction without
-            advancing it, so ``torch.manual_seed`` makes runs reproducible and building the metric
-            does not change what is drawn next (e.g. a model's initialisation). ``reset()`` does not rewind the generator;
-            its state is saved in ``state_dict()`` (as extra state, not a metric state), so a resumed
-            run continues the same stream.
+        seed: key of the directions (drawn on CPU, moved to the input's device). ``None`` derives
+            it from torch's global RNG at construction without advancing it, so ``torch.manual_seed``
+            makes runs reproducible and building the metric does not change what is drawn next (e.g.
+            a model's initialisation). Under DDP every rank needs the same seed: pass one, or seed
+            torch alike on every rank (Lightning's ``seed_everything`` does). The seed is saved in
+            ``state_dict()`` (module extra state, not a summed metric state): a metric loaded from a
+            checkpoint takes the checkpoint's seed, so a resumed run draws the same directions.
         chunk_size: maximum rows per ``loss_fn`` call (default ``2**22 // D``, at least one direction).
         kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` has no
             effect: $\rho$ is not a mean).
@@ -354,7 +358,6 @@ class PerturbationCorrelation(_PerLayerMetric):
                 seed = int(torch.randint(0, 2**62, ()).item())
         self.seed = seed
         self.chunk_size = chunk_size
-        self.generator = torch.Generator().manual_seed(self.seed)
         self.add_sum_state("pair_sums", (num_layers, 6))
 
     def update(self, hidden: Tensor, credit: Tensor, loss_fn: LossFn, layer: int = 0) -> None:
@@ -362,46 +365,30 @@ class PerturbationCorrelation(_PerLayerMetric):
         layer = self._layer(layer)
         if self.validate_args:
             _hidden_credit_check(hidden, credit, loss_fn)
-        rng_state = self.generator.get_state()
-        try:  # a rejected batch must not advance the generator either
-            predicted, true = _perturbation_pairs(
-                hidden,
-                credit,
-                loss_fn,
-                self.epsilon,
-                self.num_directions,
-                self.difference,
-                self.generator,
-                self.chunk_size,
-            )
-            finite = _items_finite(hidden, credit).to(predicted.device) & _items_finite(predicted, true)
-            keep, skipped = self.nonfinite_filter("hidden`, `credit` or `loss_fn", finite)
-        except Exception:
-            self.generator.set_state(rng_state)
-            raise
+        predicted, true = _perturbation_pairs(
+            hidden,
+            credit,
+            loss_fn,
+            self.epsilon,
+            self.num_directions,
+            self.difference,
+            None,
+            self.chunk_size,
+            self.seed,
+        )
+        finite = _items_finite(hidden, credit).to(predicted.device) & _items_finite(predicted, true)
+        keep, skipped = self.nonfinite_filter("hidden`, `credit` or `loss_fn", finite)
         sums = _pearson_sums(predicted[keep], true[keep])
         self.nonfinite_count += skipped
         self.pair_sums[layer] += sums.to(self.pair_sums.device)
 
-    def __getstate__(self) -> dict[str, Any]:
-        # the generator travels as bytes: torch.multiprocessing (``ddp_spawn``) cannot share its
-        # state tensor by file descriptor
-        state = super().__getstate__()
-        state["generator"] = self.generator.get_state().numpy().tobytes()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        generator = torch.Generator()
-        generator.set_state(torch.frombuffer(bytearray(state.pop("generator")), dtype=torch.uint8))
-        super().__setstate__({**state, "generator": generator})
-
     def get_extra_state(self) -> dict[str, Tensor]:
-        """The generator state, saved by ``state_dict()`` so a resumed run draws the same directions."""
-        return {"generator_state": self.generator.get_state()}
+        """The seed, saved by ``state_dict()`` so a resumed run draws the same directions."""
+        return {"seed": torch.tensor(self.seed, dtype=torch.int64)}
 
     def set_extra_state(self, state: dict[str, Tensor]) -> None:
-        """Restore the generator state saved by :meth:`get_extra_state`."""
-        self.generator.set_state(state["generator_state"])
+        """Restore the seed saved by :meth:`get_extra_state`."""
+        self.seed = int(state["seed"])
 
     def compute(self) -> Tensor:
         """Pearson correlation per layer."""

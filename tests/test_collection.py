@@ -228,31 +228,43 @@ def test_set_dtype_and_half_keep_float64_accumulators() -> None:
     assert metric.loss_sums.dtype == torch.float64
 
 
+class _RandomProbe(DiagnosticMetric):
+    """Adds a random draw of its own generator per item: a metric whose extra state is a generator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(0)
+        self.add_sum_state("total")
+
+    def update(self, hidden: torch.Tensor) -> None:
+        self.total += torch.rand(len(hidden), generator=self.generator, dtype=torch.float64).sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.total
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
 def test_rollback_restores_extra_state_such_as_a_random_generator() -> None:
-    """A rejected collection update must not advance PerturbationCorrelation's generator."""
-    from metrics_suite.credit import PerturbationCorrelation
-
-    class Quadratic:
-        def __call__(self, h: torch.Tensor) -> torch.Tensor:
-            return 0.5 * h.pow(2).sum(-1)
-
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(5, 3, generator=g)
-    reference = PerturbationCorrelation(seed=0)
-    reference.update(hidden=hidden, credit=hidden, loss_fn=Quadratic())
+    """A rejected collection update must not advance a metric's generator (module extra state)."""
+    hidden = torch.zeros(5, 3)
+    reference = _RandomProbe()
+    reference.update(hidden)
     for atomic in (True, False):
-        # "a/pc" draws its directions before "b/score" rejects the call
+        # "a/probe" draws before "b/score" rejects the call
         col = DiagnosticCollection(
-            {"a/pc": PerturbationCorrelation(seed=0), "b/score": ReconstructionScore()}, atomic_update=atomic
+            {"a/probe": _RandomProbe(), "b/score": ReconstructionScore()}, atomic_update=atomic
         )
         with pytest.raises(ValueError):
-            col.update(hidden=hidden, credit=hidden, loss_fn=Quadratic(), **_bad_losses())
-        if atomic:
-            col.update(hidden=hidden, credit=hidden, loss_fn=Quadratic())
-        else:  # negative control: without the rollback the pc state and generator moved on
-            col["a/pc"].reset()
-            col.update(hidden=hidden, credit=hidden, loss_fn=Quadratic())
-        assert states_equal(state_snapshot(col["a/pc"]), state_snapshot(reference)) is atomic
+            col.update(hidden=hidden, **_bad_losses())
+        if not atomic:  # negative control: without the rollback the generator moved on
+            col["a/probe"].reset()
+        col.update(hidden=hidden)
+        assert torch.equal(col["a/probe"].compute(), reference.compute()) is atomic
 
 
 def _half_way_losses() -> dict[str, torch.Tensor]:

@@ -200,11 +200,10 @@ def test_rho_equals_scipy_pearsonr_over_pooled_pairs() -> None:
         hidden = torch.randn(n, 6, generator=g, dtype=F64)
         batches.append((hidden, loss_fn.gradient(hidden) + 2 * torch.randn(n, 6, generator=g, dtype=F64)))
     metric = PerturbationCorrelation(num_layers=2, num_directions=5, epsilon=0.05, seed=123)
-    rng = _gen(123)
     pairs = []
     for hidden, credit in batches:
         metric.update(hidden, credit, loss_fn, layer=1)
-        pairs.append(perturbation_pairs(hidden, credit, loss_fn, 0.05, 5, generator=rng))
+        pairs.append(perturbation_pairs(hidden, credit, loss_fn, 0.05, 5, seed=123))
     x = torch.cat([p[0] for p in pairs]).numpy().ravel()
     y = torch.cat([p[1] for p in pairs]).numpy().ravel()
     rho = metric.compute()
@@ -230,6 +229,95 @@ def test_perturbation_pairs_match_a_per_direction_loop() -> None:
             torch.testing.assert_close(
                 y[:, m], scale * (loss_fn(hidden + step) - lower), rtol=1e-9, atol=1e-15
             )
+
+
+def _keyed_directions(
+    hidden: Tensor, seed: int, num_directions: int, chunk_size: int | None = None
+) -> Tensor:
+    """The unit directions ``[N, M, D]`` behind keyed pairs, read back through the public API.
+
+    With credit ``e_k`` the predicted change is ``ε·v_k`` (the directions do not depend on the credit),
+    so ``D`` calls recover every coordinate of every direction.
+    """
+    n, d = hidden.shape
+    eps = 1.0  # a linear loss keeps the step exact: x = ε v to the last bit in float64
+    columns = []
+    for k in range(d):
+        basis = torch.zeros(n, d, dtype=F64)
+        basis[:, k] = 1.0
+        x, _ = perturbation_pairs(
+            hidden, basis, lambda h: h.sum(-1), eps, num_directions, seed=seed, chunk_size=chunk_size
+        )
+        columns.append(x)
+    return torch.stack(columns, -1)
+
+
+def test_keyed_pairs_match_a_per_direction_loop() -> None:
+    """With a seed the pairs are a loop over each item's own directions, unit vectors."""
+    loss_fn = Quadratic(5)
+    hidden = torch.randn(4, 5, generator=_gen(9), dtype=F64)
+    credit = torch.randn(4, 5, generator=_gen(10), dtype=F64)
+    hidden = hidden.round(decimals=1)  # steps of 0.25 on these are exact: the step taken is 0.25 v
+    v = _keyed_directions(hidden, seed=7, num_directions=3)
+    np.testing.assert_allclose(v.norm(dim=-1).numpy(), 1.0, rtol=1e-12)
+    for difference in ("forward", "central"):
+        x, y = perturbation_pairs(hidden, credit, loss_fn, 0.25, 3, difference, seed=7)  # type: ignore[arg-type]
+        for m in range(3):
+            step = 0.25 * v[:, m]
+            lower = loss_fn(hidden - step) if difference == "central" else loss_fn(hidden)
+            scale = 0.5 if difference == "central" else 1.0
+            torch.testing.assert_close(x[:, m], (credit * step).sum(1), rtol=1e-9, atol=1e-15)
+            torch.testing.assert_close(
+                y[:, m], scale * (loss_fn(hidden + step) - lower), rtol=1e-9, atol=1e-15
+            )
+
+
+def test_keyed_directions_depend_only_on_the_item_and_seed() -> None:
+    hidden = torch.randn(6, 4, generator=_gen(30), dtype=F64)
+    hidden[5] = hidden[1]  # a duplicate item
+    v = _keyed_directions(hidden, seed=3, num_directions=5)
+    perm = torch.tensor([4, 2, 0, 5, 1, 3])
+    torch.testing.assert_close(_keyed_directions(hidden[perm], 3, 5), v[perm], rtol=0, atol=0)
+    torch.testing.assert_close(_keyed_directions(hidden[2:4], 3, 5), v[2:4], rtol=0, atol=0)
+    # one direction per loss_fn call reads every item's stream in pieces: same directions
+    torch.testing.assert_close(_keyed_directions(hidden, 3, 5, chunk_size=1), v, rtol=0, atol=0)
+    torch.testing.assert_close(v[5], v[1], rtol=0, atol=0)
+    assert not torch.allclose(v[0], v[2])  # distinct items, distinct directions
+    assert not torch.allclose(_keyed_directions(hidden, 4, 5), v)  # another seed
+    negative_zero = torch.zeros(1, 4, dtype=F64).neg()
+    torch.testing.assert_close(
+        _keyed_directions(negative_zero, 3, 2), _keyed_directions(negative_zero.abs(), 3, 2), rtol=0, atol=0
+    )
+    # float32 items: the same values give the same directions as float16 inputs that cast to them
+    half = hidden.half()
+    x16, _ = perturbation_pairs(half, half, lambda h: h.sum(-1), 1.0, 3, seed=1)
+    x32, _ = perturbation_pairs(half.float(), half.float(), lambda h: h.sum(-1), 1.0, 3, seed=1)
+    torch.testing.assert_close(x16, x32, rtol=0, atol=0)
+
+
+def test_keyed_directions_are_uniform_on_the_sphere() -> None:
+    """Many items' directions are uniform on the sphere, from standard normal draws."""
+    d = 3
+    hidden = torch.randn(4000, d, generator=_gen(31), dtype=F64)
+    v = _keyed_directions(hidden, seed=11, num_directions=2).reshape(-1, d).numpy()
+    # uniform on the 2-sphere: each coordinate is uniform on [-1, 1] (Archimedes)
+    for k in range(d):
+        assert scipy.stats.kstest(v[:, k], "uniform", args=(-1, 2)).pvalue > 1e-3
+    # isotropic: E[v vᵀ] = I/3; each entry's standard error is at most 0.0034 over 8000 directions
+    np.testing.assert_allclose(v.T @ v / len(v), np.eye(d) / d, atol=0.02)
+    # the normals behind them: the seed-independent mapping is a standard normal up to a scale
+    from metrics_suite.functional.credit import _ItemStreams
+
+    z = _ItemStreams(hidden[:500], seed=0).next(4, 16, torch.float64).numpy().ravel() * np.sqrt(2)
+    assert scipy.stats.kstest(z, "norm").pvalue > 1e-3
+
+
+def test_seed_and_generator_are_exclusive() -> None:
+    hidden = torch.randn(3, 2, dtype=F64)
+    with pytest.raises(ValueError, match=r"either `generator`.*or `seed`"):
+        perturbation_pairs(hidden, hidden, Quadratic(2), generator=_gen(0), seed=1)
+    with pytest.raises(ValueError, match="`seed` must be >= 0"):
+        perturbation_pairs(hidden, hidden, Quadratic(2), seed=-1)
 
 
 @pytest.mark.parametrize(
@@ -277,19 +365,18 @@ def test_perturbation_seed_none_follows_global_rng() -> None:
     assert torch.equal(a.compute(), b.compute())
 
 
-def test_rejected_perturbation_update_keeps_state_and_generator() -> None:
+def test_rejected_perturbation_update_keeps_state() -> None:
     loss_fn = Quadratic(4)
     hidden = torch.randn(8, 4, generator=_gen(16), dtype=F64)
     metric = PerturbationCorrelation(seed=3)
     metric.update(hidden, hidden, loss_fn)
-    before, rng = _states(metric), metric.generator.get_state()
+    before = _states(metric)
     with pytest.raises(ValueError, match=r"`loss_fn` must map .* returned \[264, 1\]"):
         metric.update(hidden, hidden, lambda h: loss_fn(h)[:, None])
     with pytest.raises(ValueError, match="nan_strategy='error'"):
         metric.nan_strategy = "error"
         metric.update(hidden.clone().index_fill_(0, torch.tensor([2]), float("nan")), hidden, loss_fn)
     _assert_states_equal(metric, before)
-    assert torch.equal(metric.generator.get_state(), rng)
 
 
 def test_perturbation_skips_nonfinite_items_and_feeds_float32() -> None:
@@ -563,7 +650,7 @@ def test_perturbation_checkpoint_resumes_the_direction_stream() -> None:
     ]
     uninterrupted = PerturbationCorrelation(seed=4)
     uninterrupted.update(*batches[0], loss_fn)
-    resumed = PerturbationCorrelation(seed=99)  # another seed: the checkpoint must carry the generator
+    resumed = PerturbationCorrelation(seed=99)  # another seed: the checkpoint must carry the seed
     resumed.load_state_dict(uninterrupted.state_dict())
     for metric in (uninterrupted, resumed):
         metric.update(*batches[1], loss_fn)

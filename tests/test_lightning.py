@@ -539,12 +539,20 @@ def test_several_val_dataloaders_warn_once_and_are_summed() -> None:
     assert not compare(last_val, floats(expected.compute()))
 
 
-def test_generators_cross_the_spawn_pickler_as_bytes() -> None:
-    """ddp_spawn pickles the module with torch.multiprocessing; a Generator's state must survive."""
-    metric = ms.PerturbationCorrelation(seed=3)
-    torch.rand(5, generator=metric.generator)  # advance: the state, not the seed, must travel
+def test_perturbation_metric_crosses_the_spawn_pickler() -> None:
+    """ddp_spawn pickles the module with torch.multiprocessing; the copy must draw the same directions."""
+    metric = ms.PerturbationCorrelation(seed=3, num_directions=4)
+    hidden = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    credit = hidden + torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    metric.update(hidden[:2], credit[:2], lambda h: 0.5 * h.square().sum(-1))  # states travel too
     copy = pickle.loads(ForkingPickler.dumps(metric))
-    assert torch.equal(torch.rand(4, generator=copy.generator), torch.rand(4, generator=metric.generator))
+    for m in (metric, copy):
+        m.update(hidden[2:], credit[2:], lambda h: 0.5 * h.square().sum(-1))
+    assert copy.seed == 3
+    assert torch.equal(copy.compute(), metric.compute())
+    fresh = ms.PerturbationCorrelation(seed=4, num_directions=4)  # negative control: another seed
+    fresh.update(hidden, credit, lambda h: 0.5 * h.square().sum(-1))
+    assert not torch.equal(fresh.compute(), metric.compute())
 
 
 def test_plain_ddp_strategy_logs_the_single_process_values(tmp_path: Path) -> None:

@@ -254,6 +254,77 @@ def _fill_gaussian(out: Tensor, generator: torch.Generator | None) -> None:
         out.copy_(torch.randn(out.shape, generator=generator, dtype=out.dtype, device=device))
 
 
+_MASK64 = (1 << 64) - 1
+#: 16-bit pieces of an item hashed per exact float64 dot product: weights < 2**20 keep every
+#: partial sum an integer below 2**53, so the key does not depend on the BLAS summation order
+_KEY_PIECES = 1 << 17
+_KEY_WEIGHT_BITS = 20
+
+
+def _mix64(x: int) -> int:
+    """The splitmix64 finaliser: a bijection of 64-bit integers that spreads every input bit."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _item_keys(flat_ND: Tensor, seed: int) -> list[int]:
+    """One 32-bit key per row of ``flat_ND`` from ``seed`` and the row's values (its bits).
+
+    Equal rows get equal keys wherever they come from; distinct rows collide with probability about
+    ``2**-32`` (the width of a CPU generator's seed). Each row's 16-bit pieces are hashed by two exact
+    integer dot products with fixed random weights (in float64: every sum is an integer below 2**53,
+    so the result is the same for any batch size or BLAS), then mixed with ``seed``.
+    """
+    n_items, width = flat_ND.shape[0], flat_ND.shape[1] * flat_ND.element_size() // 2
+    pieces = (flat_ND + 0.0).contiguous().view(torch.int16).reshape(n_items, width)  # + 0.0: -0.0 -> 0.0
+    weights = torch.randint(
+        1 << _KEY_WEIGHT_BITS,
+        (width, 2),
+        generator=torch.Generator().manual_seed(0x6B657965),
+        dtype=torch.float64,
+    ).to(flat_ND.device)
+    rows_per_block = max(1, DEFAULT_CHUNK_ELEMENTS // max(width, 1))
+    col_blocks = range(0, width, _KEY_PIECES)
+    sums = torch.empty(n_items, 2 * len(col_blocks), dtype=torch.float64, device=flat_ND.device)
+    for r in range(0, n_items, rows_per_block):  # blocks of rows bound the float64 copy
+        for b, c in enumerate(col_blocks):
+            block = pieces[r : r + rows_per_block, c : c + _KEY_PIECES].double()
+            sums[r : r + rows_per_block, 2 * b : 2 * b + 2] = block @ weights[c : c + _KEY_PIECES]
+    keys = []
+    start = _mix64(seed & _MASK64)
+    for row in sums.tolist():
+        key = start
+        for value in row:
+            key = _mix64(key ^ (int(value) & _MASK64))
+        keys.append((key ^ (key >> 32)) & 0xFFFFFFFF)
+    return keys
+
+
+class _ItemStreams:
+    """Standard normal draws from one random stream per item, keyed by ``seed`` and the item's values.
+
+    An item's draws depend only on the seed, its values and how many were read before, so they are
+    the same whichever batch, position or rank the item comes in. Each stream is read as uniforms (a
+    serial draw: reading it in pieces gives the same numbers as at once) mapped through the inverse
+    normal CDF, so ``next(m)`` calls for successive chunks of directions continue every stream exactly.
+    """
+
+    def __init__(self, flat_ND: Tensor, seed: int) -> None:
+        self.generators = [torch.Generator().manual_seed(key) for key in _item_keys(flat_ND, seed)]
+
+    def next(self, m: int, dim: int, dtype: torch.dtype) -> Tensor:
+        """The next ``m`` draws of ``dim`` normals from every item's stream, as a CPU ``[m, N, dim]`` view."""
+        out_NmD = torch.empty(len(self.generators), m, dim, dtype=dtype)
+        for generator, rows in zip(self.generators, out_NmD):
+            rows.uniform_(generator=generator)
+        # u = k·2^-p on [0, 1) maps to the symmetric grid 2u - 1 + 2^-p on (-1, 1); erfinv of it is a
+        # normal draw over sqrt(2), a factor the normalisation of the direction removes
+        half_step = torch.finfo(dtype).eps / 2
+        return out_NmD.mul_(2.0).sub_(1.0 - half_step).erfinv_().transpose(0, 1)
+
+
 def perturbation_pairs(
     hidden: Tensor,
     credit: Tensor,
@@ -263,6 +334,7 @@ def perturbation_pairs(
     difference: Difference = "forward",
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Predicted and true loss changes along random directions, the pairs behind :func:`perturbation_correlation`.
 
@@ -301,6 +373,13 @@ def perturbation_pairs(
             of whole directions, so the same generator state and ``chunk_size`` give the same pairs.
         chunk_size: maximum rows per ``loss_fn`` call (at least one direction's rows are sent);
             default ``2**22 // D``.
+        seed: key the directions by item instead of drawing them from ``generator``: item $i$'s
+            directions come from its own CPU stream, seeded from ``seed`` and the values of $h_i$
+            (what :class:`~metrics_suite.PerturbationCorrelation` uses). An item then gets the same
+            directions in any batch, at any position, on any rank and for any ``chunk_size``, so
+            pairs, and sums of them, do not depend on how the data is split. Items with equal values
+            share directions; distinct items share them with probability about ``2**-32``. Costs one
+            generator per item (a few microseconds each on CPU). Exclusive with ``generator``.
 
     Returns:
         ``(predicted, true)``, each float64 ``[N, M]``.
@@ -321,8 +400,14 @@ def perturbation_pairs(
         raise ValueError(f"`difference` must be 'forward' or 'central', got {difference!r}")
     if chunk_size is not None:
         _check_positive("chunk_size", chunk_size, integer=True)
+    if seed is not None:
+        _check_positive("seed", seed, allow_zero=True, integer=True)
+        if generator is not None:
+            raise ValueError(
+                "pass either `generator` (one stream for the batch) or `seed` (a stream per item), not both"
+            )
     return _perturbation_pairs(
-        hidden, credit, loss_fn, epsilon, num_directions, difference, generator, chunk_size
+        hidden, credit, loss_fn, epsilon, num_directions, difference, generator, chunk_size, seed
     )
 
 
@@ -335,6 +420,7 @@ def _perturbation_pairs(
     difference: Difference,
     generator: torch.Generator | None,
     chunk_size: int | None,
+    seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`perturbation_pairs` without the input checks."""
     n_items, features = hidden.shape[0], tuple(hidden.shape[1:])
@@ -351,6 +437,7 @@ def _perturbation_pairs(
     slot_rows = 2 * n_items if central else n_items
     max_rows = chunk_size if chunk_size is not None else DEFAULT_CHUNK_ELEMENTS // max(dim, 1)
     slots_per_call = max(1, max_rows // slot_rows)
+    streams = _ItemStreams(h, seed) if seed is not None else None
     predicted_MN, true_MN = [], []
     base: Tensor | None = None
     start = 0
@@ -361,26 +448,29 @@ def _perturbation_pairs(
             if m == 0:  # one slot per call: the unperturbed rows get their own call
                 base = _evaluate(loss_fn, h.view(n_items, *features))
                 continue
-            # the directions are drawn straight into the loss_fn input buffer, then shifted by h
             rows = torch.empty(
                 2 * m if central else base_rows + m, n_items, dim, dtype=dtype, device=h.device
             )
             dirs_mND = rows[:m] if central else rows[base_rows:]
             # a direction is a normalised Gaussian (uniform on the sphere); the normalisation and the
             # step are folded into one scale
-            _fill_gaussian(dirs_mND, generator)
-            step_mN1 = epsilon / dirs_mND.norm(dim=-1, keepdim=True)
+            if streams is not None:
+                gauss_mND = streams.next(m, dim, dtype).to(h.device)
+            else:  # drawn straight into the loss_fn input buffer, then shifted by h
+                gauss_mND = dirs_mND
+                _fill_gaussian(dirs_mND, generator)
+            step_mN1 = epsilon / gauss_mND.norm(dim=-1, keepdim=True)
             # the predicted change uses the step actually taken (h + εv rounded, minus h: exact in
             # floating point), so an exact gradient of a linear loss scores 1 even in float32
             if central:
-                torch.addcmul(h, dirs_mND, step_mN1, value=-1.0, out=rows[m:])
-                torch.addcmul(h, dirs_mND, step_mN1, out=dirs_mND)
+                torch.addcmul(h, gauss_mND, step_mN1, value=-1.0, out=rows[m:])
+                torch.addcmul(h, gauss_mND, step_mN1, out=dirs_mND)
                 predicted_MN.append(0.5 * torch.linalg.vecdot(rows[:m] - rows[m:], a).double())
                 plus, minus = _evaluate(loss_fn, rows.view(-1, *features)).view(2, m, n_items)
                 true_MN.append(0.5 * (plus - minus))
             else:
                 rows[:base_rows] = h
-                torch.addcmul(h, dirs_mND, step_mN1, out=dirs_mND)
+                torch.addcmul(h, gauss_mND, step_mN1, out=dirs_mND)
                 predicted_MN.append(torch.linalg.vecdot(dirs_mND - h, a).double())
                 losses = _evaluate(loss_fn, rows.view(-1, *features)).view(base_rows + m, n_items)
                 if base is None:
@@ -414,6 +504,7 @@ def perturbation_correlation(
     num_directions: int = 32,
     difference: Difference = "forward",
     generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> Tensor:
     r"""Pearson correlation between predicted and true loss changes over all (item, direction) pairs.
 
@@ -421,7 +512,7 @@ def perturbation_correlation(
     \rho = \frac{n\sum xy - \sum x \sum y}{\sqrt{n\sum x^2 - (\sum x)^2}\,\sqrt{n\sum y^2 - (\sum y)^2}}
     $$
 
-    with the pairs of :func:`perturbation_pairs`. 1 means the credit predicts the loss change along
+    with the pairs of :func:`perturbation_pairs` (``generator`` or ``seed`` pick its directions). 1 means the credit predicts the loss change along
     every direction; about 0 means it carries no information. NaN without pairs or when either side
     has zero variance.
 
@@ -435,7 +526,9 @@ def perturbation_correlation(
         >>> round(perturbation_correlation(hidden, -hidden, loss_fn, difference="central", generator=g).item(), 6)
         -1.0
     """
-    x, y = perturbation_pairs(hidden, credit, loss_fn, epsilon, num_directions, difference, generator)
+    x, y = perturbation_pairs(
+        hidden, credit, loss_fn, epsilon, num_directions, difference, generator, seed=seed
+    )
     return _pearson_compute(_pearson_sums(x, y))
 
 
