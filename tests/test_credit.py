@@ -279,8 +279,13 @@ def test_keyed_directions_depend_only_on_the_item_and_seed() -> None:
     perm = torch.tensor([4, 2, 0, 5, 1, 3])
     torch.testing.assert_close(_keyed_directions(hidden[perm], 3, 5), v[perm], rtol=0, atol=0)
     torch.testing.assert_close(_keyed_directions(hidden[2:4], 3, 5), v[2:4], rtol=0, atol=0)
-    # one direction per loss_fn call reads every item's stream in pieces: same directions
+    # one direction per loss_fn call reads every item's stream in pieces: same directions, whether
+    # the streams are read at once (small inputs) or kept open between calls (large inputs)
     torch.testing.assert_close(_keyed_directions(hidden, 3, 5, chunk_size=1), v, rtol=0, atol=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("metrics_suite.functional.credit._STREAM_READ_ELEMENTS", 0)
+        for chunk_size in (1, 7, 15):
+            torch.testing.assert_close(_keyed_directions(hidden, 3, 5, chunk_size), v, rtol=0, atol=0)
     torch.testing.assert_close(v[5], v[1], rtol=0, atol=0)
     assert not torch.allclose(v[0], v[2])  # distinct items, distinct directions
     assert not torch.allclose(_keyed_directions(hidden, 4, 5), v)  # another seed
@@ -308,7 +313,9 @@ def test_keyed_directions_are_uniform_on_the_sphere() -> None:
     # the normals behind them: the seed-independent mapping is a standard normal up to a scale
     from metrics_suite.functional.credit import _ItemStreams
 
-    z = _ItemStreams(hidden[:500], seed=0).next(4, 16, torch.float64).numpy().ravel() * np.sqrt(2)
+    z = _ItemStreams(hidden[:500], seed=0, rows_per_item=4).next(
+        4, 16, torch.float64
+    ).numpy().ravel() * np.sqrt(2)
     assert scipy.stats.kstest(z, "norm").pvalue > 1e-3
 
 

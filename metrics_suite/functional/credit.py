@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -254,19 +255,18 @@ def _fill_gaussian(out: Tensor, generator: torch.Generator | None) -> None:
         out.copy_(torch.randn(out.shape, generator=generator, dtype=out.dtype, device=device))
 
 
-_MASK64 = (1 << 64) - 1
 #: 16-bit pieces of an item hashed per exact float64 dot product: weights < 2**20 keep every
 #: partial sum an integer below 2**53, so the key does not depend on the BLAS summation order
 _KEY_PIECES = 1 << 17
 _KEY_WEIGHT_BITS = 20
 
 
-def _mix64(x: int) -> int:
-    """The splitmix64 finaliser: a bijection of 64-bit integers that spreads every input bit."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on uint64 (wrapping) arrays: a bijection that spreads every input bit."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _item_keys(flat_ND: Tensor, seed: int) -> list[int]:
@@ -292,14 +292,16 @@ def _item_keys(flat_ND: Tensor, seed: int) -> list[int]:
         for b, c in enumerate(col_blocks):
             block = pieces[r : r + rows_per_block, c : c + _KEY_PIECES].double()
             sums[r : r + rows_per_block, 2 * b : 2 * b + 2] = block @ weights[c : c + _KEY_PIECES]
-    keys = []
-    start = _mix64(seed & _MASK64)
-    for row in sums.tolist():
-        key = start
-        for value in row:
-            key = _mix64(key ^ (int(value) & _MASK64))
-        keys.append((key ^ (key >> 32)) & 0xFFFFFFFF)
-    return keys
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the mixer intends
+        key = _mix64(np.full(n_items, seed % 2**64, dtype=np.uint64))
+        for column in sums.cpu().numpy().astype(np.int64).view(np.uint64).T:
+            key = _mix64(key ^ column)
+        key32 = (key ^ (key >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
+    return key32.tolist()  # type: ignore[no-any-return]
+
+
+#: Keyed draws up to this many elements are read at once (one re-seeded generator), not per chunk
+_STREAM_READ_ELEMENTS = DEFAULT_CHUNK_ELEMENTS
 
 
 class _ItemStreams:
@@ -308,21 +310,48 @@ class _ItemStreams:
     An item's draws depend only on the seed, its values and how many were read before, so they are
     the same whichever batch, position or rank the item comes in. Each stream is read as uniforms (a
     serial draw: reading it in pieces gives the same numbers as at once) mapped through the inverse
-    normal CDF, so ``next(m)`` calls for successive chunks of directions continue every stream exactly.
+    normal CDF, so :meth:`next` calls for successive chunks of directions continue every stream
+    exactly. When all draws fit in about one chunk's memory they are read at once, re-seeding one
+    generator per item; otherwise each item keeps a generator of its own between chunks.
     """
 
-    def __init__(self, flat_ND: Tensor, seed: int) -> None:
-        self.generators = [torch.Generator().manual_seed(key) for key in _item_keys(flat_ND, seed)]
+    def __init__(self, flat_ND: Tensor, seed: int, rows_per_item: int) -> None:
+        self.keys = _item_keys(flat_ND, seed)
+        self.rows_per_item, self.rows_read = rows_per_item, 0
+        self.generators: list[torch.Generator] = []
+        self.drawn_NMD: Tensor | None = None
 
     def next(self, m: int, dim: int, dtype: torch.dtype) -> Tensor:
-        """The next ``m`` draws of ``dim`` normals from every item's stream, as a CPU ``[m, N, dim]`` view."""
-        out_NmD = torch.empty(len(self.generators), m, dim, dtype=dtype)
-        for generator, rows in zip(self.generators, out_NmD):
-            rows.uniform_(generator=generator)
+        """The next ``m`` rows of ``dim`` normals from every item's stream, as a CPU ``[m, N, dim]`` view."""
+        n_items = len(self.keys)
+        all_at_once = max(_STREAM_READ_ELEMENTS, n_items * m * dim)
+        if self.rows_read == 0 and n_items * self.rows_per_item * dim <= all_at_once:
+            self.drawn_NMD = self._read(self.rows_per_item, dim, dtype)
+        if self.drawn_NMD is not None:
+            out_NmD = self.drawn_NMD[:, self.rows_read : self.rows_read + m]
+        else:
+            if not self.generators:
+                self.generators = [torch.Generator().manual_seed(key) for key in self.keys]
+            out_NmD = self._read(m, dim, dtype, self.generators)
+        self.rows_read += m
+        return out_NmD.transpose(0, 1)
+
+    def _read(
+        self, m: int, dim: int, dtype: torch.dtype, generators: list[torch.Generator] | None = None
+    ) -> Tensor:
+        """``[N, m, dim]`` normals: the next draws of ``generators``, or the first of freshly seeded streams."""
+        out_NmD = torch.empty(len(self.keys), m, dim, dtype=dtype)
+        if generators is None:
+            generator = torch.Generator()
+            for key, rows in zip(self.keys, out_NmD):
+                rows.uniform_(generator=generator.manual_seed(key))
+        else:
+            for generator, rows in zip(generators, out_NmD):
+                rows.uniform_(generator=generator)
         # u = k·2^-p on [0, 1) maps to the symmetric grid 2u - 1 + 2^-p on (-1, 1); erfinv of it is a
         # normal draw over sqrt(2), a factor the normalisation of the direction removes
         half_step = torch.finfo(dtype).eps / 2
-        return out_NmD.mul_(2.0).sub_(1.0 - half_step).erfinv_().transpose(0, 1)
+        return out_NmD.mul_(2.0).sub_(1.0 - half_step).erfinv_()
 
 
 def perturbation_pairs(
@@ -437,7 +466,7 @@ def _perturbation_pairs(
     slot_rows = 2 * n_items if central else n_items
     max_rows = chunk_size if chunk_size is not None else DEFAULT_CHUNK_ELEMENTS // max(dim, 1)
     slots_per_call = max(1, max_rows // slot_rows)
-    streams = _ItemStreams(h, seed) if seed is not None else None
+    streams = _ItemStreams(h, seed, num_directions) if seed is not None else None
     predicted_MN, true_MN = [], []
     base: Tensor | None = None
     start = 0
