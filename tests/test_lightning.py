@@ -70,9 +70,22 @@ def val_inputs(batch: Any, epoch: int) -> dict[str, torch.Tensor]:
     }
 
 
-def train_inputs(batch: Any, epoch: int) -> dict[str, torch.Tensor]:
+def half_square(hidden: torch.Tensor) -> torch.Tensor:
+    """Per-item ½‖h‖²: its gradient is ``hidden``, so ``hidden + noise`` is a noisy credit."""
+    return 0.5 * hidden.square().sum((1, 2))
+
+
+def train_inputs(batch: Any, epoch: int) -> dict[str, Any]:
     emb, mean, noise = batch
-    return {"input": emb - epoch, "mean": mean, "noise": noise}
+    hidden = emb - epoch
+    return {
+        "input": hidden,
+        "mean": mean,
+        "noise": noise,
+        "hidden": hidden,
+        "credit": hidden + noise,
+        "loss_fn": half_square,
+    }
 
 
 def val_collection() -> DiagnosticCollection:
@@ -82,7 +95,9 @@ def val_collection() -> DiagnosticCollection:
 
 
 def train_collection() -> DiagnosticCollection:
-    return ms.suite("noise")
+    # perturbation directions are keyed by item: split over ranks, they are the one-process ones
+    credit = {"cosine": False, "nudging": False, "bridge_residual": False}
+    return ms.suite("noise", "credit", **credit, perturbation_correlation={"seed": 5, "num_directions": 4})
 
 
 def reference(stage: str, epoch: int, items: list[int] | None = None) -> DiagnosticCollection:
