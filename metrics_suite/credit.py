@@ -294,10 +294,10 @@ class PerturbationCorrelation(_PerLayerMetric):
     any batch, at any position and on any rank: any split of the same data, and any number of ranks,
     gives the same $\rho$ up to float64 rounding (for a ``loss_fn`` whose per-item values do not
     depend on the batch: float32 matrix products may round differently for another number of rows),
-    and the same data gives the same $\rho$ after a
-    ``reset()`` or a resume from a checkpoint. Two metrics with the same seed score two credit rules
-    on the same directions (a paired comparison). Items with equal values share directions (as
-    duplicates should); distinct items share them with probability about ``2**-32``.
+    and the same data gives the same $\rho$ after a ``reset()`` or a resume from a checkpoint. Two
+    metrics with the same seed score two credit rules on the same directions (a paired comparison).
+    Items with equal values share directions (as duplicates should); distinct items share them with
+    probability about ``2**-32``.
 
     Args:
         num_layers: number of layers tracked.
@@ -372,9 +372,9 @@ class PerturbationCorrelation(_PerLayerMetric):
             self.epsilon,
             self.num_directions,
             self.difference,
-            None,
-            self.chunk_size,
-            self.seed,
+            generator=None,
+            chunk_size=self.chunk_size,
+            seed=self.seed,
         )
         finite = _items_finite(hidden, credit).to(predicted.device) & _items_finite(predicted, true)
         keep, skipped = self.nonfinite_filter("hidden`, `credit` or `loss_fn", finite)

@@ -541,9 +541,9 @@ def perturbation_correlation(
     \rho = \frac{n\sum xy - \sum x \sum y}{\sqrt{n\sum x^2 - (\sum x)^2}\,\sqrt{n\sum y^2 - (\sum y)^2}}
     $$
 
-    with the pairs of :func:`perturbation_pairs` (``generator`` or ``seed`` pick its directions). 1 means the credit predicts the loss change along
-    every direction; about 0 means it carries no information. NaN without pairs or when either side
-    has zero variance.
+    with the pairs of :func:`perturbation_pairs` (``generator`` or ``seed`` picks the directions).
+    1 means the credit predicts the loss change along every direction; about 0 means it carries no
+    information. NaN without pairs or when either side has zero variance.
 
     Examples:
         >>> import torch
