@@ -6,8 +6,9 @@ directions, ``K`` next states, ``L`` layers.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -269,6 +270,13 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+@functools.lru_cache(maxsize=8)
+def _key_weights(width: int) -> Tensor:
+    """The fixed random hash weights ``[width, 2]`` of :func:`_item_keys` (CPU; callers only read them)."""
+    generator = torch.Generator().manual_seed(0x6B657965)
+    return torch.randint(1 << _KEY_WEIGHT_BITS, (width, 2), generator=generator, dtype=torch.float64)
+
+
 def _item_keys(flat_ND: Tensor, seed: int) -> list[int]:
     """One 32-bit key per row of ``flat_ND`` from ``seed`` and the row's values (its bits).
 
@@ -279,12 +287,7 @@ def _item_keys(flat_ND: Tensor, seed: int) -> list[int]:
     """
     n_items, width = flat_ND.shape[0], flat_ND.shape[1] * flat_ND.element_size() // 2
     pieces = (flat_ND + 0.0).contiguous().view(torch.int16).reshape(n_items, width)  # + 0.0: -0.0 -> 0.0
-    weights = torch.randint(
-        1 << _KEY_WEIGHT_BITS,
-        (width, 2),
-        generator=torch.Generator().manual_seed(0x6B657965),
-        dtype=torch.float64,
-    ).to(flat_ND.device)
+    weights = _key_weights(width).to(flat_ND.device)
     rows_per_block = max(1, DEFAULT_CHUNK_ELEMENTS // max(width, 1))
     col_blocks = range(0, width, _KEY_PIECES)
     sums = torch.empty(n_items, 2 * len(col_blocks), dtype=torch.float64, device=flat_ND.device)
@@ -341,13 +344,13 @@ class _ItemStreams:
     ) -> Tensor:
         """``[N, m, dim]`` normals: the next draws of ``generators``, or the first of freshly seeded streams."""
         out_NmD = torch.empty(len(self.keys), m, dim, dtype=dtype)
-        if generators is None:
-            generator = torch.Generator()
-            for key, rows in zip(self.keys, out_NmD):
-                rows.uniform_(generator=generator.manual_seed(key))
+        if generators is None:  # one generator, re-seeded for each item in turn
+            shared = torch.Generator()
+            streams: Iterable[torch.Generator] = (shared.manual_seed(key) for key in self.keys)
         else:
-            for generator, rows in zip(generators, out_NmD):
-                rows.uniform_(generator=generator)
+            streams = generators
+        for generator, rows in zip(streams, out_NmD):
+            rows.uniform_(generator=generator)
         # u = k·2^-p on [0, 1) maps to the symmetric grid 2u - 1 + 2^-p on (-1, 1); erfinv of it is a
         # normal draw over sqrt(2), a factor the normalisation of the direction removes
         half_step = torch.finfo(dtype).eps / 2
