@@ -19,12 +19,26 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
+from metrics_suite.functional._stats import mean_and_stderr, mean_output, mean_stats, safe_div
 from metrics_suite.validation import shape_str
 
 #: Output of ``compute()``: a tensor, or a dict of named tensors.
 MetricOutput = Tensor | dict[str, Tensor]
 #: What to do with items whose inputs hold NaN or inf.
 NanStrategy = Literal["error", "skip", "propagate"]
+
+# the statistics helpers live in the functional layer (the math knows no Metric); re-exported here
+# for the metric classes and for code written against ``metrics_suite.base``
+__all__ = [
+    "DiagnosticMetric",
+    "MetricOutput",
+    "NanStrategy",
+    "fused_all_reduce",
+    "mean_and_stderr",
+    "mean_stats",
+    "safe_div",
+    "snapshot",
+]
 
 
 def _layout_signature(states: Sequence[tuple[str, Tensor]]) -> tuple[int, int]:
@@ -91,41 +105,6 @@ def fused_all_reduce(
             chunk = chunk.round()
         out.append(chunk.to(device=t.device, dtype=t.dtype))
     return out
-
-
-def safe_div(num: Tensor, den: Tensor | float) -> Tensor:
-    """``num / den`` in float64 where ``den != 0``, NaN elsewhere (never inf from an empty denominator).
-
-    Both sides go to float64 first: casting ``den`` to the dtype of ``num`` would turn ``0.5`` into
-    ``0`` for an integer ``num``, or a tiny float64 ``den`` into ``0`` for a float32 one.
-    """
-    num = num.to(torch.float64)
-    den = torch.as_tensor(den, device=num.device).to(torch.float64)
-    return torch.where(den != 0, num / den, float("nan"))
-
-
-def mean_stats(values: Tensor, weights: Tensor | None = None, dim: int | tuple[int, ...] = 0) -> Tensor:
-    """Sum statistics ``[..., 3]`` = (Σw, Σw·x, Σw·x²) of ``values`` over ``dim``, in float64.
-
-    Add these to a state created with :meth:`DiagnosticMetric.add_mean_state`; read the mean and
-    its standard error back with :func:`mean_and_stderr`.
-    """
-    x = values.to(torch.float64)
-    w = torch.ones_like(x) if weights is None else weights.to(torch.float64).expand_as(x)
-    wx = w * x
-    return torch.stack([w.sum(dim), wx.sum(dim), (wx * x).sum(dim)], dim=-1)
-
-
-def mean_and_stderr(stats: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and standard error of the mean from ``[..., 3]`` sum statistics.
-
-    The standard error uses the unbiased variance (frequency weights): NaN for fewer than two items.
-    """
-    n, s1, s2 = stats.unbind(-1)
-    mean = safe_div(s1, n)
-    var = safe_div((s2 - s1 * mean).clamp_min(0.0), n - 1)
-    var = torch.where(n > 1, var, torch.full_like(var, float("nan")))
-    return mean, torch.sqrt(safe_div(var, n))
 
 
 def snapshot(metric: Metric, copy_states: bool = True) -> Callable[[], None]:
@@ -413,10 +392,7 @@ class DiagnosticMetric(Metric):
 
     def mean_output(self, stats: Tensor, name: str) -> dict[str, Tensor]:
         """``{name: mean}``, plus ``{name}_stderr`` when ``with_stderr`` is set."""
-        if not self.with_stderr:
-            return {name: safe_div(stats[..., 1], stats[..., 0])}
-        mean, stderr = mean_and_stderr(stats)
-        return {name: mean, f"{name}_stderr": stderr}
+        return mean_output(stats, name, self.with_stderr)
 
     # ------------------------------------------------------------------ sync
     def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group: Any = None) -> None:

@@ -17,12 +17,10 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-
-from metrics_suite.base import DiagnosticMetric, MetricOutput
 
 __all__ = ["load_results", "plot_metric", "plot_results"]
 
@@ -30,6 +28,24 @@ __all__ = ["load_results", "plot_metric", "plot_results"]
 SUITE_COLORS = {"reconstruction": "#1b9e77", "utility": "#d95f02", "noise": "#7570b3", "credit": "#e7298a"}
 #: Curves per panel before a metric is split over several panels.
 MAX_CURVES = 4
+
+#: A value to plot: a ``compute()``/``forward()`` result (a tensor, or a dict of named tensors).
+PlotValue = Tensor | Mapping[str, Tensor]
+
+
+class PlottableMetric(Protocol):
+    """What :func:`plot_metric` reads of a metric (a :class:`~metrics_suite.base.DiagnosticMetric`).
+
+    A protocol rather than an import of ``base``: ``DiagnosticMetric.plot`` calls into this module,
+    which therefore must not import the base class back.
+    """
+
+    vector_label: str
+
+    def compute(self) -> Any: ...
+
+    def flatten_output(self, value: Any) -> dict[str, Tensor]: ...
+
 
 _VECTOR_KEY = re.compile(r"^(?P<stat>.*?)/?(?P<label>[a-z]+)_(?P<index>\d+)$")
 
@@ -57,7 +73,7 @@ def _scalar(value: Tensor) -> float:
 
 
 def plot_metric(
-    metric: DiagnosticMetric, val: MetricOutput | Sequence[MetricOutput] | None = None, ax: Any = None
+    metric: PlottableMetric, val: PlotValue | Sequence[PlotValue] | None = None, ax: Any = None
 ) -> tuple[Any, Any]:
     """Plot a metric's value (torchmetrics' ``plot()`` convention).
 

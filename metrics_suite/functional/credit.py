@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from metrics_suite.base import safe_div
+from metrics_suite.functional._stats import safe_div
 from metrics_suite.validation import (
     check_float,
     check_ndim,

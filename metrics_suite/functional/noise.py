@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from metrics_suite.base import mean_stats
 from metrics_suite.functional._rows import RowGather
+from metrics_suite.functional._stats import mean_stats
 from metrics_suite.validation import check_broadcast_mask, check_float, shape_str
 
 __all__ = ["noise_statistics"]

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from metrics_suite.base import mean_stats, safe_div
+from metrics_suite.functional._stats import mean_stats, safe_div
 from metrics_suite.validation import (
     check_broadcast_mask,
     check_float,

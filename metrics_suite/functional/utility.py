@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from metrics_suite.base import mean_and_stderr, safe_div
 from metrics_suite.functional._rows import RowGather
+from metrics_suite.functional._stats import mean_and_stderr, safe_div
 from metrics_suite.validation import (
     check_float,
     check_ids_in_range,
