@@ -21,7 +21,7 @@ from metrics_suite.functional.credit import (
     Difference,
     LossFn,
     _bridge_check,
-    _bridge_target,
+    _bridge_residuals,
     _credit_cosine_check,
     _drift_check,
     _drift_compute,
@@ -31,10 +31,12 @@ from metrics_suite.functional.credit import (
     _hidden_credit_check,
     _named_tensors,
     _nudging_delta,
+    _nudging_stats,
     _pearson_compute,
     _pearson_sums,
     _per_item_cosine,
     _perturbation_pairs,
+    _reference_sq_norms,
 )
 from metrics_suite.registry import register
 from metrics_suite.validation import check_index
@@ -456,11 +458,7 @@ class NudgingDelta(_PerLayerMetric):
         delta = _nudging_delta(hidden, credit, loss_fn, self.eta)
         finite = _items_finite(hidden, credit).to(delta.device) & torch.isfinite(delta)
         keep, skipped = self.nonfinite_filter("hidden`, `credit` or `loss_fn", finite)
-        delta = torch.where(keep, delta, 0.0)
-        delta_stats = mean_stats(delta, keep)
-        # NaN stays NaN under nan_strategy="propagate" (a comparison would count it as "not improved")
-        improved = torch.where(delta.isnan(), delta, (delta < 0).to(torch.float64))
-        improved_stats = mean_stats(improved, keep)
+        delta_stats, improved_stats = _nudging_stats(delta, keep)
         self.nonfinite_count += skipped
         self.delta_stats[layer] += delta_stats.to(self.delta_stats.device)
         self.improved_stats[layer] += improved_stats.to(self.improved_stats.device)
@@ -527,7 +525,7 @@ class BridgeResidual(_PerLayerMetric):
         layer = self._layer(layer)
         if self.validate_args:
             _bridge_check(value, next_values)
-        residual = (value.to(torch.float64) - _bridge_target(next_values, self.lam).to(value.device)).abs()
+        residual = _bridge_residuals(value, next_values, self.lam)
         keep, skipped = self.nonfinite_filter("value` or `next_values", _items_finite(value, next_values))
         stats = mean_stats(torch.where(keep, residual, 0.0), keep)
         self.nonfinite_count += skipped
@@ -604,7 +602,6 @@ class FeatureDrift(DiagnosticMetric):
     """
 
     higher_is_better = None
-    vector_label = "layer"
 
     drift_sq: Tensor
     drift_count: Tensor
@@ -628,8 +625,7 @@ class FeatureDrift(DiagnosticMetric):
         self.output_names, group_index = _drift_groups(self.parameter_names, group_by_module)
         for i, w in enumerate(ref.values()):
             self.register_buffer(f"reference_{i}", w.clone(), persistent=False)
-        sq_norms = torch.stack([w.to(torch.float64).square().sum().cpu() for w in ref.values()])
-        self.register_buffer("reference_sq_norms", sq_norms, persistent=False)
+        self.register_buffer("reference_sq_norms", _reference_sq_norms(ref), persistent=False)
         self.register_buffer("group_index", group_index, persistent=False)
         self.add_sum_state("drift_sq", (len(ref),))
         self.add_count_state("drift_count", (len(ref),))

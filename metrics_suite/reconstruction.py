@@ -18,6 +18,7 @@ from metrics_suite.functional.reconstruction import (
     _activation_update,
     _activation_vector_stats,
     _changed_tokens_check,
+    _changed_tokens_compute,
     _changed_tokens_stats,
     _changed_tokens_update,
     _feature_l1,
@@ -28,7 +29,6 @@ from metrics_suite.functional.reconstruction import (
     _reconstruction_score_compute,
     _reconstruction_score_update,
     _selection,
-    _token_rate_stats,
     dead_fraction_key,
 )
 from metrics_suite.registry import register
@@ -260,10 +260,7 @@ class ChangedTokenRate(DiagnosticMetric):
 
     def compute(self) -> MetricOutput:
         """``sequence_mean`` and ``token_rate`` (plus standard errors with ``with_stderr``)."""
-        return {
-            **self.mean_output(self.sequence_stats, "sequence_mean"),
-            **self.mean_output(_token_rate_stats(self.token_counts), "token_rate"),
-        }
+        return _changed_tokens_compute(self.sequence_stats, self.token_counts, self.with_stderr)
 
 
 # ---------------------------------------------------------------------------------- ActivationReconstruction

@@ -24,8 +24,10 @@ from metrics_suite.conformance import ConformanceExample
 from metrics_suite.functional.utility import (
     DIVERGENCES,
     DivergenceReduction,
+    _cross_entropy_compute,
     _cross_entropy_stats,
     _cross_entropy_update,
+    _next_token_compute,
     _next_token_stats,
     _next_token_update,
     _prediction_change_compute,
@@ -274,10 +276,7 @@ class NextTokenDivergence(DiagnosticMetric):
     def compute(self) -> dict[str, Tensor]:
         """Mean of each divergence (plus ``*_stderr`` with ``with_stderr=True``)."""
         stats = self.sequence_stats if self.reduction == "sequence" else self.token_stats
-        out: dict[str, Tensor] = {}
-        for name, divergence_stats in zip(DIVERGENCES, stats.unbind(0)):
-            out.update(self.mean_output(divergence_stats, name))
-        return out
+        return _next_token_compute(stats, self.with_stderr)
 
 
 # ---------------------------------------------------------------------------------------------- cross-entropy
@@ -364,9 +363,7 @@ class MaskedCrossEntropy(DiagnosticMetric):
 
     def compute(self) -> dict[str, Tensor]:
         """``cross_entropy`` (plus ``cross_entropy_stderr``) and ``perplexity``."""
-        out = self.mean_output(self.cross_entropy_stats, "cross_entropy")
-        out["perplexity"] = out["cross_entropy"].exp()
-        return out
+        return _cross_entropy_compute(self.cross_entropy_stats, self.with_stderr)
 
 
 # ---------------------------------------------------------------------------------------------- prediction change

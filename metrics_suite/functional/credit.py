@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from metrics_suite.functional._stats import safe_div
+from metrics_suite.functional._stats import mean_stats, safe_div
 from metrics_suite.validation import (
     check_float,
     check_ndim,
@@ -616,6 +616,17 @@ def _nudging_delta(hidden: Tensor, credit: Tensor, loss_fn: LossFn, eta: float) 
     return losses[n_items:] - losses[:n_items]
 
 
+def _nudging_stats(delta: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Mean statistics ``[3]`` of the loss changes ``delta`` ``[N]`` over ``keep``, and of "improved".
+
+    Improved means $\Delta_i < 0$; its mean is ``improved_fraction``. A NaN delta stays NaN (under
+    ``nan_strategy="propagate"``) instead of counting as "not improved".
+    """
+    delta = torch.where(keep, delta, 0.0)
+    improved = torch.where(delta.isnan(), delta, (delta < 0).to(torch.float64))
+    return mean_stats(delta, keep), mean_stats(improved, keep)
+
+
 # ---------------------------------------------------------------------------------------------- bridge
 def _next_values_check(next_values: Tensor, batch: int | None = None) -> None:
     check_float("next_values", next_values)
@@ -666,6 +677,11 @@ def _bridge_target(next_values: Tensor, lam: float) -> Tensor:
     return -lam * torch.logsumexp(-v / lam, dim=1) + lam * math.log(v.shape[1])
 
 
+def _bridge_residuals(value: Tensor, next_values: Tensor, lam: float) -> Tensor:
+    """Float64 ``[B]`` absolute residuals $|V_b - V^{target}_b|$ (inputs already checked)."""
+    return (value.to(torch.float64) - _bridge_target(next_values, lam).to(value.device)).abs()
+
+
 def bridge_residual(value: Tensor, next_values: Tensor, lam: float = 0.1) -> Tensor:
     r"""Mean absolute residual of the soft Bellman (bridge) equation, $\operatorname{mean}_b |V_b - V^{target}_b|$.
 
@@ -688,7 +704,7 @@ def bridge_residual(value: Tensor, next_values: Tensor, lam: float = 0.1) -> Ten
     """
     _bridge_check(value, next_values)
     _check_positive("lam", lam)
-    residual = (value.to(torch.float64) - _bridge_target(next_values, lam)).abs()
+    residual = _bridge_residuals(value, next_values, lam)
     return safe_div(residual.sum(), torch.tensor(float(residual.numel()), dtype=torch.float64))
 
 
@@ -779,6 +795,11 @@ def _drift_sq(params: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> 
     )
 
 
+def _reference_sq_norms(reference: Mapping[str, Tensor]) -> Tensor:
+    """Float64 ``[P]`` (on the CPU): ``‖W_0‖²`` per reference parameter."""
+    return torch.stack([w.to(torch.float64).square().sum().cpu() for w in reference.values()])
+
+
 def _drift_check(params: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> None:
     missing = [k for k in reference if k not in params]
     if missing:
@@ -849,6 +870,5 @@ def feature_drift(
     current = _named_tensors("params", params)
     _drift_check(current, ref)
     names, group_index = _drift_groups(list(ref), group_by_module)
-    ref_sq = torch.stack([w.to(torch.float64).square().sum().cpu() for w in ref.values()])
-    values = _drift_compute(_drift_sq(current, ref).cpu(), ref_sq, group_index, len(names))
+    values = _drift_compute(_drift_sq(current, ref).cpu(), _reference_sq_norms(ref), group_index, len(names))
     return dict(zip(names, values.unbind(0)))

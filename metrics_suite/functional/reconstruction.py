@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from metrics_suite.functional._stats import mean_stats, safe_div
+from metrics_suite.functional._stats import mean_output, mean_stats, safe_div
 from metrics_suite.validation import (
     check_broadcast_mask,
     check_float,
@@ -332,11 +332,13 @@ def changed_token_rate(
     return _changed_tokens_compute(sequence_stats, token_counts)
 
 
-def _changed_tokens_compute(sequence_stats: Tensor, token_counts: Tensor) -> dict[str, Tensor]:
-    token_stats = _token_rate_stats(token_counts)
+def _changed_tokens_compute(
+    sequence_stats: Tensor, token_counts: Tensor, with_stderr: bool = False
+) -> dict[str, Tensor]:
+    """``sequence_mean`` and ``token_rate`` (each followed by its ``_stderr`` with ``with_stderr``)."""
     return {
-        "sequence_mean": safe_div(sequence_stats[1], sequence_stats[0]),
-        "token_rate": safe_div(token_stats[1], token_stats[0]),
+        **mean_output(sequence_stats, "sequence_mean", with_stderr),
+        **mean_output(_token_rate_stats(token_counts), "token_rate", with_stderr),
     }
 
 

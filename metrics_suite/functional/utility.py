@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from metrics_suite.functional._rows import RowGather
-from metrics_suite.functional._stats import mean_and_stderr, safe_div
+from metrics_suite.functional._stats import mean_output, safe_div
 from metrics_suite.validation import (
     check_float,
     check_ids_in_range,
@@ -343,10 +343,15 @@ def _next_token_stats(
     return sequence_stats, token_stats
 
 
-def _next_token_compute(stats: Tensor) -> dict[str, Tensor]:
-    """``{divergence: mean}`` from ``[4, 3]`` mean statistics (NaN where nothing was counted)."""
-    means, _ = mean_and_stderr(stats)
-    return dict(zip(DIVERGENCES, means.unbind(0)))
+def _next_token_compute(stats: Tensor, with_stderr: bool = False) -> dict[str, Tensor]:
+    """``{divergence: mean}`` from ``[4, 3]`` mean statistics (NaN where nothing was counted).
+
+    With ``with_stderr`` each mean is followed by its ``{divergence}_stderr``.
+    """
+    out: dict[str, Tensor] = {}
+    for name, divergence_stats in zip(DIVERGENCES, stats.unbind(0)):
+        out.update(mean_output(divergence_stats, name, with_stderr))
+    return out
 
 
 def token_divergences(
@@ -579,9 +584,11 @@ def _cross_entropy_stats(sums: Tensor, squares: Tensor, counts: Tensor, keep: Te
     return torch.stack([n, torch.where(keep, sums, 0.0).sum(), torch.where(keep, squares, 0.0).sum()])
 
 
-def _cross_entropy_compute(stats: Tensor) -> dict[str, Tensor]:
-    cross_entropy = safe_div(stats[1], stats[0])
-    return {"cross_entropy": cross_entropy, "perplexity": cross_entropy.exp()}
+def _cross_entropy_compute(stats: Tensor, with_stderr: bool = False) -> dict[str, Tensor]:
+    """``cross_entropy`` (plus ``cross_entropy_stderr``) and ``perplexity`` from ``[3]`` mean statistics."""
+    out = mean_output(stats, "cross_entropy", with_stderr)
+    out["perplexity"] = out["cross_entropy"].exp()
+    return out
 
 
 def masked_cross_entropy(
