@@ -9,7 +9,7 @@ from pydantic import Field, PositiveInt, validate_call
 from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric, MetricOutput, safe_div
-from metrics_suite.conformance import ConformanceExample
+from metrics_suite.examples import reconstruction as examples
 from metrics_suite.functional.reconstruction import (
     DENSITY_EDGES_LOG10,
     ScoreReduction,
@@ -36,34 +36,7 @@ from metrics_suite.registry import register
 __all__ = ["ActivationReconstruction", "ChangedTokenRate", "FeatureSparsity", "ReconstructionScore"]
 
 
-def _score_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    clean = torch.rand(n, 2, generator=g) + 1.0
-    zero = clean + 1.0 + torch.rand(n, 2, generator=g)
-    recon = clean + (zero - clean) * torch.rand(n, 2, generator=g)
-    return {
-        "source_model_loss": clean,
-        "source_model_loss_with_reconstruction": recon,
-        "source_model_loss_with_zero_ablation": zero,
-    }
-
-
-def _score_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _score_batch(g, 4)
-    return [
-        {**good, "source_model_loss_with_reconstruction": good["source_model_loss"][:3]},  # N mismatch
-        {**good, "source_model_loss": good["source_model_loss"][:, :1]},  # C mismatch
-        {**good, "source_model_loss_with_zero_ablation": good["source_model_loss"].long()},  # dtype
-        {k: v[:, 0] for k, v in good.items()},  # [N] without component_idx
-    ]
-
-
-@register(
-    "reconstruction",
-    "reconstruction_score",
-    example=ConformanceExample(
-        make_batch=_score_batch, bad_inputs=_score_bad, init_kwargs={"num_components": 2}
-    ),
-)
+@register("reconstruction", "reconstruction_score", example=examples.RECONSTRUCTION_SCORE)
 class ReconstructionScore(DiagnosticMetric):
     r"""Share of the loss gap between zero-ablation and the clean model that a reconstruction closes.
 
@@ -176,32 +149,9 @@ class ReconstructionScore(DiagnosticMetric):
 
 
 # ---------------------------------------------------------------------------------- ChangedTokenRate
-def _changed_tokens_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    input_ids = torch.randint(0, 20, (n, 6), generator=g)
-    change = torch.rand(n, 6, generator=g) < 0.4
-    reconstructed_ids = torch.where(change, torch.randint(0, 20, (n, 6), generator=g), input_ids)
-    noise_mask = torch.rand(n, 6, generator=g) < 0.7
-    noise_mask[:, 0] &= torch.rand(n, generator=g) < 0.5  # some sequences select nothing at all
-    noise_mask[torch.rand(n, generator=g) < 0.2] = False
-    return {"input_ids": input_ids, "reconstructed_ids": reconstructed_ids, "noise_mask": noise_mask}
 
 
-def _changed_tokens_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _changed_tokens_batch(g, 4)
-    return [
-        {**good, "reconstructed_ids": good["reconstructed_ids"][:, :5]},  # T mismatch
-        {**good, "input_ids": good["input_ids"].float()},  # dtype
-        {**good, "noise_mask": good["noise_mask"][:3]},  # mask shape
-        {**good, "noise_mask": good["noise_mask"].long() * 2},  # mask values
-        {k: v[0] for k, v in good.items()},  # 1-d
-    ]
-
-
-@register(
-    "reconstruction",
-    "changed_tokens",
-    example=ConformanceExample(make_batch=_changed_tokens_batch, bad_inputs=_changed_tokens_bad),
-)
+@register("reconstruction", "changed_tokens", example=examples.CHANGED_TOKENS)
 class ChangedTokenRate(DiagnosticMetric):
     r"""Share of selected tokens whose id a transform changed (e.g. nearest-token decoding of noisy embeddings).
 
@@ -264,32 +214,9 @@ class ChangedTokenRate(DiagnosticMetric):
 
 
 # ---------------------------------------------------------------------------------- ActivationReconstruction
-def _activation_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    target = torch.randn(n, 3, 8, generator=g) * 2.0 + 0.5
-    reconstruction = target + 0.7 * torch.randn(n, 3, 8, generator=g)
-    mask = torch.rand(n, 3, generator=g) < 0.8
-    return {"reconstruction": reconstruction, "target": target, "mask": mask}
 
 
-def _activation_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _activation_batch(g, 4)
-    return [
-        {**good, "reconstruction": good["reconstruction"][..., :7]},  # D mismatch
-        {**good, "target": good["target"][..., :7], "reconstruction": good["reconstruction"][..., :7]},  # D
-        {**good, "target": good["target"].long()},  # dtype
-        {**good, "mask": good["mask"][:, :2]},  # mask shape
-        {**good, "mask": good["mask"].float()},  # mask dtype
-    ]
-
-
-@register(
-    "reconstruction",
-    "activations",
-    example=ConformanceExample(
-        make_batch=_activation_batch, bad_inputs=_activation_bad, init_kwargs={"num_features": 8}
-    ),
-    needs_config=True,
-)
+@register("reconstruction", "activations", example=examples.ACTIVATIONS, needs_config=True)
 class ActivationReconstruction(DiagnosticMetric):
     r"""How well a reconstruction (e.g. an SAE's output) reproduces activation vectors ``[..., D]``.
 
@@ -372,39 +299,12 @@ class ActivationReconstruction(DiagnosticMetric):
 
 
 # ---------------------------------------------------------------------------------- FeatureSparsity
-def _sparsity_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    # feature f fires with probability ~ 0.6**f: a spread of densities, rare features, one never fires
-    rates = 0.6 ** torch.arange(12.0)
-    rates[-1] = 0.0
-    fires = torch.rand(n, 2, 12, generator=g) < rates
-    feature_activations = torch.where(fires, torch.rand(n, 2, 12, generator=g) * 3.0, 0.0)
-    mask = torch.rand(n, 2, generator=g) < 0.85
-    return {"feature_activations": feature_activations, "mask": mask}
-
-
-def _sparsity_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _sparsity_batch(g, 4)
-    return [
-        {**good, "feature_activations": good["feature_activations"][..., :11]},  # F mismatch
-        {**good, "feature_activations": good["feature_activations"].long()},  # dtype
-        {**good, "mask": good["mask"][:, :1]},  # mask shape
-        {"feature_activations": good["feature_activations"][0, 0, 0]},  # 0-d
-    ]
 
 
 DeadThreshold = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-@register(
-    "reconstruction",
-    "feature_sparsity",
-    example=ConformanceExample(
-        make_batch=_sparsity_batch,
-        bad_inputs=_sparsity_bad,
-        init_kwargs={"num_features": 12, "dead_thresholds": (0.0, 0.01, 0.1)},
-    ),
-    needs_config=True,
-)
+@register("reconstruction", "feature_sparsity", example=examples.FEATURE_SPARSITY, needs_config=True)
 class FeatureSparsity(DiagnosticMetric):
     r"""Sparsity and dead features of feature activations ``[..., F]`` (e.g. an SAE's latents).
 
