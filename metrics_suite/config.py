@@ -9,7 +9,9 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+#: The suite names, in registry and figure order: the one place they are listed.
 SuiteName = Literal["reconstruction", "utility", "noise", "credit"]
+SUITES: tuple[SuiteName, ...] = get_args(SuiteName)
 
 
 class SuiteConfig(BaseModel):
@@ -33,7 +35,7 @@ class SuiteConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    suites: list[SuiteName] = Field(default_factory=lambda: list(get_args(SuiteName)), min_length=1)
+    suites: list[SuiteName] = Field(default_factory=lambda: list(SUITES), min_length=1)
     metrics: dict[str, dict[str, Any] | StrictBool] = Field(default_factory=dict)
 
 

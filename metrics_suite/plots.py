@@ -22,10 +22,12 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from metrics_suite.config import SUITES
+
 __all__ = ["load_results", "plot_metric", "plot_results"]
 
 #: Suites in figure order, with their colours.
-SUITE_COLORS = {"reconstruction": "#1b9e77", "utility": "#d95f02", "noise": "#7570b3", "credit": "#e7298a"}
+SUITE_COLORS: dict[str, str] = dict(zip(SUITES, ("#1b9e77", "#d95f02", "#7570b3", "#e7298a"), strict=True))
 #: Curves per panel before a metric is split over several panels.
 MAX_CURVES = 4
 

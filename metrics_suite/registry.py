@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 from metrics_suite.base import DiagnosticMetric
 from metrics_suite.collection import DiagnosticCollection
+from metrics_suite.config import SUITES, SuiteConfig, load_config
 from metrics_suite.conformance import ConformanceExample
 
-SUITES: tuple[str, ...] = ("reconstruction", "utility", "noise", "credit")
 _BUILTIN_MODULES = tuple(f"metrics_suite.{s}" for s in SUITES)
 
 M = TypeVar("M", bound=type[DiagnosticMetric])
@@ -145,8 +145,6 @@ def build(config: Any) -> DiagnosticCollection:
         >>> "reconstruction/reconstruction_score" in col.keys()
         False
     """
-    from metrics_suite.config import SuiteConfig, load_config
-
     if isinstance(config, str | Path):
         cfg = load_config(config)
     elif isinstance(config, SuiteConfig):

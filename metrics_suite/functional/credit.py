@@ -43,8 +43,6 @@ LossFn = Callable[[Tensor], Tensor]
 Difference = Literal["forward", "central"]
 #: Perturbed rows per ``loss_fn`` call are capped at this many elements by default (16 MB in float32).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
-#: Keys of the six Pearson sums of :func:`_pearson_sums`, in order.
-PEARSON_SUMS = ("n", "sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy")
 #: Added to the per-item RMS of the credit in :func:`nudging_delta`.
 RMS_EPS = 1e-6
 

@@ -164,30 +164,31 @@ def _divergences_from_logits(
     return torch.minimum(values.clamp_min_(0.0), upper).add_(0.0), finite
 
 
-def _top_k_set(x: Tensor, k: int) -> tuple[Tensor, Tensor] | Tensor:
-    """Indices ``[n, w]`` that cover the top-k set of each row (``k < V``), and a mask of those outside it.
+def _top_k_mask(x: Tensor, k: int) -> Tensor:
+    """Bool mask ``[..., V]`` of the top-k set of each row of ``x`` (``k <= V``).
 
     The top-k set is every entry at least the k-th largest value, ties included, except −inf
-    entries: it does not depend on the order of the vocabulary. When ties make a set wider than a
-    quarter of the vocabulary (e.g. a row of equal logits), gathering would cost more than the
-    whole row: then only the bool mask ``[n, V]`` of the set is returned.
+    entries: it does not depend on the order of the vocabulary.
+    """
+    kth = x.topk(k, -1).values[..., -1:]
+    return (x >= kth) & (x > -math.inf)
+
+
+def _top_k_set(x: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """Indices ``[n, w]`` that cover the top-k set of each row (``k < V``), and a mask of those outside it.
+
+    The set is that of :func:`_top_k_mask`. When ties make a set wider than a quarter of the
+    vocabulary (e.g. a row of equal logits), gathering would cost more than the whole row: then
+    None, and the caller masks whole rows with :func:`_top_k_mask` instead.
     """
     values, index = x.topk(k + 1, -1)
     kth = values[:, k - 1 : k]
     if bool(((values[:, k:] == kth) & (kth > -math.inf)).any()):  # a tie crosses the k-th place
         width = int((x >= kth).sum(-1).max())
         if 4 * width > x.shape[-1]:
-            return (x >= kth) & (x > -math.inf)
+            return None
         values, index = x.topk(width, -1, sorted=False)
     return index, (values < kth) | (values == -math.inf)
-
-
-def _as_mask(top_k_set: tuple[Tensor, Tensor] | Tensor, shape: torch.Size) -> Tensor:
-    """The bool ``[n, V]`` mask of a set from :func:`_top_k_set`."""
-    if isinstance(top_k_set, Tensor):
-        return top_k_set
-    index, outside = top_k_set
-    return torch.zeros(shape, dtype=torch.bool, device=index.device).scatter_(-1, index, ~outside)
 
 
 def _top_k_union(
@@ -208,9 +209,9 @@ def _top_k_union(
 def _top_k_chunk(clean: Tensor, noisy: Tensor, k: int) -> Tensor:
     """Divergences of rows restricted to (and renormalised on) the union of both top-k sets."""
     clean_set, noisy_set = _top_k_set(clean, k), _top_k_set(noisy, k)
-    if isinstance(clean_set, Tensor) or isinstance(noisy_set, Tensor):
+    if clean_set is None or noisy_set is None:
         # a very wide set: mask the whole rows instead of gathering (−inf outside the union)
-        outside = ~(_as_mask(clean_set, clean.shape) | _as_mask(noisy_set, clean.shape))
+        outside = ~(_top_k_mask(clean, k) | _top_k_mask(noisy, k))
         p, q, s1, s2 = (torch.empty_like(clean) for _ in range(4))
         return _divergences_from_logits(
             clean.masked_fill_(outside, -math.inf), noisy.masked_fill_(outside, -math.inf), p, q, s1, s2
@@ -288,6 +289,25 @@ def _attended_positions(
     return mask.reshape(-1).nonzero().squeeze(-1)
 
 
+def _per_sequence_sums(
+    values: Tensor, finite: Tensor, positions: Tensor, batch: int, seq: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Scatter per-token ``values`` ``[n, ...]`` at flat ``positions`` of a ``[batch, seq]`` grid into sequences.
+
+    Returns:
+        ``sums`` and ``squares`` ``[batch, ...]`` (float64), ``counts`` ``[batch]`` (int64) and
+        ``finite`` ``[batch]`` (False where a token of the sequence is not finite).
+    """
+    sequence = torch.div(positions, max(seq, 1), rounding_mode="floor")
+    values = values.to(torch.float64)
+    zeros = torch.zeros(batch, *values.shape[1:], dtype=torch.float64, device=values.device)
+    sums = zeros.index_add(0, sequence, values)
+    squares = zeros.index_add(0, sequence, values * values)
+    counts = torch.bincount(sequence, minlength=batch).to(torch.int64)
+    n_bad = torch.bincount(sequence, weights=(~finite).to(torch.float64), minlength=batch)
+    return sums, squares, counts, n_bad == 0
+
+
 def _next_token_update(
     clean_logits: Tensor,
     noisy_logits: Tensor,
@@ -313,14 +333,7 @@ def _next_token_update(
     dtype = torch.promote_types(compute_dtype(clean_logits), compute_dtype(noisy_logits))
     rows = chunk_rows(vocab, dtype, batch, seq, max_batch_size, max_sequence_length)
     values, finite_rows = _divergence_rows(clean_logits, noisy_logits, positions, num_logits, rows)
-    sequence = torch.div(positions, max(seq, 1), rounding_mode="floor")
-    values = values.to(torch.float64)
-    zeros = torch.zeros(batch, len(DIVERGENCES), dtype=torch.float64, device=values.device)
-    token_sums = zeros.index_add(0, sequence, values)
-    token_squares = zeros.index_add(0, sequence, values * values)
-    token_counts = torch.bincount(sequence, minlength=batch).to(torch.int64)
-    n_bad = torch.bincount(sequence, weights=(~finite_rows).to(torch.float64), minlength=batch)
-    return token_sums, token_squares, token_counts, n_bad == 0
+    return _per_sequence_sums(values, finite_rows, positions, batch, seq)
 
 
 def _next_token_stats(
@@ -432,6 +445,10 @@ def top_k_support_mask(noisy_logits: Tensor, clean_logits: Tensor, num_logits: i
     k-th place are all included (the set may exceed k), and no −inf entry (probability 0). It does
     not depend on the order of the vocabulary.
 
+    The only function here with the noisy logits first: it keeps the signature of the seed code it
+    replaces, so existing calls (positional ones included) keep working. The union is symmetric, so
+    swapping the arguments gives the same mask.
+
     Args:
         noisy_logits: logits ``[..., V]``.
         clean_logits: logits of the same shape.
@@ -450,11 +467,7 @@ def top_k_support_mask(noisy_logits: Tensor, clean_logits: Tensor, num_logits: i
     _check_num_logits(num_logits)
     _check_vocabulary("noisy_logits", noisy_logits)
     k = min(num_logits, noisy_logits.shape[-1])
-    mask = torch.zeros(noisy_logits.shape, dtype=torch.bool, device=noisy_logits.device)
-    for logits in (noisy_logits, clean_logits):
-        kth = logits.topk(k, -1).values[..., -1:]
-        mask |= (logits >= kth) & (logits > -math.inf)
-    return mask
+    return _top_k_mask(noisy_logits, k) | _top_k_mask(clean_logits, k)
 
 
 def next_token_divergence(
@@ -568,14 +581,7 @@ def _cross_entropy_update(
             finite[start : start + n] = _row_finite(x)
             lp = torch.log_softmax(x, -1, out=log_probs[:n])
             nats[start : start + n] = lp.gather(-1, targets[start : start + n, None]).squeeze(-1).neg_()
-    sequence = torch.div(positions, max(seq, 1), rounding_mode="floor")
-    values = nats.to(torch.float64)
-    zeros = torch.zeros(batch, dtype=torch.float64, device=logits.device)
-    sums = zeros.index_add(0, sequence, values)
-    squares = zeros.index_add(0, sequence, values * values)
-    counts = torch.bincount(sequence, minlength=batch).to(torch.int64)
-    n_bad = torch.bincount(sequence, weights=(~finite).to(torch.float64), minlength=batch)
-    return sums, squares, counts, n_bad == 0
+    return _per_sequence_sums(nats, finite, positions, batch, seq)
 
 
 def _cross_entropy_stats(sums: Tensor, squares: Tensor, counts: Tensor, keep: Tensor) -> Tensor:
