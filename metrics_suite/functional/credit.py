@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from metrics_suite.functional._chunks import CHUNK_ELEMENTS, row_slices, rows_per_chunk
 from metrics_suite.functional._stats import mean_stats, safe_div
 from metrics_suite.validation import (
     check_float,
@@ -42,7 +43,7 @@ __all__ = [
 LossFn = Callable[[Tensor], Tensor]
 Difference = Literal["forward", "central"]
 #: Perturbed rows per ``loss_fn`` call are capped at this many elements by default (16 MB in float32).
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+DEFAULT_CHUNK_ELEMENTS = CHUNK_ELEMENTS
 #: Added to the per-item RMS of the credit in :func:`nudging_delta`.
 RMS_EPS = 1e-6
 
@@ -162,10 +163,9 @@ def _per_item_cosine(credit: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]
     stays bounded for large activations.
     """
     a, r = _flatten_items(credit), _flatten_items(reference.to(credit.device))
-    rows = max(1, DEFAULT_CHUNK_ELEMENTS // max(a.shape[1], 1))
     dots, norms = [], []
-    for start in range(0, a.shape[0], rows):
-        a64, r64 = a[start : start + rows].to(torch.float64), r[start : start + rows].to(torch.float64)
+    for rows in row_slices(a.shape[0], rows_per_chunk(a.shape[1], DEFAULT_CHUNK_ELEMENTS)):
+        a64, r64 = a[rows].to(torch.float64), r[rows].to(torch.float64)
         dots.append((a64 * r64).sum(1))
         norms.append(a64.norm(dim=1) * r64.norm(dim=1))
     if not dots:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from metrics_suite.functional._chunks import row_slices, rows_per_chunk
 from metrics_suite.functional._rows import RowGather
 from metrics_suite.functional._stats import mean_stats
 from metrics_suite.validation import check_broadcast_mask, check_float, shape_str
@@ -97,12 +98,12 @@ def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) ->
     )
     positions, d = _position_shape(x_all.shape, dim), x_all.shape[dim]
     chunk_elements = _CHUNK_ELEMENTS if x_all.device.type == "cpu" else _CHUNK_ELEMENTS << 6
-    rows = max(1, chunk_elements // max(d, 1))
+    rows = rows_per_chunk(d, chunk_elements)
     gathers = [RowGather(t.movedim(dim, -1), torch.float64, rows) for t in (x_all, mu_all, eps_all)]
     buffers = [x_all.new_empty((rows, d), dtype=torch.float64) for _ in gathers]
     parts = [x_all.new_zeros((6, 0), dtype=torch.float64)]
-    for start in range(0, positions.numel(), rows):
-        end = min(start + rows, positions.numel())
+    for part in row_slices(positions.numel(), rows):
+        start, end = part.start, part.stop
         x, mu, eps = (gather.span(start, end, out[: end - start]) for gather, out in zip(gathers, buffers))
         shifted = mu + eps
         norms = [torch.linalg.vector_norm(t, dim=-1) for t in (x, mu, eps, shifted)]

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from metrics_suite.functional._chunks import row_slices, rows_per_chunk
 from metrics_suite.functional._stats import mean_output, mean_stats, safe_div
 from metrics_suite.validation import (
     check_broadcast_mask,
@@ -196,17 +197,6 @@ def reconstruction_score(
 
 
 # ---------------------------------------------------------------------------------- shared helpers
-#: Elements of one float64 working chunk (32 MiB): bounds the extra memory of an update to
-#: a few chunks, however many ``[..., D]`` vectors a batch holds.
-_CHUNK_ELEMENTS = 1 << 22
-
-
-def _row_chunks(n_rows: int, row_size: int) -> list[slice]:
-    """Consecutive row slices of at most ``_CHUNK_ELEMENTS`` elements (at least one row each)."""
-    step = max(1, _CHUNK_ELEMENTS // max(row_size, 1))
-    return [slice(start, start + step) for start in range(0, n_rows, step)]
-
-
 def _selection(mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
     """``mask`` as a bool tensor (all True when ``None``); expects an already validated mask."""
     if mask is None:
@@ -367,7 +357,7 @@ def _activation_vector_stats(reconstruction: Tensor, target: Tensor) -> Tensor:
     x_all = target.detach().reshape(-1, d)
     x_hat_all = reconstruction.detach().reshape(-1, d).to(x_all.device)
     parts = [x_all.new_zeros((4, 0), dtype=torch.float64)]
-    for rows in _row_chunks(x_all.shape[0], d):
+    for rows in row_slices(x_all.shape[0], rows_per_chunk(d)):
         x = x_all[rows].to(torch.float64)
         x_hat = x_hat_all[rows].to(torch.float64)
         norms = [torch.linalg.vector_norm(v, dim=-1).square() for v in (x_hat - x, x, x_hat)]
@@ -389,7 +379,7 @@ def _activation_update(
         ``mse_stats`` ``[3]`` and ``cosine_stats`` ``[3]`` (n, Σv, Σv²) of the per-vector mean
         squared error and cosine (the cosine only where both norms are non-zero);
         ``norm_sums`` ``[2]``: (Σ‖x̂ − x‖², Σ‖x‖²); ``target_sum`` ``[D]``: Σx. Rows are processed
-        in chunks, so the float64 copies never exceed a few ``_CHUNK_ELEMENTS``.
+        in chunks, so the float64 copies never exceed a few :data:`~metrics_suite.functional._chunks.CHUNK_ELEMENTS`.
     """
     d = target.shape[-1]
     if vector_stats is None:
@@ -402,7 +392,7 @@ def _activation_update(
     cosine = torch.where(has_cos, dot / torch.where(has_cos, cos_den, 1.0), 0.0)
     x_all = target.detach().reshape(-1, d)
     target_sum = torch.zeros(d, dtype=torch.float64, device=x_all.device)
-    for rows in _row_chunks(x_all.shape[0], d):
+    for rows in row_slices(x_all.shape[0], rows_per_chunk(d)):
         target_sum += x_all[rows].to(torch.float64).masked_fill_(~selected[rows, None], 0.0).sum(0)
     norm_sums = torch.stack([sq_err.sum(), sq_norm.sum()])
     return mean_stats(sq_err / d, selected), mean_stats(cosine, has_cos), norm_sums, target_sum
@@ -494,7 +484,7 @@ def _feature_l1(feature_activations: Tensor) -> Tensor:
     a_all = feature_activations.detach().reshape(-1, f)
     dtype = compute_dtype(a_all)
     parts = [a_all.new_zeros(0, dtype=torch.float64)]
-    for rows in _row_chunks(a_all.shape[0], f):
+    for rows in row_slices(a_all.shape[0], rows_per_chunk(f)):
         parts.append(torch.linalg.vector_norm(a_all[rows], ord=1, dim=-1, dtype=dtype).to(torch.float64))
     return torch.cat(parts)
 
@@ -523,7 +513,7 @@ def _feature_sparsity_update(
     weights = selected.to(dtype)
     firing_counts = torch.zeros(f, dtype=torch.float64, device=a_all.device)
     l0_parts = [a_all.new_zeros(0, dtype=dtype)]
-    for rows in _row_chunks(a_all.shape[0], f):
+    for rows in row_slices(a_all.shape[0], rows_per_chunk(f)):
         # 0/1 in float: row sums and the weighted column sum (a GEMV) are exact integers, as a
         # chunk holds far fewer than 2**24 rows and features
         fires = (a_all[rows] != 0).to(dtype)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from metrics_suite.functional._chunks import row_slices
 from metrics_suite.functional._rows import RowGather
 from metrics_suite.functional._stats import mean_output, safe_div
 from metrics_suite.validation import (
@@ -82,11 +82,6 @@ def chunk_rows(
     if max_batch_size is None or max_sequence_length is None:
         return max(1, min(batch * seq, default))
     return max(1, batch * seq)
-
-
-def _chunks(positions: Tensor, rows: int) -> Iterator[tuple[int, Tensor]]:
-    for start in range(0, positions.numel(), rows):
-        yield start, positions[start : start + rows]
 
 
 def _row_finite(x: Tensor) -> Tensor:
@@ -245,7 +240,8 @@ def _divergence_rows(
     workspace = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(2 if top_k else 6)]
     gather_clean = RowGather(clean_logits, dtype, rows)
     gather_noisy = RowGather(noisy_logits, dtype, rows)
-    for start, chunk in _chunks(positions, rows):
+    for part in row_slices(positions.numel(), rows):
+        start, chunk = part.start, positions[part]
         n = chunk.numel()
         clean = gather_clean(chunk, workspace[0][:n])
         noisy = gather_noisy(chunk, workspace[1][:n])
@@ -575,7 +571,8 @@ def _cross_entropy_update(
         x_buffer = torch.empty(rows, vocab, dtype=dtype, device=logits.device)
         log_probs = torch.empty_like(x_buffer)
         gather = RowGather(logits, dtype, rows)
-        for start, chunk in _chunks(positions, rows):
+        for part in row_slices(positions.numel(), rows):
+            start, chunk = part.start, positions[part]
             n = chunk.numel()
             x = gather(chunk, x_buffer[:n])
             finite[start : start + n] = _row_finite(x)
