@@ -132,9 +132,16 @@ def test_range_edges() -> None:
         return [*sketch_quantile(counts, levels, spec).tolist(), sketch_max(counts, spec).item()]
 
     assert est([0.0, 0.0, 0.0]) == [0.0, 0.0, 0.0, 0.0]
-    # below min_value (and rounding-noise negatives) report 0: absolute error < 1e-12
-    assert est([-1e-9, 3e-13, 9.99e-13]) == [0.0, 0.0, 0.0, 0.0]
-    for values in ([1e-12] * 3, [1e4] * 3, [LN2, LN2 * (1 - 1e-12), LN2 * (1 - 1e-7)], [1e3, 999.0, 1.0]):
+    # below the bucket of min_value, γ^-1382 = 0.9901e-12 (and rounding-noise negatives): reported 0
+    assert est([-1e-9, 3e-13, 9.9e-13]) == [0.0, 0.0, 0.0, 0.0]
+    for values in (
+        [1e-12] * 3,
+        [9.91e-13, 1e-12, 1.01e-12],  # the first regular bucket, partly below min_value
+        [1e4] * 3,
+        [1e4, 1.01e4, 1.0100168e4],  # the last regular bucket ends at γ^461 = 1.01001681e4
+        [LN2, LN2 * (1 - 1e-12), LN2 * (1 - 1e-7)],
+        [1e3, 999.0, 1.0],
+    ):
         exact = [*np.quantile(values, levels, method="inverted_cdf").tolist(), max(values)]
         assert _violations(np.array(est(values)), np.array(exact), 0.01) == []
     # exact bucket edges γ^i (computed in float64, so either neighbour bucket): still within α
@@ -145,7 +152,7 @@ def test_range_edges() -> None:
 
 def test_overflow_bucket_reports_inf_and_keeps_lower_quantiles() -> None:
     spec = SketchSpec()
-    x = np.array([0.5, 1.0, 2.0, 1e4 * (1 + 1e-9), 1e6, math.inf])  # three above max_value = 1e4
+    x = np.array([0.5, 1.0, 2.0, 1.0100169e4, 1e6, math.inf])  # three above the last bucket, γ^461
     counts = sketch_update(torch.from_numpy(x), spec)
     assert counts[-1] == 3
     est = sketch_quantile(counts, (0.0, 0.5, 0.51, 1.0), spec).numpy()
@@ -214,7 +221,7 @@ def test_low_precision_inputs_sketch_their_float64_values() -> None:
 
 finite_or_edge = st.one_of(
     st.floats(min_value=0.0, max_value=1e6, allow_subnormal=True),
-    st.sampled_from([0.0, 1e-12, 1e4, math.inf, -1e-10, LN2]),
+    st.sampled_from([0.0, 1e-12, 9.9e-13, 1e4, 1.01e4, 1.02e4, math.inf, -1e-10, LN2]),
 )
 
 
@@ -238,8 +245,9 @@ def test_any_split_merges_exactly(values: list[float], cuts: list[int], seed: in
     # and the merged sketch's quantiles are the exact ones within α
     if mask.any():
         exact = _exact(x[mask].numpy(), LEVELS)
-        # below min_value reports 0, above max_value reports inf
-        expected = np.where(exact < 1e-12, 0.0, np.where(exact > 1e4, math.inf, exact))
+        # below the first regular bucket reports 0, above the last one inf
+        lower, upper = spec.gamma ** (spec.min_index - 1), spec.gamma**spec.max_index
+        expected = np.where(exact <= lower, 0.0, np.where(exact > upper, math.inf, exact))
         assert _violations(sketch_quantile(parts, LEVELS, spec).numpy(), expected, 0.01) == []
 
 

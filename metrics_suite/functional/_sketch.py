@@ -9,9 +9,13 @@ $$
 
 and bucket $i$ reports its representative $r_i = 2\gamma^i / (\gamma + 1)$. For every $x$ in
 the bucket, $r_i / x \in [2/(\gamma+1),\, 2\gamma/(\gamma+1)) = [1 - \alpha,\, 1 + \alpha)$: the
-relative error is at most $\alpha$. Two more buckets close the range: an underflow bucket for
-$x < \text{min\_value}$ (zeros, and rounding-noise negatives) reported as exactly 0, and an
-overflow bucket for $x > \text{max\_value}$, $+\infty$ and NaN, reported as $+\infty$.
+relative error is at most $\alpha$. The regular buckets are the whole buckets that cover
+$[\text{min\_value}, \text{max\_value}]$, from $i_{\min} = \lceil \log_\gamma \text{min\_value} \rceil$
+to $i_{\max} = \lceil \log_\gamma \text{max\_value} \rceil$. Two more buckets close the range:
+an underflow bucket for $x \le \gamma^{i_{\min} - 1}$ (a value between ``min_value / γ`` and
+``min_value``; zeros and rounding-noise negatives included) reported as exactly 0, and an
+overflow bucket for $x > \gamma^{i_{\max}}$ (at most ``γ · max_value``), $+\infty$ and NaN,
+reported as $+\infty$.
 
 The sketch is a count per bucket, so it is a sum state: the sketch of $a \cup b$ is the sketch
 of $a$ plus the sketch of $b$, exactly (integer counts), whatever the split, order or number of
@@ -37,6 +41,7 @@ count cannot locate. For unit weights numpy's unweighted path computes the rank 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -59,7 +64,7 @@ __all__ = [
 ]
 
 
-def _check_positive_float(owner: str, name: str, value: object, accepted: str) -> float:
+def _check_finite_float(owner: str, name: str, value: object, accepted: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{owner}: `{name}` must be {accepted}, got {value!r}")
     return float(value)
@@ -70,21 +75,21 @@ class SketchSpec:
     r"""The fixed layout of a quantile sketch: relative accuracy and value range.
 
     Bucket positions in a count vector of length :attr:`num_buckets`: 0 is the underflow/zero
-    bucket ($x <$ ``min_value``), ``1 .. num_buckets - 2`` are $i = $ :attr:`min_index` ..
-    :attr:`max_index`, the last is the overflow bucket ($x >$ ``max_value``, $+\infty$, NaN).
+    bucket ($x \le \gamma^{i_{\min} - 1}$), ``1 .. num_buckets - 2`` are $i = $ :attr:`min_index` ..
+    :attr:`max_index`, the last is the overflow bucket ($x > \gamma^{i_{\max}}$, $+\infty$, NaN).
 
     The default range suits per-token divergences of next-token distributions (natural log):
 
     * ``max_value = 1e4``: Jensen–Shannon is at most $\ln 2$, total variation and squared
       Hellinger at most 1; Jeffreys and KL grow with the logit gap between the two models and
       reach a few hundred for float32 logits of real models (the issue's edge is 1e3), so one
-      more decade is margin. Larger values (and Jeffreys' $+\infty$ for a token banned in one
-      model only) land in the overflow bucket.
+      more decade is margin. Values above $\gamma^{461} \approx 1.0100\cdot10^4$ (and Jeffreys'
+      $+\infty$ for a token banned in one model only) land in the overflow bucket.
     * ``min_value = 1e-12``: a one-ulp change of float32 logits (relative $\approx 6\cdot10^{-8}$)
       moves the second-order divergences (Jeffreys, JS, KL, $H^2$, all $\approx \sum \delta^2/p$)
       by about $(6\cdot10^{-8})^2 \approx 4\cdot10^{-15}$ per token of the vocabulary that
-      moves, so values below 1e-12 are at float32's rounding floor; they are reported as 0
-      (absolute error below 1e-12).
+      moves, so values below 1e-12 are at float32's rounding floor; values at or below
+      $\gamma^{-1382} \approx 0.990\cdot10^{-12}$ are reported as 0 (absolute error below 1e-12).
 
     Each decade costs $\ln 10 / \ln\gamma \approx 115$ buckets at $\alpha = 0.01$; the default
     16 decades make :attr:`num_buckets` = 1845 counts per sketch (7380 for the four divergences).
@@ -92,8 +97,9 @@ class SketchSpec:
     Args:
         relative_accuracy: $\alpha \in (0, 1)$; every reported quantile is within relative
             error $\alpha$ of the exact one.
-        min_value: smallest value given its own bucket (> 0); smaller values count as 0.
-        max_value: largest value given its own bucket (> ``min_value``).
+        min_value: smallest value sure of a regular bucket (> 0); values below its bucket count as 0.
+        max_value: largest value sure of a regular bucket (> ``min_value``); values above its
+            bucket count as overflow.
 
     Examples:
         >>> spec = SketchSpec()
@@ -108,15 +114,15 @@ class SketchSpec:
     max_value: float = 1e4
 
     def __post_init__(self) -> None:
-        alpha = _check_positive_float(
+        alpha = _check_finite_float(
             "SketchSpec", "relative_accuracy", self.relative_accuracy, "a float in (0, 1)"
         )
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"SketchSpec: `relative_accuracy` must be a float in (0, 1), got {alpha!r}")
-        low = _check_positive_float("SketchSpec", "min_value", self.min_value, "a finite float > 0")
+        low = _check_finite_float("SketchSpec", "min_value", self.min_value, "a finite float > 0")
         if low <= 0.0:
             raise ValueError(f"SketchSpec: `min_value` must be a finite float > 0, got {low!r}")
-        high = _check_positive_float("SketchSpec", "max_value", self.max_value, "a finite float > min_value")
+        high = _check_finite_float("SketchSpec", "max_value", self.max_value, "a finite float > min_value")
         if high <= low:
             raise ValueError(
                 f"SketchSpec: `max_value` must be a finite float > min_value={low!r}, got {high!r}"
@@ -136,17 +142,19 @@ class SketchSpec:
         r"""$\ln \gamma$ (computed as ``log1p(2α / (1 − α))`` to keep small α accurate)."""
         return math.log1p(2.0 * self.relative_accuracy / (1.0 - self.relative_accuracy))
 
-    @property
+    # cached (the dataclass is frozen, cached_property writes the instance dict directly). The 1e-9
+    # margins keep an edge value in a regular bucket even when another device's log differs by an ulp.
+    @functools.cached_property
     def min_index(self) -> int:
         r"""$\lceil \log_\gamma \text{min\_value} \rceil$, the first regular bucket."""
-        return int(_bucket_index(torch.tensor(self.min_value, dtype=torch.float64), self.log_gamma))
+        return math.ceil(math.log(self.min_value) / self.log_gamma - 1e-9)
 
-    @property
+    @functools.cached_property
     def max_index(self) -> int:
         r"""$\lceil \log_\gamma \text{max\_value} \rceil$, the last regular bucket."""
-        return int(_bucket_index(torch.tensor(self.max_value, dtype=torch.float64), self.log_gamma))
+        return math.ceil(math.log(self.max_value) / self.log_gamma + 1e-9)
 
-    @property
+    @functools.cached_property
     def num_buckets(self) -> int:
         """Length of the count vector: the regular buckets plus the underflow and overflow buckets."""
         return self.max_index - self.min_index + 3
@@ -160,19 +168,20 @@ class SketchSpec:
 
 
 def _bucket_index(x: Tensor, log_gamma: float) -> Tensor:
-    """``ceil(log_γ x)`` of float64 ``x`` (the one place the bucket formula lives)."""
-    return torch.ceil(torch.log(x) / log_gamma)
+    """``ceil(log_γ x)`` of float64 ``x``, as a new float64 tensor (the one place the bucket formula lives)."""
+    return torch.log(x).div_(log_gamma).ceil_()
 
 
 def _bucket_positions(values: Tensor, spec: SketchSpec) -> Tensor:
-    """int64 position in the count vector of every value (same shape as ``values``)."""
-    x = values.to(torch.float64)
-    overflow = spec.num_buckets - 1
-    # clamping only absorbs a one-ulp disagreement of log at the range edges; 0 and negatives
-    # give log = -inf / NaN, replaced by the underflow test below
-    regular = (_bucket_index(x, spec.log_gamma) - (spec.min_index - 1)).clamp(1, overflow - 1)
-    position = torch.where(x < spec.min_value, 0.0, regular)
-    position = torch.where((x > spec.max_value) | torch.isnan(x), float(overflow), position)
+    """int64 position in the count vector of every value (same shape as ``values``).
+
+    Few passes, in place after the first copies: a batch of tokens is read once per step.
+    """
+    overflow = float(spec.num_buckets - 1)
+    # clamp_min keeps NaN (→ overflow below); negatives become 0, whose log is -inf (→ underflow)
+    x = values.to(torch.float64).clamp_min(0.0)
+    position = _bucket_index(x, spec.log_gamma).sub_(spec.min_index - 1)
+    position.nan_to_num_(nan=overflow, posinf=overflow, neginf=0.0).clamp_(0.0, overflow)
     return position.to(torch.int64)
 
 
@@ -219,7 +228,7 @@ def sketch_update(
 
     Args:
         values: floating-point values ``[*batch, *items]``, meant to be non-negative (values
-            below ``spec.min_value``, negatives included, count as 0).
+            below the bucket of ``spec.min_value``, negatives included, count as 0).
         spec: the sketch layout.
         weights: ``None`` (every item counts once), a bool or 0/1 integer mask (True counts,
             so NaN values at masked-out positions are fine) or non-negative float weights;
@@ -366,8 +375,8 @@ def sketch_quantile(counts: Tensor, q: float | Sequence[float], spec: SketchSpec
 def sketch_max(counts: Tensor, spec: SketchSpec) -> Tensor:
     r"""Largest sketched value, within relative error α of the true maximum (NaN when empty).
 
-    The representative of the last non-empty bucket: 0 when every value was below
-    ``min_value``, $+\infty$ when one was above ``max_value`` (or $+\infty$).
+    The representative of the last non-empty bucket: 0 when every value was in the underflow
+    bucket, $+\infty$ when one was in the overflow bucket.
 
     Examples:
         >>> import torch
