@@ -211,6 +211,15 @@ def test_a_batch_of_sketches_equals_one_sketch_each() -> None:
     assert out["d_max"] == sketch_max(counts[3], spec)
 
 
+def test_empty_shapes_give_empty_or_zero_counts() -> None:
+    spec = SketchSpec()
+    assert torch.equal(sketch_update(torch.zeros(0), spec), torch.zeros(1845, dtype=torch.int64))
+    assert sketch_update(torch.zeros(0, 5), spec, batch_dims=1).shape == (0, 1845)
+    assert sketch_update(torch.zeros(3, 0), spec, batch_dims=1).sum() == 0
+    assert sketch_update(torch.tensor(0.5), spec).sum() == 1
+    assert sketch_quantile(torch.zeros(0, 1845), (0.5, 0.9), spec).shape == (0, 2)
+
+
 def test_low_precision_inputs_sketch_their_float64_values() -> None:
     spec = SketchSpec()
     x = torch.tensor([0.0, 1e-5, 0.3, LN2, 7.0, 900.0])

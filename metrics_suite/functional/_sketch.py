@@ -87,7 +87,7 @@ class SketchSpec:
       $+\infty$ for a token banned in one model only) land in the overflow bucket.
     * ``min_value = 1e-12``: a one-ulp change of float32 logits (relative $\approx 6\cdot10^{-8}$)
       moves the second-order divergences (Jeffreys, JS, KL, $H^2$, all $\approx \sum \delta^2/p$)
-      by about $(6\cdot10^{-8})^2 \approx 4\cdot10^{-15}$ per token of the vocabulary that
+      by about $(6\cdot10^{-8})^2 \approx 4\cdot10^{-15}$ per vocabulary entry that
       moves, so values below 1e-12 are at float32's rounding floor; values at or below
       $\gamma^{-1382} \approx 0.990\cdot10^{-12}$ are reported as 0 (absolute error below 1e-12).
 
@@ -275,8 +275,8 @@ def sketch_update(
     elif weights is not None and weights.dtype != torch.bool and not weights.dtype.is_floating_point:
         weights = weights != 0
     batch_shape = values.shape[:batch_dims]
-    num_sketches = math.prod(batch_shape)
-    position = _bucket_positions(values, spec).reshape(num_sketches, -1)
+    num_sketches, num_items = math.prod(batch_shape), math.prod(values.shape[batch_dims:])
+    position = _bucket_positions(values, spec).reshape(num_sketches, num_items)
     if weights is None:
         src = torch.ones((), dtype=torch.int64, device=values.device).expand(position.shape)
     elif weights.dtype == torch.bool:
