@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -9,10 +11,13 @@ import torch
 from torch import Tensor
 
 from metrics_suite.functional._chunks import row_slices, rows_per_chunk
+from metrics_suite.functional._rows import RowGather
 from metrics_suite.functional._stats import mean_output, mean_stats, safe_div
+from metrics_suite.functional.utility import _top_k_mask, chunk_rows
 from metrics_suite.validation import (
     check_broadcast_mask,
     check_float,
+    check_ids_in_range,
     check_integer,
     check_mask,
     check_ndim,
@@ -25,6 +30,7 @@ ScoreReduction = Literal["ratio_of_sums", "itemwise_mean"]
 __all__ = [
     "activation_reconstruction",
     "changed_token_rate",
+    "downstream_reconstruction",
     "feature_sparsity",
     "percentage_changed_ids",
     "reconstruction_score",
@@ -610,3 +616,231 @@ def feature_sparsity(
     """
     _feature_sparsity_check(feature_activations, mask, None)
     return _feature_sparsity_compute(*_feature_sparsity_update(feature_activations, mask), dead_thresholds)
+
+
+# ---------------------------------------------------------------------------------- downstream reconstruction
+_DOWNSTREAM_LOGITS = ("clean_logits", "spliced_logits", "ablated_logits")
+#: Columns of the per-token values of :func:`_downstream_rows`.
+DOWNSTREAM_COLUMNS = ("kl_spliced", "kl_ablated", "top1_agreement", "ce_clean", "ce_spliced", "ce_ablated")
+
+
+def _downstream_check(
+    clean_logits: Tensor,
+    spliced_logits: Tensor,
+    ablated_logits: Tensor,
+    target_ids: Tensor | None,
+    attention_mask: Tensor | None,
+    ignore_index: int | None,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` unless three equal ``[B, T, V]`` logits, ``[B, T]`` targets and mask."""
+    logits = (clean_logits, spliced_logits, ablated_logits)
+    for name, x in zip(_DOWNSTREAM_LOGITS, logits):
+        check_float(name, x)
+        check_ndim(name, x, 3)
+        check_same_shape(name, x, "clean_logits", clean_logits)
+    batch, seq, vocab = clean_logits.shape
+    if vocab == 0:
+        raise ValueError(f"`clean_logits` must be [B, T, V] with V >= 1, got {shape_str(clean_logits.shape)}")
+    if attention_mask is not None:
+        check_mask("attention_mask", attention_mask, (batch, seq))
+    if target_ids is not None:
+        check_integer("target_ids", target_ids)
+        if tuple(target_ids.shape) != (batch, seq):
+            raise ValueError(
+                f"`target_ids` must have shape {shape_str((batch, seq))} (the [B, T] of `clean_logits` "
+                f"{shape_str(clean_logits.shape)}), got {shape_str(target_ids.shape)}"
+            )
+        attended = _selection(attention_mask, target_ids.shape, target_ids.device)
+        counted = _downstream_ce_mask(target_ids, attended, ignore_index)
+        check_ids_in_range(
+            "target_ids", target_ids[counted], vocab, "token ids", "the vocabulary of the logits) at counted positions"
+        )
+
+
+def _downstream_ce_mask(target_ids: Tensor, attended: Tensor, ignore_index: int | None = None) -> Tensor:
+    """Positions whose cross-entropy counts: attended and not ``ignore_index``."""
+    return attended if ignore_index is None else attended & (target_ids != ignore_index)
+
+
+def _kl_rows(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Row KL(p‖q) ``[n]`` from ``p`` and both log-probabilities ``[n, W]``; ``log_q`` is used as scratch.
+
+    An entry with p = 0 contributes 0 (its ``0·(−inf)`` and ``0·NaN`` products are the only NaN
+    of a finite row, so ``nansum`` drops exactly those); p > 0 with q = 0 gives +inf.
+    """
+    return torch.sub(log_p, log_q, out=log_q).mul_(p).nansum(-1)
+
+
+def _downstream_rows(
+    logits: tuple[Tensor, Tensor, Tensor],
+    positions: Tensor,
+    targets: Tensor | None,
+    num_logits: int | None,
+    rows: int,
+) -> tuple[Tensor, Tensor]:
+    """Per-token values ``[n, 6]`` (columns :data:`DOWNSTREAM_COLUMNS`, float64) and finiteness ``[n]``.
+
+    ``positions`` are flat indices into the ``[B, T]`` grid; ``targets`` ``[n]`` (or None: the
+    cross-entropy columns are 0). Reads ``rows`` positions of each input at a time into reused
+    ``[rows, V]`` buffers: the extra memory is seven such buffers, whatever ``B`` and ``T``.
+    """
+    clean_logits = logits[0]
+    vocab = clean_logits.shape[-1]
+    dtype = functools.reduce(torch.promote_types, (compute_dtype(x) for x in logits))
+    device = clean_logits.device
+    n_rows = positions.numel()
+    values = torch.zeros(n_rows, len(DOWNSTREAM_COLUMNS), dtype=torch.float64, device=device)
+    finite = torch.ones(n_rows, dtype=torch.bool, device=device)
+    if n_rows == 0:
+        return values, finite
+    rows = min(rows, n_rows)
+    top_k = num_logits if num_logits is not None and num_logits < vocab else None
+    gathers = [RowGather(x.to(device), dtype, rows) for x in logits]
+    raw = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in logits]
+    log_p, p, log_q = (torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(3))
+    support = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(2)] if top_k else []
+    for part in row_slices(n_rows, rows):
+        chunk = positions[part]
+        n = chunk.numel()
+        xs = [gather(chunk, buffer[:n]) for gather, buffer in zip(gathers, raw)]
+        out = values[part]
+        finite[part] = functools.reduce(torch.logical_and, (torch.isfinite(x.amax(-1)) for x in xs))
+        out[:, 2] = xs[0].argmax(-1) == xs[1].argmax(-1)
+        lp = torch.log_softmax(xs[0], -1, out=log_p[:n])
+        if targets is not None:
+            t = targets[part, None]
+            out[:, 3] = lp.gather(-1, t).squeeze(-1).neg()
+            for column, x in ((4, xs[1]), (5, xs[2])):
+                out[:, column] = torch.log_softmax(x, -1, out=log_q[:n]).gather(-1, t).squeeze(-1).neg()
+        if top_k is None:
+            pr = torch.exp(lp, out=p[:n])
+            for column, x in ((0, xs[1]), (1, xs[2])):
+                out[:, column] = _kl_rows(pr, lp, torch.log_softmax(x, -1, out=log_q[:n]))
+            continue
+        clean_mask = _top_k_mask(xs[0], top_k)
+        for column, x in ((0, xs[1]), (1, xs[2])):
+            # both distributions renormalised on the union of the two top-k sets, as NextTokenDivergence
+            outside = ~(clean_mask | _top_k_mask(x, top_k))
+            c = support[0][:n].copy_(xs[0]).masked_fill_(outside, -math.inf)
+            o = support[1][:n].copy_(x).masked_fill_(outside, -math.inf)
+            lp_k = torch.log_softmax(c, -1, out=log_p[:n])
+            out[:, column] = _kl_rows(torch.exp(lp_k, out=p[:n]), lp_k, torch.log_softmax(o, -1, out=log_q[:n]))
+    return values, finite
+
+
+def _downstream_update(
+    clean_logits: Tensor,
+    spliced_logits: Tensor,
+    ablated_logits: Tensor,
+    target_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    num_logits: int | None = None,
+    ignore_index: int | None = None,
+    max_batch_size: int | None = None,
+    max_sequence_length: int | None = None,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token values of one batch at its attended positions.
+
+    Returns:
+        ``values`` ``[n, 6]`` float64 (:data:`DOWNSTREAM_COLUMNS`), ``finite`` ``[n]`` (all three
+        logit rows define a distribution) and ``counted`` ``[n]`` (the cross-entropy counts: targets
+        given, not ``ignore_index``).
+    """
+    if validate:
+        _downstream_check(clean_logits, spliced_logits, ablated_logits, target_ids, attention_mask, ignore_index)
+    batch, seq, vocab = clean_logits.shape
+    device = clean_logits.device
+    attended = _selection(attention_mask, torch.Size((batch, seq)), device)
+    positions = attended.reshape(-1).nonzero().squeeze(-1)
+    logits = (clean_logits, spliced_logits, ablated_logits)
+    dtype = functools.reduce(torch.promote_types, (compute_dtype(x) for x in logits))
+    rows = chunk_rows(vocab, dtype, batch, seq, max_batch_size, max_sequence_length)
+    if target_ids is None:
+        targets, counted = None, torch.zeros(positions.numel(), dtype=torch.bool, device=device)
+    else:
+        flat_targets = target_ids.to(device).reshape(-1)[positions]
+        counted = _downstream_ce_mask(flat_targets, torch.ones_like(flat_targets, dtype=torch.bool), ignore_index)
+        # ignored positions gather a valid index; their value is never counted
+        targets = torch.where(counted, flat_targets, 0).to(torch.long)
+    values, finite = _downstream_rows(logits, positions, targets, num_logits, rows)
+    return values, finite, counted
+
+
+def _downstream_stats(values: Tensor, counted: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sum statistics of the kept tokens.
+
+    Returns:
+        ``kl_stats`` ``[2, 3]`` (n, Σ, Σ²) of KL_spliced and KL_ablated, ``top1_count`` (int64: tokens
+        whose argmax agree) and ``ce_stats`` ``[3, 3]`` of the three cross-entropies over counted tokens.
+    """
+    # where, not a weight: a skipped token's values may be NaN
+    kl = torch.where(keep[:, None], values[:, :3], 0.0)
+    ce_kept = keep & counted
+    ce = torch.where(ce_kept[:, None], values[:, 3:], 0.0)
+    kl_stats = mean_stats(kl[:, :2], keep[:, None].expand(-1, 2))
+    top1_count = kl[:, 2].nan_to_num(0.0).sum().round().to(torch.int64)
+    ce_stats = mean_stats(ce, ce_kept[:, None].expand(-1, 3))
+    return kl_stats, top1_count, ce_stats
+
+
+def _downstream_compute(kl_stats: Tensor, top1_count: Tensor, ce_stats: Tensor) -> dict[str, Tensor]:
+    """The eight outputs from the summed statistics (ratios of global sums, NaN where undefined)."""
+    n_tokens, kl_sums = kl_stats[0, 0], kl_stats[:, 1]
+    ce_sums = ce_stats[:, 1]
+    return {
+        "kl_spliced": safe_div(kl_sums[0], n_tokens),
+        "kl_ablated": safe_div(kl_sums[1], n_tokens),
+        "kl_score": safe_div(kl_sums[1] - kl_sums[0], kl_sums[1]),
+        "top1_agreement": safe_div(top1_count, n_tokens),
+        "ce_clean": safe_div(ce_sums[0], ce_stats[0, 0]),
+        "ce_spliced": safe_div(ce_sums[1], ce_stats[1, 0]),
+        "ce_ablated": safe_div(ce_sums[2], ce_stats[2, 0]),
+        "ce_score": safe_div(ce_sums[2] - ce_sums[1], ce_sums[2] - ce_sums[0]),
+    }
+
+
+def downstream_reconstruction(
+    clean_logits: Tensor,
+    spliced_logits: Tensor,
+    ablated_logits: Tensor,
+    target_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    num_logits: int | None = None,
+    ignore_index: int | None = None,
+) -> dict[str, Tensor]:
+    r"""How much of the model's next-token behaviour a spliced-in reconstruction keeps.
+
+    Per attended token $t$, with $p$, $q^{spl}$, $q^{abl}$ the softmax of the clean, spliced
+    and ablated logits and natural logs, and over the attended tokens $S$ (for cross-entropy
+    those whose target is not ``ignore_index``):
+
+    $$
+    \text{kl\_score} = \frac{\sum_{t \in S} \mathrm{KL}(p_t\|q^{abl}_t) - \sum_{t \in S} \mathrm{KL}(p_t\|q^{spl}_t)}
+    {\sum_{t \in S} \mathrm{KL}(p_t\|q^{abl}_t)},\qquad
+    \text{ce\_score} = \frac{\sum_t \mathrm{CE}^{abl}_t - \sum_t \mathrm{CE}^{spl}_t}{\sum_t \mathrm{CE}^{abl}_t - \sum_t \mathrm{CE}_t}
+    $$
+
+    plus the token means ``kl_spliced``, ``kl_ablated``, ``ce_clean``, ``ce_spliced``, ``ce_ablated``
+    and ``top1_agreement`` (share of tokens whose spliced argmax is the clean one). Without
+    ``target_ids`` the ``ce_*`` values are NaN. With ``num_logits=k`` each KL is taken on the union of
+    the top-k sets of its two logit rows, both renormalised on it (cross-entropy and argmax always use
+    the full vocabulary). Read in chunks of positions: extra memory ``O(chunk × V)``.
+
+    Examples:
+        >>> import torch
+        >>> clean = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+        >>> spliced = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]])
+        >>> ablated = torch.zeros(1, 2, 3)
+        >>> out = downstream_reconstruction(clean, spliced, ablated, target_ids=torch.tensor([[0, 1]]))
+        >>> {k: round(v.item(), 4) for k, v in out.items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'kl_spliced': 0.0987, 'kl_ablated': 0.2782, 'kl_score': 0.645, 'top1_agreement': 1.0,
+         'ce_clean': 0.3955, 'ce_spliced': 0.7067, 'ce_ablated': 1.0986, 'ce_score': 0.5574}
+    """
+    values, finite, counted = _downstream_update(
+        clean_logits, spliced_logits, ablated_logits, target_ids, attention_mask, num_logits, ignore_index
+    )
+    # a non-finite token makes the results NaN (the metric class can skip it instead)
+    values = torch.where(finite[:, None], values, math.nan)
+    keep = torch.ones_like(finite)
+    return _downstream_compute(*_downstream_stats(values, counted, keep))
