@@ -704,8 +704,11 @@ def _downstream_rows(
         n = chunk.numel()
         xs = [gather(chunk, buffer[:n]) for gather, buffer in zip(gathers, raw)]
         out = values[part]
-        finite[part] = functools.reduce(torch.logical_and, (torch.isfinite(x.amax(-1)) for x in xs))
-        out[:, 2] = xs[0].argmax(-1) == xs[1].argmax(-1)
+        # one pass gives each row's maximum (NaN, +inf or -inf exactly for a row that is not a
+        # distribution, as in the utility suite) and, for clean and spliced, its argmax
+        (clean_max, clean_arg), (spliced_max, spliced_arg) = xs[0].max(-1), xs[1].max(-1)
+        finite[part] = torch.isfinite(clean_max) & torch.isfinite(spliced_max) & torch.isfinite(xs[2].amax(-1))
+        out[:, 2] = clean_arg == spliced_arg
         lp = torch.log_softmax(xs[0], -1, out=log_p[:n])
         if targets is not None:
             t = targets[part, None]
