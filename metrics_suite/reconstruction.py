@@ -254,6 +254,20 @@ class ActivationReconstruction(DiagnosticMetric):
     or zero target variance for ``explained_variance`` (a variance below 1e-12 of
     $\sum_i \lVert x_i \rVert^2$ is float64 rounding and counts as zero): NaN.
 
+    Norms (SAELens' ``l2_norm_in``, ``l2_norm_out``, ``l2_ratio`` and ``relative_reconstruction_bias``):
+
+    $$
+    \text{l2\_norm\_in} = \operatorname{mean}_i \lVert x_i \rVert,\quad
+    \text{l2\_norm\_out} = \operatorname{mean}_i \lVert \hat{x}_i \rVert,\quad
+    \text{l2\_ratio} = \operatorname{mean}_{i:\,x_i \neq 0} \frac{\lVert \hat{x}_i \rVert}{\lVert x_i \rVert},\quad
+    \text{relative\_reconstruction\_bias} = \frac{\sum_i \lVert \hat{x}_i \rVert^2}{\sum_i \langle x_i, \hat{x}_i \rangle}
+    $$
+
+    Vectors with $x_i = 0$ are left out of ``l2_ratio`` (not clamped to a tiny norm, which would
+    make one zero vector dominate the mean). ``relative_reconstruction_bias`` is Eq. 10 of
+    arXiv 2404.16014 over all selected vectors on all ranks (SAELens averages per-batch ratios):
+    below 1 a reconstruction shrinks its targets.
+
     Args:
         num_features: the size ``D`` of the last dimension.
         kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
@@ -265,8 +279,9 @@ class ActivationReconstruction(DiagnosticMetric):
         >>> metric = ActivationReconstruction(num_features=2)
         >>> target = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
         >>> metric.update(torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 1.0]]), target)
-        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}
-        {'mse': 0.3333, 'normalized_mse': 0.1333, 'explained_variance': 0.7, 'cosine_similarity': 0.9829}
+        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'mse': 0.3333, 'normalized_mse': 0.1333, 'explained_variance': 0.7, 'cosine_similarity': 0.9829,
+         'l2_norm_in': 2.0787, 'l2_norm_out': 1.4714, 'l2_ratio': 0.7664, 'relative_reconstruction_bias': 0.7}
     """
 
     higher_is_better = None
@@ -275,6 +290,9 @@ class ActivationReconstruction(DiagnosticMetric):
     cosine_stats: Tensor
     norm_sums: Tensor
     target_sum: Tensor
+    l2_stats: Tensor
+    bias_sums: Tensor
+    _activation_states = ("mse_stats", "cosine_stats", "norm_sums", "target_sum", "l2_stats", "bias_sums")
 
     @validate_call
     def __init__(self, num_features: PositiveInt, **kwargs: Any) -> None:
@@ -284,6 +302,8 @@ class ActivationReconstruction(DiagnosticMetric):
         self.add_mean_state("cosine_stats")
         self.add_sum_state("norm_sums", (2,))
         self.add_sum_state("target_sum", (num_features,))
+        self.add_mean_state("l2_stats", (3,))  # ‖x‖, ‖x̂‖, ‖x̂‖/‖x‖
+        self.add_sum_state("bias_sums", (2,))  # Σ‖x̂‖², Σ⟨x, x̂⟩
 
     def update(self, reconstruction: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
         """Add one batch of ``[..., num_features]`` vectors (``mask`` over the leading shape)."""
@@ -295,13 +315,13 @@ class ActivationReconstruction(DiagnosticMetric):
         keep, skipped = self.nonfinite_filter("reconstruction/target", finite | ~selected)
         sums = _activation_update(reconstruction, target, selected & keep, vector_stats)
         self.nonfinite_count += skipped
-        for name, value in zip(("mse_stats", "cosine_stats", "norm_sums", "target_sum"), sums):
+        for name, value in zip(self._activation_states, sums):
             state = getattr(self, name)
             state += value.to(state.device)
 
     def compute(self) -> MetricOutput:
-        """``mse``, ``normalized_mse``, ``explained_variance``, ``cosine_similarity``."""
-        out = _activation_compute(self.mse_stats, self.cosine_stats, self.norm_sums, self.target_sum)
+        """``mse``, ``normalized_mse``, ``explained_variance``, ``cosine_similarity`` and the four norm statistics."""
+        out = _activation_compute(*(getattr(self, name) for name in self._activation_states))
         if self.with_stderr:
             out |= self.mean_output(self.mse_stats, "mse") | self.mean_output(
                 self.cosine_stats, "cosine_similarity"
@@ -313,6 +333,7 @@ class ActivationReconstruction(DiagnosticMetric):
 
 
 DeadThreshold = Annotated[float, Field(ge=0.0, le=1.0)]
+FiringThreshold = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 
 @register("reconstruction", "feature_sparsity", example=examples.FEATURE_SPARSITY, needs_config=True)
@@ -323,9 +344,9 @@ class FeatureSparsity(DiagnosticMetric):
     firing frequency $\nu_f$ of feature $f$ over all vectors seen on all ranks:
 
     $$
-    \text{l0} = \frac{1}{n}\sum_i \lVert a_i \rVert_0,\qquad
+    \text{l0} = \frac{1}{n}\sum_i \sum_f [\,|a_{if}| > \theta\,],\qquad
     \text{l1} = \frac{1}{n}\sum_i \lVert a_i \rVert_1,\qquad
-    \nu_f = \frac{1}{n}\sum_i [a_{if} \neq 0],\qquad
+    \nu_f = \frac{1}{n}\sum_i [\,|a_{if}| > \theta\,],\qquad
     \text{dead\_fraction@}\tau = \frac{\#\{f : \nu_f \le \tau\}}{F}
     $$
 
@@ -344,6 +365,9 @@ class FeatureSparsity(DiagnosticMetric):
     Args:
         num_features: the number of features ``F``.
         dead_thresholds: firing frequencies in ``[0, 1]`` at or below which a feature counts as dead.
+        firing_threshold: $\theta$: a feature fires where $|a| > \theta$ (``l0``, densities, dead
+            features; ``l1`` sums all activations). 0 (default) counts every non-zero activation,
+            signed ones included, as SAELens does.
         kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
             ``l0_stderr`` and ``l1_stderr``).
 
@@ -377,6 +401,7 @@ class FeatureSparsity(DiagnosticMetric):
         self,
         num_features: PositiveInt,
         dead_thresholds: tuple[DeadThreshold, ...] = (0.0, 1e-6, 1e-5),
+        firing_threshold: FiringThreshold = 0.0,
         **kwargs: Any,
     ) -> None:
         keys = [dead_fraction_key(t) for t in dead_thresholds]
@@ -385,6 +410,7 @@ class FeatureSparsity(DiagnosticMetric):
         super().__init__(**kwargs)
         self.num_features = num_features
         self.dead_thresholds = tuple(dead_thresholds)
+        self.firing_threshold = float(firing_threshold)
         self.add_count_state("firing_counts", (num_features,))
         self.add_count_state("vector_count")
         self.add_mean_state("l0_stats")
@@ -398,7 +424,7 @@ class FeatureSparsity(DiagnosticMetric):
         l1 = _feature_l1(feature_activations)
         finite = torch.isfinite(l1).reshape(selected.shape)
         keep, skipped = self.nonfinite_filter("feature_activations", finite | ~selected)
-        sums = _feature_sparsity_update(feature_activations, selected & keep, l1)
+        sums = _feature_sparsity_update(feature_activations, selected & keep, l1, self.firing_threshold)
         self.nonfinite_count += skipped
         for name, value in zip(("firing_counts", "vector_count", "l0_stats", "l1_stats"), sums):
             state = getattr(self, name)

@@ -373,7 +373,7 @@ def _activation_vector_stats(reconstruction: Tensor, target: Tensor) -> Tensor:
 
 def _activation_update(
     reconstruction: Tensor, target: Tensor, mask: Tensor | None = None, vector_stats: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sum statistics of one batch of ``[..., D]`` vectors (only vectors where ``mask`` is True).
 
     Args:
@@ -384,7 +384,9 @@ def _activation_update(
     Returns:
         ``mse_stats`` ``[3]`` and ``cosine_stats`` ``[3]`` (n, Σv, Σv²) of the per-vector mean
         squared error and cosine (the cosine only where both norms are non-zero);
-        ``norm_sums`` ``[2]``: (Σ‖x̂ − x‖², Σ‖x‖²); ``target_sum`` ``[D]``: Σx. Rows are processed
+        ``norm_sums`` ``[2]``: (Σ‖x̂ − x‖², Σ‖x‖²); ``target_sum`` ``[D]``: Σx; ``l2_stats``
+        ``[3, 3]``: (n, Σv, Σv²) of ‖x‖, ‖x̂‖ and ‖x̂‖/‖x‖ (the ratio where ‖x‖ > 0);
+        ``bias_sums`` ``[2]``: (Σ‖x̂‖², Σ⟨x, x̂⟩). Rows are processed
         in chunks, so the float64 copies never exceed a few :data:`~metrics_suite.functional._chunks.CHUNK_ELEMENTS`.
     """
     d = target.shape[-1]
@@ -401,7 +403,22 @@ def _activation_update(
     for rows in row_slices(x_all.shape[0], rows_per_chunk(d)):
         target_sum += x_all[rows].to(torch.float64).masked_fill_(~selected[rows, None], 0.0).sum(0)
     norm_sums = torch.stack([sq_err.sum(), sq_norm.sum()])
-    return mean_stats(sq_err / d, selected), mean_stats(cosine, has_cos), norm_sums, target_sum
+    norm_in, norm_out = sq_norm.sqrt(), sq_norm_hat.sqrt()
+    # a zero target vector has no ratio: left out, not clamped into a huge value
+    has_norm = selected & (sq_norm > 0)
+    ratio = torch.where(has_norm, norm_out / torch.where(has_norm, norm_in, 1.0), 0.0)
+    l2_stats = mean_stats(
+        torch.stack([norm_in, norm_out, ratio], dim=-1), torch.stack([selected, selected, has_norm], dim=-1)
+    )
+    bias_sums = torch.stack([sq_norm_hat.sum(), dot.sum()])
+    return (
+        mean_stats(sq_err / d, selected),
+        mean_stats(cosine, has_cos),
+        norm_sums,
+        target_sum,
+        l2_stats,
+        bias_sums,
+    )
 
 
 #: Relative resolution below which Σ‖x − x̄‖² counts as zero (float64 eps is 2.2e-16).
@@ -409,9 +426,14 @@ _VARIANCE_RESOLUTION = 1e-12
 
 
 def _activation_compute(
-    mse_stats: Tensor, cosine_stats: Tensor, norm_sums: Tensor, target_sum: Tensor
+    mse_stats: Tensor,
+    cosine_stats: Tensor,
+    norm_sums: Tensor,
+    target_sum: Tensor,
+    l2_stats: Tensor,
+    bias_sums: Tensor,
 ) -> dict[str, Tensor]:
-    """The four statistics from the sums of :func:`_activation_update`."""
+    """The eight statistics from the sums of :func:`_activation_update`."""
     n = mse_stats[0]
     sq_err, sq_norm = norm_sums.unbind(-1)
     # Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖²/n. A variance below float64 resolution of Σ‖x‖² is rounding
@@ -423,6 +445,10 @@ def _activation_compute(
         "normalized_mse": safe_div(sq_err, sq_norm),
         "explained_variance": 1.0 - safe_div(sq_err, total_variance),
         "cosine_similarity": safe_div(cosine_stats[1], cosine_stats[0]),
+        "l2_norm_in": safe_div(l2_stats[0, 1], l2_stats[0, 0]),
+        "l2_norm_out": safe_div(l2_stats[1, 1], l2_stats[1, 0]),
+        "l2_ratio": safe_div(l2_stats[2, 1], l2_stats[2, 0]),
+        "relative_reconstruction_bias": safe_div(bias_sums[0], bias_sums[1]),
     }
 
 
@@ -444,7 +470,10 @@ def activation_reconstruction(
     $$
 
     with $\bar{x}$ the mean vector of the selected targets, and the cosine averaged over
-    the $n'$ vectors where both norms are non-zero.
+    the $n'$ vectors where both norms are non-zero. Also ``l2_norm_in`` (mean $\lVert x_i \rVert$),
+    ``l2_norm_out`` (mean $\lVert \hat{x}_i \rVert$), ``l2_ratio`` (mean of
+    $\lVert \hat{x}_i \rVert / \lVert x_i \rVert$ over vectors with $x_i \neq 0$) and
+    ``relative_reconstruction_bias`` $= \sum_i \lVert \hat{x}_i \rVert^2 / \sum_i \langle x_i, \hat{x}_i \rangle$.
 
     Args:
         reconstruction: ``[..., D]`` (e.g. SAE output).
@@ -453,14 +482,16 @@ def activation_reconstruction(
 
     Returns:
         dict of float64 scalars ``mse``, ``normalized_mse``, ``explained_variance``,
-        ``cosine_similarity`` (NaN where undefined, e.g. no vectors).
+        ``cosine_similarity``, ``l2_norm_in``, ``l2_norm_out``, ``l2_ratio``,
+        ``relative_reconstruction_bias`` (NaN where undefined, e.g. no vectors).
 
     Examples:
         >>> import torch
         >>> target = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
         >>> rec = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 1.0]])
-        >>> {k: round(v.item(), 4) for k, v in activation_reconstruction(rec, target).items()}
-        {'mse': 0.3333, 'normalized_mse': 0.1333, 'explained_variance': 0.7, 'cosine_similarity': 0.9829}
+        >>> {k: round(v.item(), 4) for k, v in activation_reconstruction(rec, target).items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'mse': 0.3333, 'normalized_mse': 0.1333, 'explained_variance': 0.7, 'cosine_similarity': 0.9829,
+         'l2_norm_in': 2.0787, 'l2_norm_out': 1.4714, 'l2_ratio': 0.7664, 'relative_reconstruction_bias': 0.7}
     """
     _activation_check(reconstruction, target, mask, None)
     return _activation_compute(*_activation_update(reconstruction, target, mask))
@@ -496,7 +527,10 @@ def _feature_l1(feature_activations: Tensor) -> Tensor:
 
 
 def _feature_sparsity_update(
-    feature_activations: Tensor, mask: Tensor | None = None, l1: Tensor | None = None
+    feature_activations: Tensor,
+    mask: Tensor | None = None,
+    l1: Tensor | None = None,
+    firing_threshold: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sum statistics of one batch of ``[..., F]`` feature activations (vectors where ``mask``).
 
@@ -504,9 +538,10 @@ def _feature_sparsity_update(
         feature_activations: ``[..., F]``.
         mask: bool over the leading shape (all True when ``None``).
         l1: :func:`_feature_l1` of the activations, if already computed.
+        firing_threshold: a feature fires where ``|a| > firing_threshold`` (``a != 0`` for 0).
 
     Returns:
-        ``firing_counts`` ``[F]`` int64 (vectors where each feature is non-zero), ``vector_count``
+        ``firing_counts`` ``[F]`` int64 (vectors where each feature fires), ``vector_count``
         (int64 scalar), and ``l0_stats``, ``l1_stats`` ``[3]`` (n, Σv, Σv²) of the per-vector
         non-zero count and L1 norm.
     """
@@ -522,7 +557,8 @@ def _feature_sparsity_update(
     for rows in row_slices(a_all.shape[0], rows_per_chunk(f)):
         # 0/1 in float: row sums and the weighted column sum (a GEMV) are exact integers, as a
         # chunk holds far fewer than 2**24 rows and features
-        fires = (a_all[rows] != 0).to(dtype)
+        a = a_all[rows]
+        fires = (a != 0 if firing_threshold == 0.0 else a.abs() > firing_threshold).to(dtype)
         l0_parts.append(fires.sum(-1))
         firing_counts += (weights[rows] @ fires).to(torch.float64)
     # where, not a product: masked-out or skipped vectors may hold NaN
@@ -586,6 +622,7 @@ def feature_sparsity(
     feature_activations: Tensor,
     mask: Tensor | None = None,
     dead_thresholds: Sequence[float] = (0.0, 1e-6, 1e-5),
+    firing_threshold: float = 0.0,
 ) -> dict[str, Tensor]:
     r"""Sparsity of feature activations ``[..., F]`` over the selected vectors.
 
@@ -593,7 +630,7 @@ def feature_sparsity(
     \text{l0} = \frac{1}{n}\sum_i \lVert a_i \rVert_0,\quad
     \text{l1} = \frac{1}{n}\sum_i \lVert a_i \rVert_1,\quad
     \text{dead\_fraction@}\tau = \frac{1}{F}\,\#\{f : \nu_f \le \tau\},\quad
-    \nu_f = \frac{1}{n}\sum_i [a_{if} \neq 0]
+    \nu_f = \frac{1}{n}\sum_i [|a_{if}| > \theta]
     $$
 
     ``density_histogram`` ``[9]`` counts features per firing density $\nu_f$: bin 0 holds
@@ -604,6 +641,8 @@ def feature_sparsity(
         feature_activations: ``[..., F]`` (e.g. SAE feature activations).
         mask: bool over the leading shape ``[...]``, True for vectors to include (default: all).
         dead_thresholds: firing frequencies at or below which a feature counts as dead.
+        firing_threshold: a feature fires where ``|a| > firing_threshold``; 0 (default) counts every
+            non-zero activation, signed ones included.
 
     Examples:
         >>> import torch
@@ -615,7 +654,8 @@ def feature_sparsity(
         [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]
     """
     _feature_sparsity_check(feature_activations, mask, None)
-    return _feature_sparsity_compute(*_feature_sparsity_update(feature_activations, mask), dead_thresholds)
+    sums = _feature_sparsity_update(feature_activations, mask, firing_threshold=firing_threshold)
+    return _feature_sparsity_compute(*sums, dead_thresholds)
 
 
 # ---------------------------------------------------------------------------------- downstream reconstruction
