@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import torch
-from pydantic import Field, PositiveInt, StrictInt, validate_call
+from pydantic import Field, PositiveInt, StrictFloat, StrictInt, validate_call
 from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric, MetricOutput, safe_div
@@ -333,7 +333,7 @@ class ActivationReconstruction(DiagnosticMetric):
 
 
 DeadThreshold = Annotated[float, Field(ge=0.0, le=1.0)]
-FiringThreshold = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+FiringThreshold = Annotated[StrictFloat, Field(ge=0.0, allow_inf_nan=False)]
 
 
 @register("reconstruction", "feature_sparsity", example=examples.FEATURE_SPARSITY, needs_config=True)
