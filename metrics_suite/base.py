@@ -355,21 +355,31 @@ class DiagnosticMetric(Metric):
 
         Raises:
             ValueError: a state has another shape than this metric's (e.g. a different
-                ``num_components``), or the other metric is of another class.
+                ``num_components``) or is missing, or the other metric is of another class.
             TypeError: a state is not a tensor.
         """
+        # every state is sum-reduced, so the merge is an addition; done here rather than by
+        # torchmetrics' ``merge_state``, which only exists from torchmetrics 1.6
         updates = 1
         if isinstance(incoming_state, type(self)):
             updates = incoming_state._update_count
             incoming_state = incoming_state.metric_state
-        elif isinstance(incoming_state, dict) and "update_count" in incoming_state:  # a state_dict()
+        elif not isinstance(incoming_state, dict):
+            raise ValueError(
+                f"{type(self).__name__}.merge_state: `incoming_state` must be a {type(self).__name__} or "
+                f"a dict of states, got {type(incoming_state).__name__}"
+            )
+        elif "update_count" in incoming_state:  # a state_dict()
             incoming_state = dict(incoming_state)
             updates = int(incoming_state.pop("update_count"))
-        if isinstance(incoming_state, dict):
-            incoming_state = {
-                k: self._checked_state(k, v) if k in self._defaults else v for k, v in incoming_state.items()
-            }
-        super().merge_state(incoming_state)
+        missing = [name for name in self._defaults if name not in incoming_state]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}.merge_state: `incoming_state` lacks the states {missing}"
+            )
+        checked = {name: self._checked_state(name, incoming_state[name]) for name in self._defaults}
+        for name, value in checked.items():
+            setattr(self, name, getattr(self, name) + value)
         self._update_count += updates
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
