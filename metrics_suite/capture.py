@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import Any
 
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map_only  # tree_leaves only from torch 2.2
+from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.hooks import RemovableHandle
 
 __all__ = ["ForwardCapture", "record"]
@@ -212,9 +212,7 @@ class ForwardCapture:
                 if not self.copy_inputs:  # a captured reference must still hold the pre-forward value
                     # inference tensors (Lightning's evaluation loops) have no version counter,
                     # and cannot be changed in place outside inference mode either
-                    leaves = [
-                        t for t in tree_flatten(value)[0] if isinstance(t, Tensor) and not t.is_inference()
-                    ]
+                    leaves = [t for t in tree_leaves(value) if isinstance(t, Tensor) and not t.is_inference()]
                     self._input_versions += [(name, t, t._version) for t in leaves]
 
     def _finish(self, module: nn.Module, args: tuple[Any, ...], result: Any) -> None:
