@@ -11,7 +11,9 @@ package. Environment variables:
   ``skip`` to keep the torch the environment already has: the sessions' virtualenvs are then
   created with ``--system-site-packages`` so they see it.
 
-The docs session needs no torch: mkdocstrings reads the sources statically.
+``tests_min`` runs the suite on the lowest versions ``pyproject.toml`` declares (each ``>=`` floor
+pinned with ``==``; torch installed as above, at its floor). The docs session needs no torch:
+mkdocstrings reads the sources statically.
 """
 
 from __future__ import annotations
