@@ -354,7 +354,7 @@ def test_keyed_directions_match_a_slow_reference_of_the_hash(dim: int) -> None:
     v = _keyed_directions(hidden, seed=5, num_directions=4)
     for i, row in enumerate(hidden.numpy()):
         key, z_ref = _keyed_normals_reference(row, 5, 4)
-        assert keys[i].item() & _U64 == key
+        assert int(keys[i].item()) & _U64 == key
         np.testing.assert_allclose(z[:, i].numpy(), z_ref, rtol=1e-12, atol=1e-14)
         v_ref = z_ref / np.linalg.norm(z_ref, axis=1, keepdims=True)
         np.testing.assert_allclose(v[i].numpy(), v_ref, rtol=1e-9, atol=1e-12)
