@@ -407,12 +407,13 @@ def perturbation_pairs(
         chunk_size: maximum rows per ``loss_fn`` call (at least one direction's rows are sent);
             default ``2**22 // D``.
         seed: key the directions by item instead of drawing them from ``generator``: item $i$'s
-            directions come from its own CPU stream, seeded from ``seed`` and the values of $h_i$
-            (what :class:`~metrics_suite.PerturbationCorrelation` uses). An item then gets the same
-            directions in any batch, at any position, on any rank and for any ``chunk_size``, so
-            pairs, and sums of them, do not depend on how the data is split. Items with equal values
-            share directions; distinct items share them with probability about ``2**-32``. Costs one
-            generator per item (a few microseconds each on CPU). Exclusive with ``generator``.
+            directions are a counter-based hash of (``seed``, the values of $h_i$, direction,
+            coordinate) mapped to normals by Box-Muller, computed with tensor ops on ``hidden``'s
+            device (what :class:`~metrics_suite.PerturbationCorrelation` uses). An item then gets
+            the same directions in any batch, at any position, on any rank and for any
+            ``chunk_size``, so pairs, and sums of them, do not depend on how the data is split.
+            Items with equal values share directions; distinct items share them with probability
+            about ``2**-64`` (their 64-bit keys collide). Exclusive with ``generator``.
 
     Returns:
         ``(predicted, true)``, each float64 ``[N, M]``.
