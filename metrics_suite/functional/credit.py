@@ -266,14 +266,15 @@ _SPLITMIX_GAMMA = _int64(0x9E3779B97F4A7C15)
 _SPLITMIX_ROUNDS = ((30, _int64(0xBF58476D1CE4E5B9)), (27, _int64(0x94D049BB133111EB)), (31, 1))
 
 
-def _mix64_(state: Tensor) -> Tensor:
+def _mix64_(state: Tensor, scratch: Tensor | None = None) -> Tensor:
     """In place: the SplitMix64 output for the (already advanced) int64 ``state``, a bijection of 64 bits.
 
     Computed with int64 tensor ops on the state's device: addition and multiplication wrap modulo
     2**64 as on uint64, and each logical right shift is torch's arithmetic one with the copied sign
-    bits masked off, so the bits equal the uint64 reference on every device.
+    bits masked off, so the bits equal the uint64 reference on every device. ``scratch`` (a tensor
+    like ``state``) holds the shifted copies.
     """
-    shifted = torch.empty_like(state)
+    shifted = torch.empty_like(state) if scratch is None else scratch
     for shift, multiplier in _SPLITMIX_ROUNDS:
         torch.bitwise_right_shift(state, shift, out=shifted)
         state ^= shifted.bitwise_and_((1 << (64 - shift)) - 1)
@@ -346,13 +347,15 @@ def _keyed_normals_(out_mND: Tensor, keys_N: Tensor, first: int) -> None:
     half = (dim + 1) // 2
     device, dtype = out_mND.device, out_mND.dtype
     steps = torch.arange(first * half + 1, (first + m) * half + 1, dtype=torch.int64, device=device)
-    bits = _mix64_(torch.add(keys_N.view(1, n_items, 1), steps.mul_(_SPLITMIX_GAMMA).view(m, 1, half)))
+    bits = torch.add(keys_N.view(1, n_items, 1), steps.mul_(_SPLITMIX_GAMMA).view(m, 1, half))
+    scratch = torch.empty_like(bits)  # one int64 buffer for the shifts and the radius bits
+    _mix64_(bits, scratch)
     b = 24 if dtype == torch.float32 else 32  # a float32 significand holds 24 bits
-    radius = torch.bitwise_and(bits, (1 << b) - 1).to(dtype)
+    radius = torch.bitwise_and(bits, (1 << b) - 1, out=scratch).to(dtype)
     radius = torch.rsub(radius, 1.0, alpha=2.0**-b).log_().mul_(-2.0).sqrt_()
     angle = bits.to(dtype).mul_(math.pi * 2.0**-63)
     pairs = out_mND.view(m, n_items, 2, half) if dim % 2 == 0 else out_mND.new_empty(m, n_items, 2, half)
-    torch.mul(torch.cos(angle), radius, out=pairs[:, :, 0])
+    torch.cos(angle, out=pairs[:, :, 0]).mul_(radius)
     torch.mul(angle.sin_(), radius, out=pairs[:, :, 1])
     if dim % 2:
         out_mND.copy_(pairs.view(m, n_items, 2 * half)[..., :dim])
