@@ -177,22 +177,23 @@ class PerturbationCorrelation(_PerLayerMetric):
     ``loss_fn`` must be item-wise, and sees whole copies of the batch stacked (row ``s·N + i`` is
     item ``i``: tile per-item targets with ``targets.repeat(R // N)``).
 
-    Randomness: item $i$'s directions come from its own random stream, seeded from ``seed`` and the
-    values of $h_i$ (``perturbation_pairs(..., seed=seed)``). So an item gets the same directions in
+    Randomness: item $i$'s directions are a keyed hash of ``seed``, the values of $h_i$, the
+    direction and the coordinate, mapped to normals on the input's device
+    (``perturbation_pairs(..., seed=seed)``). So an item gets the same directions in
     any batch, at any position and on any rank: any split of the same data, and any number of ranks,
     gives the same $\rho$ up to float64 rounding (for a ``loss_fn`` whose per-item values do not
     depend on the batch: float32 matrix products may round differently for another number of rows),
     and the same data gives the same $\rho$ after a ``reset()`` or a resume from a checkpoint. Two
     metrics with the same seed score two credit rules on the same directions (a paired comparison).
-    Items with equal values share directions (as duplicates should); distinct items share them with
-    probability about ``2**-32``.
+    Items with equal values share directions (as duplicates should); two distinct items share them
+    with probability about ``2**-64`` (their 64-bit keys collide).
 
     Args:
         num_layers: number of layers tracked.
         epsilon: step size $\varepsilon$.
         num_directions: directions per item $M$.
         difference: ``"forward"`` or ``"central"`` differences.
-        seed: key of the directions (drawn on CPU, moved to the input's device). ``None`` derives
+        seed: key of the directions (computed on the input's device). ``None`` derives
             it from torch's global RNG at construction without advancing it, so ``torch.manual_seed``
             makes runs reproducible and building the metric does not change what is drawn next (e.g.
             a model's initialisation). Under DDP every rank needs the same seed: pass one, or seed
