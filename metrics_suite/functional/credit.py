@@ -43,9 +43,9 @@ LossFn = Callable[[Tensor], Tensor]
 Difference = Literal["forward", "central"]
 #: Perturbed rows per ``loss_fn`` call are capped at this many elements by default (16 MB in float32).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
-#: Keys of the six Pearson sums of :func:`_pearson_sums`, in order.
+#: Keys of the six Pearson sums of `_pearson_sums`, in order.
 PEARSON_SUMS = ("n", "sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy")
-#: Added to the per-item RMS of the credit in :func:`nudging_delta`.
+#: Added to the per-item RMS of the credit in [`nudging_delta`][metrics_suite.functional.credit.nudging_delta].
 RMS_EPS = 1e-6
 
 
@@ -272,7 +272,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _key_weights(width: int) -> Tensor:
-    """The fixed random hash weights ``[width, 2]`` of :func:`_item_keys` (CPU; callers only read them)."""
+    """The fixed random hash weights ``[width, 2]`` of `_item_keys` (CPU; callers only read them)."""
     generator = torch.Generator().manual_seed(0x6B657965)
     return torch.randint(1 << _KEY_WEIGHT_BITS, (width, 2), generator=generator, dtype=torch.float64)
 
@@ -313,7 +313,7 @@ class _ItemStreams:
     An item's draws depend only on the seed, its values and how many were read before, so they are
     the same whichever batch, position or rank the item comes in. Each stream is read as uniforms (a
     serial draw: reading it in pieces gives the same numbers as at once) mapped through the inverse
-    normal CDF, so :meth:`next` calls for successive chunks of directions continue every stream
+    normal CDF, so `next` calls for successive chunks of directions continue every stream
     exactly. When all draws fit in about one chunk's memory they are read at once, re-seeding one
     generator per item; otherwise each item keeps a generator of its own between chunks.
     """
@@ -368,7 +368,7 @@ def perturbation_pairs(
     chunk_size: int | None = None,
     seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""Predicted and true loss changes along random directions, the pairs behind :func:`perturbation_correlation`.
+    r"""Predicted and true loss changes along random directions, the pairs behind [`perturbation_correlation`][metrics_suite.functional.credit.perturbation_correlation].
 
     For each item $i$ and each of $M$ directions $v_{im}$ drawn uniformly on the unit
     sphere of the flattened item:
@@ -407,7 +407,7 @@ def perturbation_pairs(
             default ``2**22 // D``.
         seed: key the directions by item instead of drawing them from ``generator``: item $i$'s
             directions come from its own CPU stream, seeded from ``seed`` and the values of $h_i$
-            (what :class:`~metrics_suite.PerturbationCorrelation` uses). An item then gets the same
+            (what [`PerturbationCorrelation`][metrics_suite.credit.PerturbationCorrelation] uses). An item then gets the same
             directions in any batch, at any position, on any rank and for any ``chunk_size``, so
             pairs, and sums of them, do not depend on how the data is split. Items with equal values
             share directions; distinct items share them with probability about ``2**-32``. Costs one
@@ -454,7 +454,7 @@ def _perturbation_pairs(
     chunk_size: int | None,
     seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`perturbation_pairs` without the input checks."""
+    """[`perturbation_pairs`][metrics_suite.functional.credit.perturbation_pairs] without the input checks."""
     n_items, features = hidden.shape[0], tuple(hidden.shape[1:])
     dim = math.prod(features)
     dtype = compute_dtype(hidden)
@@ -544,7 +544,7 @@ def perturbation_correlation(
     \rho = \frac{n\sum xy - \sum x \sum y}{\sqrt{n\sum x^2 - (\sum x)^2}\,\sqrt{n\sum y^2 - (\sum y)^2}}
     $$
 
-    with the pairs of :func:`perturbation_pairs` (``generator`` or ``seed`` picks the directions).
+    with the pairs of [`perturbation_pairs`][metrics_suite.functional.credit.perturbation_pairs] (``generator`` or ``seed`` picks the directions).
     1 means the credit predicts the loss change along every direction; about 0 means it carries no
     information. NaN without pairs or when either side has zero variance.
 
@@ -601,7 +601,7 @@ def nudging_delta(hidden: Tensor, credit: Tensor, loss_fn: LossFn, eta: float = 
 
 
 def _nudging_delta(hidden: Tensor, credit: Tensor, loss_fn: LossFn, eta: float) -> Tensor:
-    """:func:`nudging_delta` without the input checks."""
+    """[`nudging_delta`][metrics_suite.functional.credit.nudging_delta] without the input checks."""
     n_items, features = hidden.shape[0], tuple(hidden.shape[1:])
     if n_items == 0:
         return torch.zeros(0, dtype=torch.float64, device=hidden.device)
@@ -661,7 +661,7 @@ def bridge_target(next_values: Tensor, lam: float = 0.1) -> Tensor:
 
 
 def _bridge_target(next_values: Tensor, lam: float) -> Tensor:
-    """:func:`bridge_target` without the input checks."""
+    """[`bridge_target`][metrics_suite.functional.credit.bridge_target] without the input checks."""
     v = next_values.to(torch.float64)
     return -lam * torch.logsumexp(-v / lam, dim=1) + lam * math.log(v.shape[1])
 
@@ -669,7 +669,7 @@ def _bridge_target(next_values: Tensor, lam: float) -> Tensor:
 def bridge_residual(value: Tensor, next_values: Tensor, lam: float = 0.1) -> Tensor:
     r"""Mean absolute residual of the soft Bellman (bridge) equation, $\operatorname{mean}_b |V_b - V^{target}_b|$.
 
-    See :func:`bridge_target` for $V^{target}$.
+    See [`bridge_target`][metrics_suite.functional.credit.bridge_target] for $V^{target}$.
 
     Args:
         value: ``[B]`` values of the current states.
@@ -712,7 +712,7 @@ def bridge_values(
     states: Tensor,
     next_states: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Evaluate a value network and a target network into the inputs of :class:`~metrics_suite.BridgeResidual`.
+    """Evaluate a value network and a target network into the inputs of [`BridgeResidual`][metrics_suite.credit.BridgeResidual].
 
     Runs under ``torch.no_grad()``; the target network sees all ``B·K`` next states in one call.
 
