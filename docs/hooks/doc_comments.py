@@ -14,7 +14,9 @@ import griffe
 
 
 class DocComments(griffe.Extension):
-    def on_attribute_instance(self, *, node: ast.AST | griffe.ObjectNode, attr: griffe.Attribute, **kwargs: Any) -> None:
+    def on_attribute_instance(
+        self, *, node: ast.AST | griffe.ObjectNode, attr: griffe.Attribute, **kwargs: Any
+    ) -> None:
         if attr.docstring is not None or not isinstance(node, ast.AST) or attr.lineno is None:
             return
         path = attr.filepath
