@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("mkdocs", reason="mkdocs is not installed (the docs extra: pip install -e '.[docs]')")
-pytest.importorskip("latex2mathml", reason="latex2mathml is not installed (the docs extra: pip install -e '.[docs]')")
+pytest.importorskip(
+    "latex2mathml", reason="latex2mathml is not installed (the docs extra: pip install -e '.[docs]')"
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTERNAL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.IGNORECASE)
@@ -99,5 +101,7 @@ def test_cross_references_are_links(site: dict[str, str]) -> None:
     # A converted role, e.g. "[`SuiteConfig`][metrics_suite.config.SuiteConfig]" in
     # registry.build's docstring, is a link to the object's anchor on a page that renders it.
     api = site["api/index.html"]
-    assert re.search(r'<a[^>]+href="[^"]*#metrics_suite\.config\.SuiteConfig"[^>]*>\s*<code>SuiteConfig</code>', api)
+    assert re.search(
+        r'<a[^>]+href="[^"]*#metrics_suite\.config\.SuiteConfig"[^>]*>\s*<code>SuiteConfig</code>', api
+    )
     assert "autoref" not in " ".join(_parse(api).text)

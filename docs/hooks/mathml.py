@@ -28,7 +28,9 @@ _TEXT_ESCAPE = re.compile(r"\\([_#%&$])")
 
 
 def to_mathml(latex: str, *, block: bool) -> str:
-    latex = _TEXT_ARG.sub(lambda m: "\\" + m.group(1) + "{" + _TEXT_ESCAPE.sub(r"\1", m.group(2)) + "}", latex)
+    latex = _TEXT_ARG.sub(
+        lambda m: "\\" + m.group(1) + "{" + _TEXT_ESCAPE.sub(r"\1", m.group(2)) + "}", latex
+    )
     return convert(latex.strip(), display="block" if block else "inline")
 
 
