@@ -20,7 +20,7 @@ pytest.importorskip(
 ROOT = Path(__file__).resolve().parents[1]
 EXTERNAL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.IGNORECASE)
 ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|data|obj|exc):")
-LATEX = re.compile(r"\\[()\[\]]|\\[A-Za-z]{2,}|\$")
+LATEX = re.compile(r"\\[()\[\]]|\\[A-Za-z]{2,}")
 
 
 @pytest.fixture(scope="session")
