@@ -3,6 +3,7 @@ rendered as MathML at build time, every Sphinx role turned into a link (DESIGN.m
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -69,6 +70,7 @@ class _Page(HTMLParser):
             self.text.append(data)
 
 
+@functools.cache
 def _parse(html: str) -> _Page:
     page = _Page()
     page.feed(html)
