@@ -1,8 +1,8 @@
 """Sum-state machinery shared by every metric: state declaration, fused sync, output flattening.
 
-Every state of a :class:`DiagnosticMetric` is a fixed-size tensor reduced by sum, so merging two
+Every state of a [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] is a fixed-size tensor reduced by sum, so merging two
 partial states is addition and a distributed sync is one ``all_reduce(SUM)`` over one flat buffer
-(:func:`fused_all_reduce`) instead of torchmetrics' barrier plus gathers per state.
+([`fused_all_reduce`][metrics_suite.base.fused_all_reduce]) instead of torchmetrics' barrier plus gathers per state.
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ def snapshot(metric: Metric, copy_states: bool = True) -> Callable[[], None]:
 class DiagnosticMetric(Metric):
     """Base class of every metric in ``metrics_suite``.
 
-    * States are fixed-size tensors reduced by sum: float64 value sums (:meth:`add_sum_state`),
-      int64 counts (:meth:`add_count_state`) and mean statistics (:meth:`add_mean_state`).
+    * States are fixed-size tensors reduced by sum: float64 value sums ([`add_sum_state`][metrics_suite.base.DiagnosticMetric.add_sum_state]),
+      int64 counts ([`add_count_state`][metrics_suite.base.DiagnosticMetric.add_count_state]) and mean statistics ([`add_mean_state`][metrics_suite.base.DiagnosticMetric.add_mean_state]).
       They are persistent (saved in ``state_dict``) so a checkpoint taken mid-epoch resumes exactly.
     * A distributed sync is one ``all_reduce(SUM)`` of all states flattened into one buffer, plus a
       2-number-per-rank layout check (``check_layout=False`` skips it). ``compute()`` is not cached by
@@ -286,7 +286,7 @@ class DiagnosticMetric(Metric):
     def compute_on_current_states(self) -> MetricOutput:
         """``compute()`` on the states as they are now: no sync, no cache, no torchmetrics wrapper.
 
-        :class:`~metrics_suite.collection.DiagnosticCollection` calls this after its own fused sync.
+        [`DiagnosticCollection`][metrics_suite.collection.DiagnosticCollection] calls this after its own fused sync.
         """
         self._warn_nonfinite()
         value = type(self).compute(self)
@@ -383,7 +383,7 @@ class DiagnosticMetric(Metric):
         self.add_sum_state(name, shape, dtype=torch.int64)
 
     def add_mean_state(self, name: str, shape: Sequence[int] = ()) -> None:
-        """Register a ``[*shape, 3]`` float64 state of (Σw, Σwx, Σwx²); see :func:`mean_stats`."""
+        """Register a ``[*shape, 3]`` float64 state of (Σw, Σwx, Σwx²); see `mean_stats`."""
         self.add_sum_state(name, (*tuple(shape), 3))
 
     def state_items(self) -> list[tuple[str, Tensor]]:
@@ -416,7 +416,7 @@ class DiagnosticMetric(Metric):
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> torch.nn.Module:
         """Follow device moves, but never cast the accumulators (``module.to(torch.bfloat16)``,
         ``.half()`` on a parent module): float64 sums stay float64, int64 counts stay int64.
-        Buffers (reference data such as :class:`~metrics_suite.FeatureDrift`'s copy) keep their
+        Buffers (reference data such as [`FeatureDrift`][metrics_suite.credit.FeatureDrift]'s copy) keep their
         dtype too."""
         buffers = dict(self._buffers)
         super()._apply(fn, exclude_state=tuple(self._defaults))
@@ -434,7 +434,7 @@ class DiagnosticMetric(Metric):
 
     # ------------------------------------------------------------------ output
     def plot(self, val: Any = None, ax: Any = None) -> Any:
-        """Plot the value (or a list of values); see :func:`metrics_suite.plots.plot_metric`."""
+        """Plot the value (or a list of values); see [`metrics_suite.plots.plot_metric`][metrics_suite.plots.plot_metric]."""
         from metrics_suite.plots import plot_metric
 
         return plot_metric(self, val, ax)
@@ -443,7 +443,7 @@ class DiagnosticMetric(Metric):
         """Flatten a ``compute()`` result into scalar entries keyed relative to the metric.
 
         A scalar tensor gets the key ``""``; a vector gets ``"{vector_label}_{i}"``; a dict entry
-        ``stat`` gets ``"stat"`` or ``"stat/{vector_label}_{i}"`` (with :attr:`value_name` set, the
+        ``stat`` gets ``"stat"`` or ``"stat/{vector_label}_{i}"`` (with [`value_name`][metrics_suite.base.DiagnosticMetric.value_name] set, the
         value keeps ``""`` and its standard error gets ``"stderr"``).
         """
         if isinstance(value, dict) and self.value_name is not None:

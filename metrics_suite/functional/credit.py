@@ -43,7 +43,7 @@ LossFn = Callable[[Tensor], Tensor]
 Difference = Literal["forward", "central"]
 #: Perturbed rows per ``loss_fn`` call are capped at this many elements by default (16 MB in float32).
 DEFAULT_CHUNK_ELEMENTS = CHUNK_ELEMENTS
-#: Added to the per-item RMS of the credit in :func:`nudging_delta`.
+#: Added to the per-item RMS of the credit in [`nudging_delta`][metrics_suite.functional.credit.nudging_delta].
 RMS_EPS = 1e-6
 
 
@@ -291,7 +291,7 @@ _KEY_SUMS = 4
 
 @functools.lru_cache(maxsize=8)
 def _key_weights(width: int) -> Tensor:
-    """The fixed random hash weights ``[width, 4]`` of :func:`_item_keys` (CPU; callers only read them)."""
+    """The fixed random hash weights ``[width, 4]`` of `_item_keys` (CPU; callers only read them)."""
     generator = torch.Generator().manual_seed(0x6B657965)
     shape = (width, _KEY_SUMS)
     return torch.randint(1 << _KEY_WEIGHT_BITS, shape, generator=generator, dtype=torch.float64)
@@ -370,7 +370,7 @@ def perturbation_pairs(
     chunk_size: int | None = None,
     seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""Predicted and true loss changes along random directions, the pairs behind :func:`perturbation_correlation`.
+    r"""Predicted and true loss changes along random directions, the pairs behind [`perturbation_correlation`][metrics_suite.functional.credit.perturbation_correlation].
 
     For each item $i$ and each of $M$ directions $v_{im}$ drawn uniformly on the unit
     sphere of the flattened item:
@@ -410,7 +410,7 @@ def perturbation_pairs(
         seed: key the directions by item instead of drawing them from ``generator``: item $i$'s
             directions are a counter-based hash of (``seed``, the values of $h_i$, direction,
             coordinate) mapped to normals by Box-Muller, computed with tensor ops on ``hidden``'s
-            device (what :class:`~metrics_suite.PerturbationCorrelation` uses). An item then gets
+            device (what [`PerturbationCorrelation`][metrics_suite.credit.PerturbationCorrelation] uses). An item then gets
             the same directions in any batch, at any position, on any rank and for any
             ``chunk_size``, so pairs, and sums of them, do not depend on how the data is split.
             Items with equal values share directions; distinct items share them with probability
@@ -457,7 +457,7 @@ def _perturbation_pairs(
     chunk_size: int | None,
     seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`perturbation_pairs` without the input checks."""
+    """[`perturbation_pairs`][metrics_suite.functional.credit.perturbation_pairs] without the input checks."""
     n_items, features = hidden.shape[0], tuple(hidden.shape[1:])
     dim = math.prod(features)
     dtype = compute_dtype(hidden)
@@ -546,7 +546,7 @@ def perturbation_correlation(
     \rho = \frac{n\sum xy - \sum x \sum y}{\sqrt{n\sum x^2 - (\sum x)^2}\,\sqrt{n\sum y^2 - (\sum y)^2}}
     $$
 
-    with the pairs of :func:`perturbation_pairs` (``generator`` or ``seed`` picks the directions).
+    with the pairs of [`perturbation_pairs`][metrics_suite.functional.credit.perturbation_pairs] (``generator`` or ``seed`` picks the directions).
     1 means the credit predicts the loss change along every direction; about 0 means it carries no
     information. NaN without pairs or when either side has zero variance.
 
@@ -603,7 +603,7 @@ def nudging_delta(hidden: Tensor, credit: Tensor, loss_fn: LossFn, eta: float = 
 
 
 def _nudging_delta(hidden: Tensor, credit: Tensor, loss_fn: LossFn, eta: float) -> Tensor:
-    """:func:`nudging_delta` without the input checks."""
+    """[`nudging_delta`][metrics_suite.functional.credit.nudging_delta] without the input checks."""
     n_items, features = hidden.shape[0], tuple(hidden.shape[1:])
     if n_items == 0:
         return torch.zeros(0, dtype=torch.float64, device=hidden.device)
@@ -674,7 +674,7 @@ def bridge_target(next_values: Tensor, lam: float = 0.1) -> Tensor:
 
 
 def _bridge_target(next_values: Tensor, lam: float) -> Tensor:
-    """:func:`bridge_target` without the input checks."""
+    """[`bridge_target`][metrics_suite.functional.credit.bridge_target] without the input checks."""
     v = next_values.to(torch.float64)
     return -lam * torch.logsumexp(-v / lam, dim=1) + lam * math.log(v.shape[1])
 
@@ -687,7 +687,7 @@ def _bridge_residuals(value: Tensor, next_values: Tensor, lam: float) -> Tensor:
 def bridge_residual(value: Tensor, next_values: Tensor, lam: float = 0.1) -> Tensor:
     r"""Mean absolute residual of the soft Bellman (bridge) equation, $\operatorname{mean}_b |V_b - V^{target}_b|$.
 
-    See :func:`bridge_target` for $V^{target}$.
+    See [`bridge_target`][metrics_suite.functional.credit.bridge_target] for $V^{target}$.
 
     Args:
         value: ``[B]`` values of the current states.
@@ -730,7 +730,7 @@ def bridge_values(
     states: Tensor,
     next_states: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Evaluate a value network and a target network into the inputs of :class:`~metrics_suite.BridgeResidual`.
+    """Evaluate a value network and a target network into the inputs of [`BridgeResidual`][metrics_suite.credit.BridgeResidual].
 
     Runs under ``torch.no_grad()``; the target network sees all ``B·K`` next states in one call.
 

@@ -144,7 +144,7 @@ def _component_index(
 def _reconstruction_score_compute(
     loss_sums: Tensor, ratio_stats: Tensor, reduction: ScoreReduction = "ratio_of_sums"
 ) -> Tensor:
-    """Score per component from the sums of :func:`_reconstruction_score_update`."""
+    """Score per component from the sums of `_reconstruction_score_update`."""
     if reduction == "ratio_of_sums":
         s, s_rec, s_zero = loss_sums.unbind(-1)
         return safe_div(s_zero - s_rec, s_zero - s)
@@ -309,7 +309,7 @@ def changed_token_rate(
     \text{token\_rate} = \frac{\sum_{b,t} m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_{b,t} m_{bt}}
     $$
 
-    with $c_b$ from :func:`percentage_changed_ids`. Sequences without selected tokens are
+    with $c_b$ from [`percentage_changed_ids`][metrics_suite.functional.reconstruction.percentage_changed_ids]. Sequences without selected tokens are
     left out of ``sequence_mean``; no selected token at all gives NaN.
 
     Examples:
@@ -377,13 +377,13 @@ def _activation_update(
     Args:
         reconstruction, target: ``[..., D]``.
         mask: bool over the leading shape (all True when ``None``).
-        vector_stats: :func:`_activation_vector_stats` of the inputs, if already computed.
+        vector_stats: `_activation_vector_stats` of the inputs, if already computed.
 
     Returns:
         ``mse_stats`` ``[3]`` and ``cosine_stats`` ``[3]`` (n, Σv, Σv²) of the per-vector mean
         squared error and cosine (the cosine only where both norms are non-zero);
         ``norm_sums`` ``[2]``: (Σ‖x̂ − x‖², Σ‖x‖²); ``target_sum`` ``[D]``: Σx. Rows are processed
-        in chunks, so the float64 copies never exceed a few :data:`~metrics_suite.functional._chunks.CHUNK_ELEMENTS`.
+        in chunks, so the float64 copies never exceed a few `CHUNK_ELEMENTS`.
     """
     d = target.shape[-1]
     if vector_stats is None:
@@ -409,7 +409,7 @@ _VARIANCE_RESOLUTION = 1e-12
 def _activation_compute(
     mse_stats: Tensor, cosine_stats: Tensor, norm_sums: Tensor, target_sum: Tensor
 ) -> dict[str, Tensor]:
-    """The four statistics from the sums of :func:`_activation_update`."""
+    """The four statistics from the sums of `_activation_update`."""
     n = mse_stats[0]
     sq_err, sq_norm = norm_sums.unbind(-1)
     # Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖²/n. A variance below float64 resolution of Σ‖x‖² is rounding
@@ -501,7 +501,7 @@ def _feature_sparsity_update(
     Args:
         feature_activations: ``[..., F]``.
         mask: bool over the leading shape (all True when ``None``).
-        l1: :func:`_feature_l1` of the activations, if already computed.
+        l1: `_feature_l1` of the activations, if already computed.
 
     Returns:
         ``firing_counts`` ``[F]`` int64 (vectors where each feature is non-zero), ``vector_count``
