@@ -1,8 +1,8 @@
 """Sum-state machinery shared by every metric: state declaration, fused sync, output flattening.
 
-Every state of a :class:`DiagnosticMetric` is a fixed-size tensor reduced by sum, so merging two
+Every state of a [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] is a fixed-size tensor reduced by sum, so merging two
 partial states is addition and a distributed sync is one ``all_reduce(SUM)`` over one flat buffer
-(:func:`fused_all_reduce`) instead of torchmetrics' barrier plus gathers per state.
+([`fused_all_reduce`][metrics_suite.base.fused_all_reduce]) instead of torchmetrics' barrier plus gathers per state.
 """
 
 from __future__ import annotations
@@ -19,12 +19,26 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
+from metrics_suite.functional._stats import mean_and_stderr, mean_output, mean_stats, safe_div
 from metrics_suite.validation import shape_str
 
 #: Output of ``compute()``: a tensor, or a dict of named tensors.
 MetricOutput = Tensor | dict[str, Tensor]
 #: What to do with items whose inputs hold NaN or inf.
 NanStrategy = Literal["error", "skip", "propagate"]
+
+# the statistics helpers live in the functional layer (the math knows no Metric); re-exported here
+# for the metric classes and for code written against ``metrics_suite.base``
+__all__ = [
+    "DiagnosticMetric",
+    "MetricOutput",
+    "NanStrategy",
+    "fused_all_reduce",
+    "mean_and_stderr",
+    "mean_stats",
+    "safe_div",
+    "snapshot",
+]
 
 
 def _layout_signature(states: Sequence[tuple[str, Tensor]]) -> tuple[int, int]:
@@ -93,41 +107,6 @@ def fused_all_reduce(
     return out
 
 
-def safe_div(num: Tensor, den: Tensor | float) -> Tensor:
-    """``num / den`` in float64 where ``den != 0``, NaN elsewhere (never inf from an empty denominator).
-
-    Both sides go to float64 first: casting ``den`` to the dtype of ``num`` would turn ``0.5`` into
-    ``0`` for an integer ``num``, or a tiny float64 ``den`` into ``0`` for a float32 one.
-    """
-    num = num.to(torch.float64)
-    den = torch.as_tensor(den, device=num.device).to(torch.float64)
-    return torch.where(den != 0, num / den, float("nan"))
-
-
-def mean_stats(values: Tensor, weights: Tensor | None = None, dim: int | tuple[int, ...] = 0) -> Tensor:
-    """Sum statistics ``[..., 3]`` = (Σw, Σw·x, Σw·x²) of ``values`` over ``dim``, in float64.
-
-    Add these to a state created with :meth:`DiagnosticMetric.add_mean_state`; read the mean and
-    its standard error back with :func:`mean_and_stderr`.
-    """
-    x = values.to(torch.float64)
-    w = torch.ones_like(x) if weights is None else weights.to(torch.float64).expand_as(x)
-    wx = w * x
-    return torch.stack([w.sum(dim), wx.sum(dim), (wx * x).sum(dim)], dim=-1)
-
-
-def mean_and_stderr(stats: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and standard error of the mean from ``[..., 3]`` sum statistics.
-
-    The standard error uses the unbiased variance (frequency weights): NaN for fewer than two items.
-    """
-    n, s1, s2 = stats.unbind(-1)
-    mean = safe_div(s1, n)
-    var = safe_div((s2 - s1 * mean).clamp_min(0.0), n - 1)
-    var = torch.where(n > 1, var, torch.full_like(var, float("nan")))
-    return mean, torch.sqrt(safe_div(var, n))
-
-
 def snapshot(metric: Metric, copy_states: bool = True) -> Callable[[], None]:
     """A function that puts ``metric`` back as it is now.
 
@@ -160,8 +139,8 @@ def snapshot(metric: Metric, copy_states: bool = True) -> Callable[[], None]:
 class DiagnosticMetric(Metric):
     """Base class of every metric in ``metrics_suite``.
 
-    * States are fixed-size tensors reduced by sum: float64 value sums (:meth:`add_sum_state`),
-      int64 counts (:meth:`add_count_state`) and mean statistics (:meth:`add_mean_state`).
+    * States are fixed-size tensors reduced by sum: float64 value sums ([`add_sum_state`][metrics_suite.base.DiagnosticMetric.add_sum_state]),
+      int64 counts ([`add_count_state`][metrics_suite.base.DiagnosticMetric.add_count_state]) and mean statistics ([`add_mean_state`][metrics_suite.base.DiagnosticMetric.add_mean_state]).
       They are persistent (saved in ``state_dict``) so a checkpoint taken mid-epoch resumes exactly.
     * A distributed sync is one ``all_reduce(SUM)`` of all states flattened into one buffer, plus a
       2-number-per-rank layout check (``check_layout=False`` skips it). ``compute()`` is not cached by
@@ -307,7 +286,7 @@ class DiagnosticMetric(Metric):
     def compute_on_current_states(self) -> MetricOutput:
         """``compute()`` on the states as they are now: no sync, no cache, no torchmetrics wrapper.
 
-        :class:`~metrics_suite.collection.DiagnosticCollection` calls this after its own fused sync.
+        [`DiagnosticCollection`][metrics_suite.collection.DiagnosticCollection] calls this after its own fused sync.
         """
         self._warn_nonfinite()
         value = type(self).compute(self)
@@ -414,7 +393,7 @@ class DiagnosticMetric(Metric):
         self.add_sum_state(name, shape, dtype=torch.int64)
 
     def add_mean_state(self, name: str, shape: Sequence[int] = ()) -> None:
-        """Register a ``[*shape, 3]`` float64 state of (Σw, Σwx, Σwx²); see :func:`mean_stats`."""
+        """Register a ``[*shape, 3]`` float64 state of (Σw, Σwx, Σwx²); see `mean_stats`."""
         self.add_sum_state(name, (*tuple(shape), 3))
 
     def state_items(self) -> list[tuple[str, Tensor]]:
@@ -423,10 +402,7 @@ class DiagnosticMetric(Metric):
 
     def mean_output(self, stats: Tensor, name: str) -> dict[str, Tensor]:
         """``{name: mean}``, plus ``{name}_stderr`` when ``with_stderr`` is set."""
-        if not self.with_stderr:
-            return {name: safe_div(stats[..., 1], stats[..., 0])}
-        mean, stderr = mean_and_stderr(stats)
-        return {name: mean, f"{name}_stderr": stderr}
+        return mean_output(stats, name, self.with_stderr)
 
     # ------------------------------------------------------------------ sync
     def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group: Any = None) -> None:
@@ -450,7 +426,7 @@ class DiagnosticMetric(Metric):
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> torch.nn.Module:
         """Follow device moves, but never cast the accumulators (``module.to(torch.bfloat16)``,
         ``.half()`` on a parent module): float64 sums stay float64, int64 counts stay int64.
-        Buffers (reference data such as :class:`~metrics_suite.FeatureDrift`'s copy) keep their
+        Buffers (reference data such as [`FeatureDrift`][metrics_suite.credit.FeatureDrift]'s copy) keep their
         dtype too."""
         buffers = dict(self._buffers)
         super()._apply(fn, exclude_state=tuple(self._defaults))
@@ -468,7 +444,7 @@ class DiagnosticMetric(Metric):
 
     # ------------------------------------------------------------------ output
     def plot(self, val: Any = None, ax: Any = None) -> Any:
-        """Plot the value (or a list of values); see :func:`metrics_suite.plots.plot_metric`."""
+        """Plot the value (or a list of values); see [`metrics_suite.plots.plot_metric`][metrics_suite.plots.plot_metric]."""
         from metrics_suite.plots import plot_metric
 
         return plot_metric(self, val, ax)
@@ -477,7 +453,7 @@ class DiagnosticMetric(Metric):
         """Flatten a ``compute()`` result into scalar entries keyed relative to the metric.
 
         A scalar tensor gets the key ``""``; a vector gets ``"{vector_label}_{i}"``; a dict entry
-        ``stat`` gets ``"stat"`` or ``"stat/{vector_label}_{i}"`` (with :attr:`value_name` set, the
+        ``stat`` gets ``"stat"`` or ``"stat/{vector_label}_{i}"`` (with [`value_name`][metrics_suite.base.DiagnosticMetric.value_name] set, the
         value keeps ``""`` and its standard error gets ``"stderr"``).
         """
         if isinstance(value, dict) and self.value_name is not None:

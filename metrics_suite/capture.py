@@ -13,7 +13,7 @@ A tensor can come from three places:
 * a forward argument (``inputs``: capture name -> parameter name of ``forward`` or position),
 * the forward output (``output``: a capture name for a tensor output, or capture name -> index/key
   into a tuple/dict output),
-* :func:`record` calls inside ``forward`` (no-ops unless a capture is attached), or module
+* [`record`][metrics_suite.capture.record] calls inside ``forward`` (no-ops unless a capture is attached), or module
   attributes read after ``forward`` (``attributes``: capture name -> attribute name).
 
 Forward arguments are taken before ``forward`` runs (by reference; a forward that changes a captured
@@ -39,7 +39,7 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, tuple[ForwardCapture, ...]] = weak
 
 
 def record(module: nn.Module, name: str, tensor: Any) -> None:
-    """Hand ``tensor`` (or any value) to every :class:`ForwardCapture` attached to ``module`` under ``name``.
+    """Hand ``tensor`` (or any value) to every [`ForwardCapture`][metrics_suite.capture.ForwardCapture] attached to ``module`` under ``name``.
 
     Call it inside ``module.forward``; without an attached capture it does nothing, so a layer
     can always call it. A value recorded outside a forward is dropped when the next forward starts.
@@ -71,7 +71,7 @@ class ForwardCapture:
         output: capture name for a tensor output, or ``{capture name: index or key}`` into a
             tuple/list/dict output.
         attributes: ``{capture name: attribute name}`` of ``module`` read after each forward.
-        names: the names :attr:`tensors` must hold; it raises ``LookupError`` when one is missing
+        names: the names [`tensors`][metrics_suite.capture.ForwardCapture.tensors] must hold; it raises ``LookupError`` when one is missing
             (e.g. the module did not run). ``None``: whatever was captured.
         detach: detach captured tensors from the autograd graph (default), so holding them does
             not keep the graph alive.
@@ -79,9 +79,9 @@ class ForwardCapture:
             (no extra memory); a forward that then changes a captured argument in place (e.g.
             ``ReLU(inplace=True)``) raises ``RuntimeError`` instead of handing back the changed value.
 
-    Tensors passed to :func:`record` inside the module's forward are captured too. Each forward
+    Tensors passed to [`record`][metrics_suite.capture.record] inside the module's forward are captured too. Each forward
     replaces all previous values, so a name it does not produce is missing rather than stale, and
-    a forward that raises leaves nothing; read them with :attr:`tensors` or :meth:`pop`. Nothing is
+    a forward that raises leaves nothing; read them with [`tensors`][metrics_suite.capture.ForwardCapture.tensors] or [`pop`][metrics_suite.capture.ForwardCapture.pop]. Nothing is
     copied unless ``copy_inputs=True``: outputs, recorded values and attributes are what the forward
     left (a later in-place change by the surrounding model shows up in them).
 
@@ -93,7 +93,7 @@ class ForwardCapture:
             writes another view of the captured argument's buffer raises too: pass
             ``copy_inputs=True`` there.
 
-    Use as a context manager (hooks removed on exit) or call :meth:`attach`/:meth:`remove`.
+    Use as a context manager (hooks removed on exit) or call [`attach`][metrics_suite.capture.ForwardCapture.attach]/[`remove`][metrics_suite.capture.ForwardCapture.remove].
 
     Examples:
         >>> import torch
@@ -267,7 +267,7 @@ class ForwardCapture:
         return {n: self._captured[n] for n in self.names}
 
     def pop(self) -> dict[str, Any]:
-        """:attr:`tensors`, then forget them (so a stale value is never fed twice)."""
+        """[`tensors`][metrics_suite.capture.ForwardCapture.tensors], then forget them (so a stale value is never fed twice)."""
         out = self.tensors
         self.clear()
         return out

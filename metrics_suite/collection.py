@@ -62,7 +62,7 @@ def _flatten(metric: Metric, value: Any) -> dict[str, Tensor]:
 
 
 class DiagnosticCollection(MetricCollection):
-    """A :class:`torchmetrics.MetricCollection` of diagnostics with one collective per compute.
+    """A [`torchmetrics.MetricCollection`](https://lightning.ai/docs/torchmetrics/stable/wrappers/metric_collection.html) of diagnostics with one collective per compute.
 
     ``compute()`` adds up every state of every metric across ranks in one buffer, so only metrics
     whose states are all tensors reduced by sum can join (every ``metrics_suite`` metric, and e.g.
@@ -70,7 +70,7 @@ class DiagnosticCollection(MetricCollection):
     the metric is added.
 
     Args:
-        metrics: ``{"suite/metric": metric}`` (what :func:`metrics_suite.suite` builds), or any
+        metrics: ``{"suite/metric": metric}`` (what [`metrics_suite.suite`][metrics_suite.registry.suite] builds), or any
             sum-state metrics accepted by ``MetricCollection``.
         check_layout: verify that every rank holds the same state layout before the sum
             (an ``all_gather`` of two numbers per rank); a mismatch raises on every rank instead of hanging.
@@ -154,7 +154,7 @@ class DiagnosticCollection(MetricCollection):
         Only the metrics this call updated appear, and without ``nonfinite_count``: that count is
         kept over all updates since the last reset (one warning per metric) and ``compute()``
         reports it, so a batch value never mixes in earlier batches. A rejected batch is rolled back
-        as in :meth:`update`.
+        as in [`update`][metrics_suite.collection.DiagnosticCollection.update].
         """
         if args:
             raise TypeError("DiagnosticCollection takes keyword inputs only (e.g. clean_logits=...)")
@@ -234,7 +234,7 @@ class DiagnosticCollection(MetricCollection):
         return flat
 
     def output_keys(self) -> list[str]:
-        """The keys :meth:`compute` returns, found without any collective.
+        """The keys [`compute`][metrics_suite.collection.DiagnosticCollection.compute] returns, found without any collective.
 
         Output shapes are fixed at construction, so computing on the local states gives the same keys
         as a synced compute.

@@ -9,7 +9,9 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+#: The suite names, in registry and figure order: the one place they are listed.
 SuiteName = Literal["reconstruction", "utility", "noise", "credit"]
+SUITES: tuple[SuiteName, ...] = get_args(SuiteName)
 
 
 class SuiteConfig(BaseModel):
@@ -33,12 +35,12 @@ class SuiteConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    suites: list[SuiteName] = Field(default_factory=lambda: list(get_args(SuiteName)), min_length=1)
+    suites: list[SuiteName] = Field(default_factory=lambda: list(SUITES), min_length=1)
     metrics: dict[str, dict[str, Any] | StrictBool] = Field(default_factory=dict)
 
 
 def load_config(path: str | Path) -> SuiteConfig:
-    """Read a :class:`SuiteConfig` from a ``.json`` or ``.toml`` file."""
+    """Read a [`SuiteConfig`][metrics_suite.config.SuiteConfig] from a ``.json`` or ``.toml`` file."""
     path = Path(path)
     if path.suffix == ".json":
         data = json.loads(path.read_text())

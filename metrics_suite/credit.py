@@ -1,6 +1,6 @@
 """Credit suite: credit-assignment signals (alternatives to backprop) checked against ground truth.
 
-Every metric but :class:`FeatureDrift` is kept per layer: ``num_layers`` at construction, a
+Every metric but [`FeatureDrift`][metrics_suite.credit.FeatureDrift] is kept per layer: ``num_layers`` at construction, a
 ``layer`` index per ``update``. A per-layer value is a scalar when ``num_layers == 1`` and a
 ``[num_layers]`` vector otherwise (NaN for layers never updated); a collection flattens vectors
 as ``.../layer_{i}``.
@@ -16,12 +16,12 @@ from pydantic import ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt, Str
 from torch import Tensor, nn
 
 from metrics_suite.base import DiagnosticMetric, MetricOutput, mean_stats, safe_div
-from metrics_suite.conformance import ConformanceExample
+from metrics_suite.examples import credit as examples
 from metrics_suite.functional.credit import (
     Difference,
     LossFn,
     _bridge_check,
-    _bridge_target,
+    _bridge_residuals,
     _credit_cosine_check,
     _drift_check,
     _drift_compute,
@@ -31,10 +31,12 @@ from metrics_suite.functional.credit import (
     _hidden_credit_check,
     _named_tensors,
     _nudging_delta,
+    _nudging_stats,
     _pearson_compute,
     _pearson_sums,
     _per_item_cosine,
     _perturbation_pairs,
+    _reference_sq_norms,
 )
 from metrics_suite.registry import register
 from metrics_suite.validation import check_index
@@ -73,119 +75,14 @@ class _PerLayerMetric(DiagnosticMetric):
         return {k: _per_layer(v, self.num_layers) for k, v in self.mean_output(stats, name).items()}
 
     def _layer_value(self, stats: Tensor) -> MetricOutput:
-        """The per-layer mean of a one-value metric, or with ``with_stderr`` the dict under :attr:`value_name`."""
+        """The per-layer mean of a one-value metric, or with ``with_stderr`` the dict under [`value_name`][metrics_suite.base.DiagnosticMetric.value_name]."""
         assert self.value_name is not None
         out = self._layer_means(stats, self.value_name)
         return out if self.with_stderr else out[self.value_name]
 
 
-# ---------------------------------------------------------------------------------------------- examples
-class _QuadraticLoss:
-    """Item-wise loss ½ Σ_j w_j (h_j − c_j)² (plus a cross term), picklable for spawned DDP workers."""
-
-    def __init__(self, center: Tensor, scale: Tensor) -> None:
-        self.center = center
-        self.scale = scale
-
-    def gradient(self, hidden: Tensor) -> Tensor:
-        diff = hidden - self.center.to(hidden)
-        return self.scale.to(hidden) * diff + 0.2 * diff.sum(-1, keepdim=True)
-
-    def __call__(self, hidden: Tensor) -> Tensor:
-        diff = hidden - self.center.to(hidden)
-        return 0.5 * (self.scale.to(hidden) * diff.square()).sum(-1) + 0.1 * diff.sum(-1).square()
-
-
-def _example_loss(dim: int = 6) -> _QuadraticLoss:
-    return _QuadraticLoss(torch.linspace(-1.0, 1.0, dim, dtype=torch.float64), torch.linspace(0.5, 2.0, dim))
-
-
-def _credit_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    """Hidden states, a noisy gradient as credit, and the quadratic loss."""
-    loss_fn = _example_loss()
-    hidden = torch.randn(n, 6, generator=g, dtype=torch.float64)
-    credit = loss_fn.gradient(hidden) + torch.randn(n, 6, generator=g, dtype=torch.float64)
-    return {"hidden": hidden, "credit": credit, "loss_fn": loss_fn, "layer": 0}
-
-
-def _credit_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _credit_batch(g, 4)
-    return [
-        {**good, "credit": good["credit"][:, :5]},  # shape mismatch
-        {**good, "hidden": good["hidden"].long()},  # dtype
-        {**good, "loss_fn": good["hidden"]},  # not callable
-        {**good, "layer": 1},  # out of range
-        {**good, "layer": "0"},  # not an int
-    ]
-
-
-def _cosine_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    reference = torch.randn(n, 3, 2, generator=g, dtype=torch.float64)
-    credit = reference + torch.randn(n, 3, 2, generator=g, dtype=torch.float64)
-    return {"credit": credit.float(), "reference": reference, "layer": 0}
-
-
-def _cosine_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _cosine_batch(g, 4)
-    return [
-        {**good, "reference": good["reference"][:3]},  # N mismatch
-        {**good, "reference": good["reference"].reshape(4, 6)},  # shape mismatch
-        {**good, "credit": good["credit"].long()},  # dtype
-        {**good, "layer": -1},  # out of range
-    ]
-
-
-def _bridge_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    next_values = torch.randn(n, 5, generator=g) + torch.linspace(0.0, 1.0, 5)
-    value = next_values.mean(1) + 0.3 * torch.randn(n, generator=g)
-    return {"value": value, "next_values": next_values, "layer": 0}
-
-
-def _bridge_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _bridge_batch(g, 4)
-    return [
-        {**good, "value": good["value"][:, None]},  # [B, 1]
-        {**good, "next_values": good["next_values"][:3]},  # B mismatch
-        {**good, "next_values": good["next_values"][:, :0]},  # K = 0
-        {**good, "value": good["value"].long()},  # dtype
-        {**good, "layer": 2},  # out of range
-    ]
-
-
-def _drift_reference() -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(1234)
-    return {
-        "encoder.weight": torch.randn(4, 3, generator=g),
-        "encoder.bias": torch.randn(4, generator=g),
-        "head.weight": torch.randn(2, 4, generator=g, dtype=torch.float64),
-    }
-
-
-def _drift_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    params = {
-        k: w + 0.1 * torch.randn(w.shape, generator=g, dtype=w.dtype) for k, w in _drift_reference().items()
-    }
-    return {"params": params}
-
-
-def _drift_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    params = _drift_batch(g, 1)["params"]
-    return [
-        {"params": {k: v for k, v in params.items() if k != "head.weight"}},  # missing
-        {"params": {**params, "encoder.bias": params["encoder.bias"][:3]}},  # shape
-        {"params": {**params, "encoder.weight": params["encoder.weight"].long()}},  # dtype
-        {"params": list(params.values())},  # not a mapping
-    ]
-
-
 # ---------------------------------------------------------------------------------------------- metrics
-@register(
-    "credit",
-    "cosine",
-    example=ConformanceExample(
-        make_batch=_cosine_batch, bad_inputs=_cosine_bad, init_kwargs={"num_layers": 1}
-    ),
-)
+@register("credit", "cosine", example=examples.COSINE)
 class CreditCosine(_PerLayerMetric):
     r"""Mean per-item cosine between a credit signal and a reference, per layer.
 
@@ -197,13 +94,13 @@ class CreditCosine(_PerLayerMetric):
     over the items $S_l$ seen for layer $l$ on all ranks, with $a_i$ and
     $r_i$ the flattened credit and reference of item $i$ (``[N, ...] → [N, -1]``).
     With the backprop gradient as reference this is the offline BP cosine; with the exact costate
-    (:func:`~metrics_suite.functional.credit.lq_costates`) the exact costate cosine. Items where either
+    ([`lq_costates`][metrics_suite.functional.credit.lq_costates]) the exact costate cosine. Items where either
     norm is zero have no defined cosine and are left out (they are not counted as non-finite).
     Cosines are computed in float64.
 
     Args:
         num_layers: number of layers tracked.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr=True`` returns
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr=True`` returns
             ``{"cosine", "cosine_stderr"}``; a collection keeps the cosine under
             ``credit/cosine`` and the standard error under ``credit/cosine/stderr``).
 
@@ -248,16 +145,7 @@ class CreditCosine(_PerLayerMetric):
         return self._layer_value(self.cosine_stats)
 
 
-@register(
-    "credit",
-    "perturbation_correlation",
-    example=ConformanceExample(
-        make_batch=_credit_batch,
-        bad_inputs=_credit_bad,
-        init_kwargs={"num_layers": 1, "num_directions": 4, "seed": 0},
-        batch_keys=("hidden", "credit"),
-    ),
-)
+@register("credit", "perturbation_correlation", example=examples.PERTURBATION_CORRELATION)
 class PerturbationCorrelation(_PerLayerMetric):
     r"""Correlation between the loss change a credit signal predicts and the true change, per layer.
 
@@ -285,26 +173,27 @@ class PerturbationCorrelation(_PerLayerMetric):
     variance (e.g. an all-zero credit).
 
     All ``M`` directions go through ``loss_fn`` in batched calls of at most ``chunk_size`` rows (see
-    :func:`~metrics_suite.functional.credit.perturbation_pairs`), under ``torch.no_grad()``;
+    [`perturbation_pairs`][metrics_suite.functional.credit.perturbation_pairs]), under ``torch.no_grad()``;
     ``loss_fn`` must be item-wise, and sees whole copies of the batch stacked (row ``s·N + i`` is
     item ``i``: tile per-item targets with ``targets.repeat(R // N)``).
 
-    Randomness: item $i$'s directions come from its own random stream, seeded from ``seed`` and the
-    values of $h_i$ (``perturbation_pairs(..., seed=seed)``). So an item gets the same directions in
+    Randomness: item $i$'s directions are a keyed hash of ``seed``, the values of $h_i$, the
+    direction and the coordinate, mapped to normals on the input's device
+    (``perturbation_pairs(..., seed=seed)``). So an item gets the same directions in
     any batch, at any position and on any rank: any split of the same data, and any number of ranks,
     gives the same $\rho$ up to float64 rounding (for a ``loss_fn`` whose per-item values do not
     depend on the batch: float32 matrix products may round differently for another number of rows),
     and the same data gives the same $\rho$ after a ``reset()`` or a resume from a checkpoint. Two
     metrics with the same seed score two credit rules on the same directions (a paired comparison).
-    Items with equal values share directions (as duplicates should); distinct items share them with
-    probability about ``2**-32``.
+    Items with equal values share directions (as duplicates should); two distinct items share them
+    with probability about ``2**-64`` (their 64-bit keys collide).
 
     Args:
         num_layers: number of layers tracked.
         epsilon: step size $\varepsilon$.
         num_directions: directions per item $M$.
         difference: ``"forward"`` or ``"central"`` differences.
-        seed: key of the directions (drawn on CPU, moved to the input's device). ``None`` derives
+        seed: key of the directions (computed on the input's device). ``None`` derives
             it from torch's global RNG at construction without advancing it, so ``torch.manual_seed``
             makes runs reproducible and building the metric does not change what is drawn next (e.g.
             a model's initialisation). Under DDP every rank needs the same seed: pass one, or seed
@@ -312,7 +201,7 @@ class PerturbationCorrelation(_PerLayerMetric):
             ``state_dict()`` (module extra state, not a summed metric state): a metric loaded from a
             checkpoint takes the checkpoint's seed, so a resumed run draws the same directions.
         chunk_size: maximum rows per ``loss_fn`` call (default ``2**22 // D``, at least one direction).
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` has no
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` has no
             effect: $\rho$ is not a mean).
 
     ``update(hidden, credit, loss_fn, layer=0)``: ``hidden`` and ``credit`` ``[N, d]`` (or
@@ -387,7 +276,7 @@ class PerturbationCorrelation(_PerLayerMetric):
         return {"seed": torch.tensor(self.seed, dtype=torch.int64)}
 
     def set_extra_state(self, state: dict[str, Tensor]) -> None:
-        """Restore the seed saved by :meth:`get_extra_state`."""
+        """Restore the seed saved by [`get_extra_state`][metrics_suite.credit.PerturbationCorrelation.get_extra_state]."""
         self.seed = int(state["seed"])
 
     def compute(self) -> Tensor:
@@ -395,16 +284,7 @@ class PerturbationCorrelation(_PerLayerMetric):
         return _per_layer(_pearson_compute(self.pair_sums), self.num_layers)
 
 
-@register(
-    "credit",
-    "nudging",
-    example=ConformanceExample(
-        make_batch=_credit_batch,
-        bad_inputs=_credit_bad,
-        init_kwargs={"num_layers": 1, "eta": 0.05},
-        batch_keys=("hidden", "credit"),
-    ),
-)
+@register("credit", "nudging", example=examples.NUDGING)
 class NudgingDelta(_PerLayerMetric):
     r"""Does a small step against the credit signal lower the loss? Per layer.
 
@@ -421,9 +301,9 @@ class NudgingDelta(_PerLayerMetric):
     Args:
         num_layers: number of layers tracked.
         eta: step size $\eta$ (in units of the credit's RMS).
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options.
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options.
 
-    ``update(hidden, credit, loss_fn, layer=0)`` as in :class:`PerturbationCorrelation`.
+    ``update(hidden, credit, loss_fn, layer=0)`` as in [`PerturbationCorrelation`][metrics_suite.credit.PerturbationCorrelation].
 
     Examples:
         >>> import torch
@@ -456,11 +336,7 @@ class NudgingDelta(_PerLayerMetric):
         delta = _nudging_delta(hidden, credit, loss_fn, self.eta)
         finite = _items_finite(hidden, credit).to(delta.device) & torch.isfinite(delta)
         keep, skipped = self.nonfinite_filter("hidden`, `credit` or `loss_fn", finite)
-        delta = torch.where(keep, delta, 0.0)
-        delta_stats = mean_stats(delta, keep)
-        # NaN stays NaN under nan_strategy="propagate" (a comparison would count it as "not improved")
-        improved = torch.where(delta.isnan(), delta, (delta < 0).to(torch.float64))
-        improved_stats = mean_stats(improved, keep)
+        delta_stats, improved_stats = _nudging_stats(delta, keep)
         self.nonfinite_count += skipped
         self.delta_stats[layer] += delta_stats.to(self.delta_stats.device)
         self.improved_stats[layer] += improved_stats.to(self.improved_stats.device)
@@ -473,13 +349,7 @@ class NudgingDelta(_PerLayerMetric):
         }
 
 
-@register(
-    "credit",
-    "bridge_residual",
-    example=ConformanceExample(
-        make_batch=_bridge_batch, bad_inputs=_bridge_bad, init_kwargs={"num_layers": 1}
-    ),
-)
+@register("credit", "bridge_residual", example=examples.BRIDGE_RESIDUAL)
 class BridgeResidual(_PerLayerMetric):
     r"""Mean absolute residual of a value function against its soft-min (bridge) target, per layer.
 
@@ -491,12 +361,12 @@ class BridgeResidual(_PerLayerMetric):
 
     over all items of the layer on all ranks, in float64. $V^{target}$ lies between the
     minimum and the mean of the $K$ next values. Build the inputs from a value network and a
-    target network with :func:`~metrics_suite.functional.credit.bridge_values`.
+    target network with [`bridge_values`][metrics_suite.functional.credit.bridge_values].
 
     Args:
         num_layers: number of layers (or value functions) tracked.
         lam: temperature $\lambda > 0$.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr=True`` returns
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr=True`` returns
             ``{"bridge_residual", "bridge_residual_stderr"}``; a collection keeps the residual under
             ``credit/bridge_residual`` and the standard error under ``credit/bridge_residual/stderr``).
 
@@ -527,7 +397,7 @@ class BridgeResidual(_PerLayerMetric):
         layer = self._layer(layer)
         if self.validate_args:
             _bridge_check(value, next_values)
-        residual = (value.to(torch.float64) - _bridge_target(next_values, self.lam).to(value.device)).abs()
+        residual = _bridge_residuals(value, next_values, self.lam)
         keep, skipped = self.nonfinite_filter("value` or `next_values", _items_finite(value, next_values))
         stats = mean_stats(torch.where(keep, residual, 0.0), keep)
         self.nonfinite_count += skipped
@@ -538,18 +408,7 @@ class BridgeResidual(_PerLayerMetric):
         return self._layer_value(self.residual_stats)
 
 
-@register(
-    "credit",
-    "feature_drift",
-    example=ConformanceExample(
-        make_batch=_drift_batch,
-        bad_inputs=_drift_bad,
-        init_kwargs={"reference": _drift_reference()},
-        batch_keys=(),
-        shardable=False,
-    ),
-    needs_config=True,
-)
+@register("credit", "feature_drift", example=examples.FEATURE_DRIFT, needs_config=True)
 class FeatureDrift(DiagnosticMetric):
     r"""How far parameters have moved from a reference (e.g. their initial values).
 
@@ -584,7 +443,7 @@ class FeatureDrift(DiagnosticMetric):
         reference: an ``nn.Module`` (its ``named_parameters()``; buffers are ignored) or a mapping
             of names to float tensors.
         group_by_module: report one value per module instead of per parameter.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options.
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options.
 
     ``update(params)`` takes a module or a mapping holding every reference name with the reference
     shape; extra names are ignored (so the whole model can be passed for a partial reference).
@@ -604,7 +463,6 @@ class FeatureDrift(DiagnosticMetric):
     """
 
     higher_is_better = None
-    vector_label = "layer"
 
     drift_sq: Tensor
     drift_count: Tensor
@@ -628,8 +486,7 @@ class FeatureDrift(DiagnosticMetric):
         self.output_names, group_index = _drift_groups(self.parameter_names, group_by_module)
         for i, w in enumerate(ref.values()):
             self.register_buffer(f"reference_{i}", w.clone(), persistent=False)
-        sq_norms = torch.stack([w.to(torch.float64).square().sum().cpu() for w in ref.values()])
-        self.register_buffer("reference_sq_norms", sq_norms, persistent=False)
+        self.register_buffer("reference_sq_norms", _reference_sq_norms(ref), persistent=False)
         self.register_buffer("group_index", group_index, persistent=False)
         self.add_sum_state("drift_sq", (len(ref),))
         self.add_count_state("drift_count", (len(ref),))

@@ -9,7 +9,7 @@ from pydantic import validate_call
 from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric, MetricOutput
-from metrics_suite.conformance import ConformanceExample
+from metrics_suite.examples import noise as examples
 from metrics_suite.functional.noise import (
     NOISE_STATISTICS,
     _noise_check,
@@ -22,35 +22,7 @@ from metrics_suite.registry import register
 __all__ = ["NoiseStatistics"]
 
 
-def _noise_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    embeddings = torch.randn(n, 5, 6, generator=g)
-    mean = 0.5 * torch.randn(n, 5, 6, generator=g) + 0.3
-    noise = torch.rand(n, 5, 1, generator=g) * torch.randn(n, 5, 6, generator=g)
-    # one mask for every sequence (broadcast over the batch): not split when the kit shards a batch
-    noise_mask = torch.tensor([True, True, False, True, True])
-    return {"input": embeddings, "mean": mean, "noise": noise, "noise_mask": noise_mask}
-
-
-def _noise_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _noise_batch(g, 4)
-    return [
-        {**good, "mean": good["mean"][:, :4]},  # shape
-        {**good, "noise": good["noise"][..., :5]},  # shape
-        {**good, "input": good["input"].long()},  # dtype
-        {**good, "noise_mask": torch.ones(3, dtype=torch.bool)},  # mask does not broadcast
-        {**good, "noise_mask": torch.ones(4, 5, 6, dtype=torch.bool)},  # mask over features
-        {**good, "noise_mask": torch.full((5,), 2)},  # mask values
-        {**good, "noise_mask": torch.ones(5)},  # mask dtype
-    ]
-
-
-@register(
-    "noise",
-    "noise",
-    example=ConformanceExample(
-        make_batch=_noise_batch, bad_inputs=_noise_bad, batch_keys=("input", "mean", "noise")
-    ),
-)
+@register("noise", "noise", example=examples.NOISE)
 class NoiseStatistics(DiagnosticMetric):
     r"""How a noise transform's output ``input + mean + noise`` splits into signal, mean shift and noise.
 
@@ -83,7 +55,7 @@ class NoiseStatistics(DiagnosticMetric):
 
     Args:
         dim: the (negative) feature dimension the norms run over, e.g. ``-1`` for ``[B, T, D]``.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``{stat}_stderr`` for every statistic).
 
     ``update(input, mean, noise, noise_mask=None)``: ``mean`` and ``noise`` have ``input``'s shape

@@ -3,10 +3,10 @@
 matplotlib is an optional extra (``pip install 'metrics_suite[plots]'``); it is imported when a plot
 is made, never on ``import metrics_suite``.
 
-* :func:`plot_metric` — what ``metric.plot(val=None, ax=None)`` returns: ``(figure, axes)`` for the
+* [`plot_metric`][metrics_suite.plots.plot_metric] — what ``metric.plot(val=None, ax=None)`` returns: ``(figure, axes)`` for the
   current value, a given value, or a list of values (one per step or epoch).
-* :func:`plot_results` — a results file (``{"history": [{"stage", "epoch", "values"}, ...]}``, what
-  ``metrics-suite demo`` writes and :class:`~metrics_suite.integrations.lightning.DiagnosticsCallback`
+* [`plot_results`][metrics_suite.plots.plot_results] — a results file (``{"history": [{"stage", "epoch", "values"}, ...]}``, what
+  ``metrics-suite demo`` writes and [`DiagnosticsCallback`][metrics_suite.integrations.lightning.DiagnosticsCallback]
   records) rendered as one figure: per-epoch curves per metric and per-layer bars.
 """
 
@@ -17,19 +17,37 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from metrics_suite.base import DiagnosticMetric, MetricOutput
+from metrics_suite.config import SUITES
 
 __all__ = ["load_results", "plot_metric", "plot_results"]
 
 #: Suites in figure order, with their colours.
-SUITE_COLORS = {"reconstruction": "#1b9e77", "utility": "#d95f02", "noise": "#7570b3", "credit": "#e7298a"}
+SUITE_COLORS: dict[str, str] = dict(zip(SUITES, ("#1b9e77", "#d95f02", "#7570b3", "#e7298a"), strict=True))
 #: Curves per panel before a metric is split over several panels.
 MAX_CURVES = 4
+
+#: A value to plot: a ``compute()``/``forward()`` result (a tensor, or a dict of named tensors).
+PlotValue = Tensor | Mapping[str, Tensor]
+
+
+class PlottableMetric(Protocol):
+    """What [`plot_metric`][metrics_suite.plots.plot_metric] reads of a metric (a [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric]).
+
+    A protocol rather than an import of ``base``: ``DiagnosticMetric.plot`` calls into this module,
+    which therefore must not import the base class back.
+    """
+
+    vector_label: str
+
+    def compute(self) -> Any: ...
+
+    def flatten_output(self, value: Any) -> dict[str, Tensor]: ...
+
 
 _VECTOR_KEY = re.compile(r"^(?P<stat>.*?)/?(?P<label>[a-z]+)_(?P<index>\d+)$")
 
@@ -57,7 +75,7 @@ def _scalar(value: Tensor) -> float:
 
 
 def plot_metric(
-    metric: DiagnosticMetric, val: MetricOutput | Sequence[MetricOutput] | None = None, ax: Any = None
+    metric: PlottableMetric, val: PlotValue | Sequence[PlotValue] | None = None, ax: Any = None
 ) -> tuple[Any, Any]:
     """Plot a metric's value (torchmetrics' ``plot()`` convention).
 
@@ -207,16 +225,16 @@ def plot_results(
 
     Args:
         results: a dict with ``"history"`` — records ``{"stage", "epoch", "values": {key: float}}``
-            as :class:`~metrics_suite.integrations.lightning.DiagnosticsCallback` keeps them — or the
+            as [`DiagnosticsCallback`][metrics_suite.integrations.lightning.DiagnosticsCallback] keeps them — or the
             path of a JSON file holding one (``results.json`` of ``metrics-suite demo``).
         path: where to save the figure (PNG, SVG, PDF by extension); not saved when None.
         stage: the stage whose epochs are drawn solid and whose last epoch gives the bars.
 
     Returns:
-        The :class:`matplotlib.figure.Figure` (made without pyplot, so no GUI backend is needed).
+        The [`matplotlib.figure.Figure`](https://matplotlib.org/stable/api/_as_gen/matplotlib.figure.Figure.html) (made without pyplot, so no GUI backend is needed).
 
     Raises:
-        ValueError: the results are malformed (see :func:`load_results`), or hold records but
+        ValueError: the results are malformed (see [`load_results`][metrics_suite.plots.load_results]), or hold records but
             none of ``stage``.
 
     Examples:

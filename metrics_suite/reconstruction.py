@@ -9,7 +9,7 @@ from pydantic import Field, PositiveInt, validate_call
 from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric, MetricOutput, safe_div
-from metrics_suite.conformance import ConformanceExample
+from metrics_suite.examples import reconstruction as examples
 from metrics_suite.functional.reconstruction import (
     DENSITY_EDGES_LOG10,
     ScoreReduction,
@@ -18,6 +18,7 @@ from metrics_suite.functional.reconstruction import (
     _activation_update,
     _activation_vector_stats,
     _changed_tokens_check,
+    _changed_tokens_compute,
     _changed_tokens_stats,
     _changed_tokens_update,
     _feature_l1,
@@ -28,7 +29,6 @@ from metrics_suite.functional.reconstruction import (
     _reconstruction_score_compute,
     _reconstruction_score_update,
     _selection,
-    _token_rate_stats,
     dead_fraction_key,
 )
 from metrics_suite.registry import register
@@ -36,34 +36,7 @@ from metrics_suite.registry import register
 __all__ = ["ActivationReconstruction", "ChangedTokenRate", "FeatureSparsity", "ReconstructionScore"]
 
 
-def _score_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    clean = torch.rand(n, 2, generator=g) + 1.0
-    zero = clean + 1.0 + torch.rand(n, 2, generator=g)
-    recon = clean + (zero - clean) * torch.rand(n, 2, generator=g)
-    return {
-        "source_model_loss": clean,
-        "source_model_loss_with_reconstruction": recon,
-        "source_model_loss_with_zero_ablation": zero,
-    }
-
-
-def _score_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _score_batch(g, 4)
-    return [
-        {**good, "source_model_loss_with_reconstruction": good["source_model_loss"][:3]},  # N mismatch
-        {**good, "source_model_loss": good["source_model_loss"][:, :1]},  # C mismatch
-        {**good, "source_model_loss_with_zero_ablation": good["source_model_loss"].long()},  # dtype
-        {k: v[:, 0] for k, v in good.items()},  # [N] without component_idx
-    ]
-
-
-@register(
-    "reconstruction",
-    "reconstruction_score",
-    example=ConformanceExample(
-        make_batch=_score_batch, bad_inputs=_score_bad, init_kwargs={"num_components": 2}
-    ),
-)
+@register("reconstruction", "reconstruction_score", example=examples.RECONSTRUCTION_SCORE)
 class ReconstructionScore(DiagnosticMetric):
     r"""Share of the loss gap between zero-ablation and the clean model that a reconstruction closes.
 
@@ -84,7 +57,7 @@ class ReconstructionScore(DiagnosticMetric):
     Args:
         num_components: number of components (e.g. SAEs at different layers) scored at once.
         reduction: ``"ratio_of_sums"`` (default) or ``"itemwise_mean"``.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``validate_args``,
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``validate_args``,
             ``nan_strategy``, torchmetrics' own, and ``with_stderr``: only with
             ``reduction="itemwise_mean"``, as a ratio of sums has no per-item spread; it raises
             ``ValueError`` with ``"ratio_of_sums"``).
@@ -176,32 +149,9 @@ class ReconstructionScore(DiagnosticMetric):
 
 
 # ---------------------------------------------------------------------------------- ChangedTokenRate
-def _changed_tokens_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    input_ids = torch.randint(0, 20, (n, 6), generator=g)
-    change = torch.rand(n, 6, generator=g) < 0.4
-    reconstructed_ids = torch.where(change, torch.randint(0, 20, (n, 6), generator=g), input_ids)
-    noise_mask = torch.rand(n, 6, generator=g) < 0.7
-    noise_mask[:, 0] &= torch.rand(n, generator=g) < 0.5  # some sequences select nothing at all
-    noise_mask[torch.rand(n, generator=g) < 0.2] = False
-    return {"input_ids": input_ids, "reconstructed_ids": reconstructed_ids, "noise_mask": noise_mask}
 
 
-def _changed_tokens_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _changed_tokens_batch(g, 4)
-    return [
-        {**good, "reconstructed_ids": good["reconstructed_ids"][:, :5]},  # T mismatch
-        {**good, "input_ids": good["input_ids"].float()},  # dtype
-        {**good, "noise_mask": good["noise_mask"][:3]},  # mask shape
-        {**good, "noise_mask": good["noise_mask"].long() * 2},  # mask values
-        {k: v[0] for k, v in good.items()},  # 1-d
-    ]
-
-
-@register(
-    "reconstruction",
-    "changed_tokens",
-    example=ConformanceExample(make_batch=_changed_tokens_batch, bad_inputs=_changed_tokens_bad),
-)
+@register("reconstruction", "changed_tokens", example=examples.CHANGED_TOKENS)
 class ChangedTokenRate(DiagnosticMetric):
     r"""Share of selected tokens whose id a transform changed (e.g. nearest-token decoding of noisy embeddings).
 
@@ -217,13 +167,13 @@ class ChangedTokenRate(DiagnosticMetric):
     Token ids are integers, so no item is ever skipped as non-finite.
 
     Args:
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options; with ``with_stderr=True`` the
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options; with ``with_stderr=True`` the
             output also holds ``sequence_mean_stderr`` and ``token_rate_stderr`` (the latter treats
             tokens as independent).
 
     ``update(input_ids, reconstructed_ids, noise_mask=None)`` takes integer ``[B, T]`` ids and a bool
     (or 0/1) mask that broadcasts to ``[B, T]``, e.g. ``[T]`` (as
-    :class:`~metrics_suite.noise.NoiseStatistics` takes it). ``compute()`` returns
+    [`NoiseStatistics`][metrics_suite.noise.NoiseStatistics] takes it). ``compute()`` returns
     ``{"sequence_mean", "token_rate"}``.
 
     Examples:
@@ -260,39 +210,13 @@ class ChangedTokenRate(DiagnosticMetric):
 
     def compute(self) -> MetricOutput:
         """``sequence_mean`` and ``token_rate`` (plus standard errors with ``with_stderr``)."""
-        return {
-            **self.mean_output(self.sequence_stats, "sequence_mean"),
-            **self.mean_output(_token_rate_stats(self.token_counts), "token_rate"),
-        }
+        return _changed_tokens_compute(self.sequence_stats, self.token_counts, self.with_stderr)
 
 
 # ---------------------------------------------------------------------------------- ActivationReconstruction
-def _activation_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    target = torch.randn(n, 3, 8, generator=g) * 2.0 + 0.5
-    reconstruction = target + 0.7 * torch.randn(n, 3, 8, generator=g)
-    mask = torch.rand(n, 3, generator=g) < 0.8
-    return {"reconstruction": reconstruction, "target": target, "mask": mask}
 
 
-def _activation_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _activation_batch(g, 4)
-    return [
-        {**good, "reconstruction": good["reconstruction"][..., :7]},  # D mismatch
-        {**good, "target": good["target"][..., :7], "reconstruction": good["reconstruction"][..., :7]},  # D
-        {**good, "target": good["target"].long()},  # dtype
-        {**good, "mask": good["mask"][:, :2]},  # mask shape
-        {**good, "mask": good["mask"].float()},  # mask dtype
-    ]
-
-
-@register(
-    "reconstruction",
-    "activations",
-    example=ConformanceExample(
-        make_batch=_activation_batch, bad_inputs=_activation_bad, init_kwargs={"num_features": 8}
-    ),
-    needs_config=True,
-)
+@register("reconstruction", "activations", example=examples.ACTIVATIONS, needs_config=True)
 class ActivationReconstruction(DiagnosticMetric):
     r"""How well a reconstruction (e.g. an SAE's output) reproduces activation vectors ``[..., D]``.
 
@@ -321,7 +245,7 @@ class ActivationReconstruction(DiagnosticMetric):
 
     Args:
         num_features: the size ``D`` of the last dimension.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``mse_stderr`` and ``cosine_similarity_stderr``).
 
     Examples:
@@ -375,39 +299,12 @@ class ActivationReconstruction(DiagnosticMetric):
 
 
 # ---------------------------------------------------------------------------------- FeatureSparsity
-def _sparsity_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    # feature f fires with probability ~ 0.6**f: a spread of densities, rare features, one never fires
-    rates = 0.6 ** torch.arange(12.0)
-    rates[-1] = 0.0
-    fires = torch.rand(n, 2, 12, generator=g) < rates
-    feature_activations = torch.where(fires, torch.rand(n, 2, 12, generator=g) * 3.0, 0.0)
-    mask = torch.rand(n, 2, generator=g) < 0.85
-    return {"feature_activations": feature_activations, "mask": mask}
-
-
-def _sparsity_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _sparsity_batch(g, 4)
-    return [
-        {**good, "feature_activations": good["feature_activations"][..., :11]},  # F mismatch
-        {**good, "feature_activations": good["feature_activations"].long()},  # dtype
-        {**good, "mask": good["mask"][:, :1]},  # mask shape
-        {"feature_activations": good["feature_activations"][0, 0, 0]},  # 0-d
-    ]
 
 
 DeadThreshold = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-@register(
-    "reconstruction",
-    "feature_sparsity",
-    example=ConformanceExample(
-        make_batch=_sparsity_batch,
-        bad_inputs=_sparsity_bad,
-        init_kwargs={"num_features": 12, "dead_thresholds": (0.0, 0.01, 0.1)},
-    ),
-    needs_config=True,
-)
+@register("reconstruction", "feature_sparsity", example=examples.FEATURE_SPARSITY, needs_config=True)
 class FeatureSparsity(DiagnosticMetric):
     r"""Sparsity and dead features of feature activations ``[..., F]`` (e.g. an SAE's latents).
 
@@ -425,18 +322,18 @@ class FeatureSparsity(DiagnosticMetric):
     ``dead_fraction@1e-06``, ``dead_fraction@1e-05`` by default) and ``density_histogram``, a ``[9]``
     vector of feature counts per firing density: bin 0 holds the features that never fired, bins
     1..8 one decade of $\log_{10}\nu_f$ each, ``[-8, -7)`` ... ``[-1, 0]`` (edges in
-    :attr:`density_edges_log10`; a density below 1e-8 goes to bin 1). A collection flattens it
+    [`density_edges_log10`][metrics_suite.reconstruction.FeatureSparsity.density_edges_log10]; a density below 1e-8 goes to bin 1). A collection flattens it
     to ``.../density_histogram/bin_{i}``.
 
     States: int64 per-feature firing counts ``[F]`` and a vector count (so a feature firing on only
     one rank is not dead), plus (n, Σ, Σ²) of the per-vector L0 and L1. The histogram is computed
     from the summed firing counts at ``compute()``, so it describes the densities over all data.
-    :meth:`firing_frequency` gives $\nu_f$ for plots. No data: NaN.
+    [`firing_frequency`][metrics_suite.reconstruction.FeatureSparsity.firing_frequency] gives $\nu_f$ for plots. No data: NaN.
 
     Args:
         num_features: the number of features ``F``.
         dead_thresholds: firing frequencies in ``[0, 1]`` at or below which a feature counts as dead.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``l0_stderr`` and ``l1_stderr``).
 
     Examples:

@@ -1,7 +1,7 @@
 """The suite registry: which metric classes make up each suite, and how to build collections.
 
-Metric modules register their classes with :func:`register`; :func:`suite` and :func:`build`
-turn registry names plus per-metric overrides into one :class:`DiagnosticCollection`.
+Metric modules register their classes with [`register`][metrics_suite.registry.register]; [`suite`][metrics_suite.registry.suite] and [`build`][metrics_suite.registry.build]
+turn registry names plus per-metric overrides into one [`DiagnosticCollection`][metrics_suite.collection.DiagnosticCollection].
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 from metrics_suite.base import DiagnosticMetric
 from metrics_suite.collection import DiagnosticCollection
+from metrics_suite.config import SUITES, SuiteConfig, load_config
 from metrics_suite.conformance import ConformanceExample
 
-SUITES: tuple[str, ...] = ("reconstruction", "utility", "noise", "credit")
 _BUILTIN_MODULES = tuple(f"metrics_suite.{s}" for s in SUITES)
 
 M = TypeVar("M", bound=type[DiagnosticMetric])
@@ -136,7 +136,7 @@ def suite(*names: str, **overrides: Mapping[str, Any] | bool) -> DiagnosticColle
 
 
 def build(config: Any) -> DiagnosticCollection:
-    """Build a collection from a :class:`~metrics_suite.config.SuiteConfig`, a dict, or a
+    """Build a collection from a [`SuiteConfig`][metrics_suite.config.SuiteConfig], a dict, or a
     ``.json``/``.toml`` file path.
 
     Examples:
@@ -145,8 +145,6 @@ def build(config: Any) -> DiagnosticCollection:
         >>> "reconstruction/reconstruction_score" in col.keys()
         False
     """
-    from metrics_suite.config import SuiteConfig, load_config
-
     if isinstance(config, str | Path):
         cfg = load_config(config)
     elif isinstance(config, SuiteConfig):

@@ -77,7 +77,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def count_collectives() -> Iterator[Counter[str]]:
-    """Count calls to the ``torch.distributed`` functions in :data:`COLLECTIVES` inside the block.
+    """Count calls to the ``torch.distributed`` functions in [`COLLECTIVES`][metrics_suite.testing.COLLECTIVES] inside the block.
 
     Counts calls made through the ``torch.distributed`` namespace (what metrics, torchmetrics and
     Lightning use); a call that torch makes internally (``all_gather_object`` gathering through
@@ -158,7 +158,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh gloo processes on loopback.
 
     ``fn`` must be importable (a module-level function) and its result picklable. Returns the
-    results ordered by rank. Raises :class:`DistributedError` with the failing ranks' tracebacks
+    results ordered by rank. Raises [`DistributedError`][metrics_suite.testing.DistributedError] with the failing ranks' tracebacks
     if any rank raises or the group does not finish within ``timeout`` seconds; every process
     is terminated before this function returns, whatever happens.
     """

@@ -1,9 +1,9 @@
 """Utility suite: does the transformed model still do its job?
 
-* :class:`NextTokenDivergence` — how far the next-token distribution of the transformed ("noisy")
+* [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence] — how far the next-token distribution of the transformed ("noisy")
   model moves from the clean one (Jeffreys, Jensen-Shannon, total variation, squared Hellinger).
-* :class:`MaskedCrossEntropy` — token-mean cross-entropy and perplexity against target tokens.
-* :class:`PredictionChange` — how often an intervention changes predicted classes, per class.
+* [`MaskedCrossEntropy`][metrics_suite.utility.MaskedCrossEntropy] — token-mean cross-entropy and perplexity against target tokens.
+* [`PredictionChange`][metrics_suite.utility.PredictionChange] — how often an intervention changes predicted classes, per class.
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar
 
-import torch
 from pydantic import Field, StrictInt, validate_call
 from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric
-from metrics_suite.conformance import ConformanceExample
+from metrics_suite.examples import utility as examples
 from metrics_suite.functional.utility import (
     DIVERGENCES,
     DivergenceReduction,
+    _cross_entropy_compute,
     _cross_entropy_stats,
     _cross_entropy_update,
+    _next_token_compute,
     _next_token_stats,
     _next_token_update,
     _prediction_change_compute,
@@ -49,99 +50,13 @@ __all__ = [
     "patch_majority_label",
 ]
 
-_VOCAB = 37
-_SEQ = 5
 
 #: A positive int; unlike ``PositiveInt``, ``True`` or ``2.0`` are rejected rather than converted.
 StrictPositiveInt = Annotated[StrictInt, Field(gt=0)]
 
 
-# ---------------------------------------------------------------------------------------------- examples
-def _attention_mask(g: torch.Generator, n: int) -> Tensor:
-    """Random attention mask ``[n, T]`` where about a quarter of the sequences are fully masked."""
-    mask = torch.rand(n, _SEQ, generator=g) > 0.3
-    mask[torch.rand(n, generator=g) < 0.25] = False
-    return mask
-
-
-def _divergence_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    # float64 logits: per-token values then agree to float64 rounding however the batch is chunked
-    clean = 2.0 * torch.randn(n, _SEQ, _VOCAB, generator=g, dtype=torch.float64)
-    noisy = clean + 0.7 * torch.randn(n, _SEQ, _VOCAB, generator=g, dtype=torch.float64)
-    return {"clean_logits": clean, "noisy_logits": noisy, "attention_mask": _attention_mask(g, n)}
-
-
-def _divergence_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _divergence_batch(g, 3)
-    clean, noisy, mask = good["clean_logits"], good["noisy_logits"], good["attention_mask"]
-    return [
-        {**good, "noisy_logits": noisy[..., :-1]},  # vocabulary mismatch
-        {**good, "noisy_logits": noisy[:2]},  # batch mismatch
-        {**good, "attention_mask": mask[:, :-1]},  # mask shape
-        {**good, "attention_mask": mask.to(torch.float32)},  # mask dtype
-        {**good, "clean_logits": clean[0]},  # [T, V] instead of [B, T, V]
-        {**good, "clean_logits": clean.to(torch.int64)},  # integer logits
-    ]
-
-
-def _cross_entropy_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    logits = 2.0 * torch.randn(n, _SEQ, _VOCAB, generator=g, dtype=torch.float64)
-    target = torch.randint(0, _VOCAB, (n, _SEQ), generator=g)
-    target[torch.rand(n, _SEQ, generator=g) < 0.2] = -100
-    return {"logits": logits, "target_ids": target, "attention_mask": _attention_mask(g, n)}
-
-
-def _cross_entropy_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _cross_entropy_batch(g, 3)
-    out_of_vocab = good["target_ids"].clone()
-    out_of_vocab[0, 0] = _VOCAB
-    good["attention_mask"][0, 0] = True
-    return [
-        {**good, "target_ids": out_of_vocab},  # id >= V at an attended position
-        {**good, "target_ids": good["target_ids"].to(torch.float32)},  # non-integer targets
-        {**good, "target_ids": good["target_ids"][:, :-1]},  # target shape
-        {**good, "attention_mask": good["attention_mask"][:2]},  # mask shape
-        {**good, "logits": good["logits"][0]},  # [T, V] logits
-    ]
-
-
-def _prediction_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    original = torch.randint(0, 4, (n, 6), generator=g)
-    changed = torch.rand(n, 6, generator=g) < 0.35
-    modified = torch.where(changed, torch.randint(0, 4, (n, 6), generator=g), original)
-    return {
-        "original_preds": original,
-        "modified_preds": modified,
-        "mask": torch.rand(n, 6, generator=g) > 0.2,
-    }
-
-
-def _prediction_bad(g: torch.Generator) -> list[dict[str, Any]]:
-    good = _prediction_batch(g, 3)
-    too_large = good["modified_preds"].clone()
-    too_large[0, 0] = 4
-    negative = good["original_preds"].clone()
-    negative[1, 2] = -1
-    good["mask"][0, 0] = good["mask"][1, 2] = True
-    return [
-        {**good, "modified_preds": too_large},  # class id >= num_classes
-        {**good, "original_preds": negative},  # negative class id
-        {**good, "original_preds": good["original_preds"].to(torch.float32)},  # non-integer preds
-        {**good, "modified_preds": good["modified_preds"][:, :-1]},  # shape mismatch
-        {**good, "mask": good["mask"][:2]},  # mask shape
-    ]
-
-
 # ---------------------------------------------------------------------------------------------- next-token divergence
-@register(
-    "utility",
-    "next_token",
-    example=ConformanceExample(
-        make_batch=_divergence_batch,
-        bad_inputs=_divergence_bad,
-        init_kwargs={"max_batch_size": 2, "max_sequence_length": 3},
-    ),
-)
+@register("utility", "next_token", example=examples.NEXT_TOKEN)
 class NextTokenDivergence(DiagnosticMetric):
     r"""Divergences between the next-token distributions of a clean and a transformed ("noisy") model.
 
@@ -176,7 +91,7 @@ class NextTokenDivergence(DiagnosticMetric):
         max_sequence_length: at most this many positions per sequence per chunk. With neither limit,
             a chunk is sized so that one ``[chunk, V]`` float32 buffer is about 2 MiB.
         reduction: ``"sequence"`` or ``"token"``.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``<name>_stderr``: over sequences, or over tokens for ``"token"``).
 
     ``update(clean_logits, noisy_logits, attention_mask=None)`` takes logits ``[B, T, V]`` and a bool
@@ -274,22 +189,11 @@ class NextTokenDivergence(DiagnosticMetric):
     def compute(self) -> dict[str, Tensor]:
         """Mean of each divergence (plus ``*_stderr`` with ``with_stderr=True``)."""
         stats = self.sequence_stats if self.reduction == "sequence" else self.token_stats
-        out: dict[str, Tensor] = {}
-        for name, divergence_stats in zip(DIVERGENCES, stats.unbind(0)):
-            out.update(self.mean_output(divergence_stats, name))
-        return out
+        return _next_token_compute(stats, self.with_stderr)
 
 
 # ---------------------------------------------------------------------------------------------- cross-entropy
-@register(
-    "utility",
-    "cross_entropy",
-    example=ConformanceExample(
-        make_batch=_cross_entropy_batch,
-        bad_inputs=_cross_entropy_bad,
-        init_kwargs={"ignore_index": -100, "max_sequence_length": 2},
-    ),
-)
+@register("utility", "cross_entropy", example=examples.CROSS_ENTROPY)
 class MaskedCrossEntropy(DiagnosticMetric):
     r"""Token-mean cross-entropy (nats) and perplexity of logits against target tokens.
 
@@ -301,18 +205,18 @@ class MaskedCrossEntropy(DiagnosticMetric):
     over the set $S$ of attended positions whose target is not ``ignore_index``.
     ``target_ids[b, t]`` is the token that ``logits[b, t]`` predicts: shift labels yourself
     (``logits[:, :-1]`` against ``input_ids[:, 1:]``). Computed in chunks like
-    :class:`NextTokenDivergence`.
+    [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence].
 
     Args:
         ignore_index: target id whose positions are left out (e.g. -100), or None.
-        max_batch_size: chunk limit, as in :class:`NextTokenDivergence`.
-        max_sequence_length: chunk limit, as in :class:`NextTokenDivergence`.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+        max_batch_size: chunk limit, as in [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence].
+        max_sequence_length: chunk limit, as in [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence].
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``cross_entropy_stderr``, over tokens).
 
     ``update(logits, target_ids, attention_mask=None)``: logits ``[B, T, V]``, integer targets
     ``[B, T]`` (in ``[0, V)`` where counted), bool mask ``[B, T]``. An item is a sequence. As in
-    :func:`torch.nn.functional.cross_entropy`, −inf logits are valid and a target whose logit is
+    [`torch.nn.functional.cross_entropy`](https://docs.pytorch.org/docs/stable/generated/torch.nn.functional.cross_entropy.html), −inf logits are valid and a target whose logit is
     −inf has an infinite loss, which is counted (``cross_entropy`` becomes +inf, not skipped); only
     counted positions whose logits hold NaN or +inf, or are all −inf, are non-finite for
     ``nan_strategy``.
@@ -364,15 +268,13 @@ class MaskedCrossEntropy(DiagnosticMetric):
 
     def compute(self) -> dict[str, Tensor]:
         """``cross_entropy`` (plus ``cross_entropy_stderr``) and ``perplexity``."""
-        out = self.mean_output(self.cross_entropy_stats, "cross_entropy")
-        out["perplexity"] = out["cross_entropy"].exp()
-        return out
+        return _cross_entropy_compute(self.cross_entropy_stats, self.with_stderr)
 
 
 # ---------------------------------------------------------------------------------------------- prediction change
 @dataclasses.dataclass(frozen=True)
 class ClassChange:
-    """Prediction changes of one class (see :class:`PredictionChange`).
+    """Prediction changes of one class (see [`PredictionChange`][metrics_suite.utility.PredictionChange]).
 
     Attributes:
         class_id: the class index.
@@ -402,6 +304,7 @@ class ClassChange:
 class PredictionChangeReport:
     """One result row of a prediction-change experiment, e.g. one intervention method and scale."""
 
+    #: Field names in CSV column order.
     CSV_FIELDS: ClassVar[tuple[str, ...]] = (
         "method",
         "intervention_scale",
@@ -422,23 +325,17 @@ class PredictionChangeReport:
 
     @classmethod
     def csv_header(cls) -> str:
-        """The CSV header line matching :meth:`to_csv_row` (no line terminator)."""
+        """The CSV header line matching [`to_csv_row`][metrics_suite.utility.PredictionChangeReport.to_csv_row] (no line terminator)."""
         return ",".join(cls.CSV_FIELDS)
 
     def to_csv_row(self) -> str:
-        """This record as one CSV line (no line terminator), fields in :attr:`CSV_FIELDS` order."""
+        """This record as one CSV line (no line terminator), fields in [`CSV_FIELDS`][metrics_suite.utility.PredictionChangeReport.CSV_FIELDS] order."""
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="").writerow([getattr(self, name) for name in self.CSV_FIELDS])
         return buffer.getvalue()
 
 
-def _prediction_change_example() -> ConformanceExample:
-    return ConformanceExample(
-        make_batch=_prediction_batch, bad_inputs=_prediction_bad, init_kwargs={"num_classes": 4}
-    )
-
-
-@register("utility", "prediction_change", example=_prediction_change_example(), needs_config=True)
+@register("utility", "prediction_change", example=examples.PREDICTION_CHANGE, needs_config=True)
 class PredictionChange(DiagnosticMetric):
     r"""How often an intervention changes predicted classes (e.g. per image patch), per original class.
 
@@ -455,17 +352,17 @@ class PredictionChange(DiagnosticMetric):
     ``target_change_std`` / ``other_change_std``: population standard deviation over classes of
     $n^{chg}_c / n^{orig}_c$ and $n^{oth,chg}_c / n^{oth}_c$ (0.0 for a class without
     support). Summed over classes both ratios count every changed item, so ``other_change``
-    equals ``target_change`` when ``C > 1``; the per-class ratios (:meth:`class_results`) and their
+    equals ``target_change`` when ``C > 1``; the per-class ratios ([`class_results`][metrics_suite.utility.PredictionChange.class_results]) and their
     spread are where they differ. No data gives NaN.
 
     Args:
         num_classes: number of classes ``C``.
-        class_names: optional ``C`` distinct names for :meth:`class_results`.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options.
+        class_names: optional ``C`` distinct names for [`class_results`][metrics_suite.utility.PredictionChange.class_results].
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options.
 
     ``update(original_preds, modified_preds, mask=None)`` takes integer class ids of equal shape
-    (any shape; use :func:`argmax_logits` on logits) and an optional bool mask of the same shape
-    (e.g. :func:`patch_label_mask`). Ids must be in ``[0, C)`` where selected.
+    (any shape; use [`argmax_logits`][metrics_suite.functional.utility.argmax_logits] on logits) and an optional bool mask of the same shape
+    (e.g. [`patch_label_mask`][metrics_suite.functional.utility.patch_label_mask]). Ids must be in ``[0, C)`` where selected.
 
     Examples:
         >>> import torch
@@ -521,7 +418,7 @@ class PredictionChange(DiagnosticMetric):
             return self.transition_counts.clone()
 
     def class_results(self) -> list[ClassChange]:
-        """One :class:`ClassChange` per class, from the counts of all ranks."""
+        """One [`ClassChange`][metrics_suite.utility.ClassChange] per class, from the counts of all ranks."""
         counts = self._global_counts()
         per_class = {k: v.tolist() for k, v in _prediction_change_per_class(counts).items()}
         rows = counts.tolist()
@@ -543,7 +440,7 @@ class PredictionChange(DiagnosticMetric):
         ]
 
     def report(self, method: str, intervention_scale: float) -> PredictionChangeReport:
-        """The aggregate result as a :class:`PredictionChangeReport` (one CSV row)."""
+        """The aggregate result as a [`PredictionChangeReport`][metrics_suite.utility.PredictionChangeReport] (one CSV row)."""
         counts = self._global_counts()
         values = {k: float(v) for k, v in _prediction_change_compute(counts).items()}
         return PredictionChangeReport(

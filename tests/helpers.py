@@ -1,4 +1,4 @@
-"""Shared test helpers: comparing metric outputs, building metrics from registry entries."""
+"""Shared test helpers: comparing metric outputs, building metrics from registry entries, loss batches."""
 
 from __future__ import annotations
 
@@ -52,3 +52,27 @@ def states_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
     return a.keys() == b.keys() and all(
         x.dtype == b[k].dtype and x.shape == b[k].shape and torch.equal(x, b[k]) for k, x in a.items()
     )
+
+
+def score_losses(n: int = 4, components: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random ``ReconstructionScore`` losses ``[n]`` (``[n, components]``): clean < reconstruction < zero."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, components) if components > 1 else (n,)
+    clean = torch.rand(shape, generator=g)
+    zero = clean + 1 + torch.rand(shape, generator=g)
+    return {
+        "source_model_loss": clean,
+        "source_model_loss_with_reconstruction": clean + (zero - clean) * torch.rand(shape, generator=g),
+        "source_model_loss_with_zero_ablation": zero,
+    }
+
+
+def half_way_losses() -> dict[str, torch.Tensor]:
+    """Reconstruction losses half way between clean and zero-ablation: score exactly 0.5."""
+    clean = torch.tensor([1.0, 2.0, 3.0])
+    zero = torch.tensor([3.0, 4.0, 7.0])
+    return {
+        "source_model_loss": clean,
+        "source_model_loss_with_reconstruction": (clean + zero) / 2,
+        "source_model_loss_with_zero_ablation": zero,
+    }

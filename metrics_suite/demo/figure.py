@@ -1,4 +1,4 @@
-"""What the demo shows at the end: a table per suite, and the figure (via :mod:`metrics_suite.plots`)."""
+"""What the demo shows at the end: a table per suite, and the figure (via [`metrics_suite.plots`][metrics_suite.plots])."""
 
 from __future__ import annotations
 

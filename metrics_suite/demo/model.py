@@ -21,9 +21,9 @@ class NoisyEmbedding(nn.Module):
 
     $\mu$ and $\log\sigma$ are learned per dimension, $\epsilon \sim N(0, I)$. The
     forward pass hands ``mean`` ($\mu$ broadcast to the input) and ``noise``
-    ($\sigma\epsilon$) to :func:`metrics_suite.capture.record`, so a
-    :class:`~metrics_suite.capture.ForwardCapture` collects exactly what
-    :class:`~metrics_suite.NoiseStatistics` takes.
+    ($\sigma\epsilon$) to [`metrics_suite.capture.record`][metrics_suite.capture.record], so a
+    [`ForwardCapture`][metrics_suite.capture.ForwardCapture] collects exactly what
+    [`NoiseStatistics`][metrics_suite.noise.NoiseStatistics] takes.
 
     Args:
         dim: embedding width.
@@ -80,12 +80,12 @@ class CausalBlock(nn.Module):
 
 
 class TinyCausalLM(nn.Module):
-    """Token embedding → :class:`NoisyEmbedding` → + positions → causal blocks → logits.
+    """Token embedding → [`NoisyEmbedding`][metrics_suite.demo.model.NoisyEmbedding] → + positions → causal blocks → logits.
 
     Args:
         vocab_size: number of tokens ``V``.
         dim: model width ``D``.
-        num_layers: number of :class:`CausalBlock`.
+        num_layers: number of [`CausalBlock`][metrics_suite.demo.model.CausalBlock].
         num_heads: attention heads per block.
         max_length: longest sequence (size of the learned position table).
         init_log_sigma: initial log noise scale of the transform.

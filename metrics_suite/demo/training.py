@@ -1,18 +1,18 @@
 """The demo's LightningModule and run: train a noisy-embedding language model, evaluate all four suites.
 
-Every validation epoch the module feeds one :class:`~metrics_suite.DiagnosticCollection` (all four
-suites, synced with one collective) and a :class:`~metrics_suite.integrations.lightning.DiagnosticsCallback`
+Every validation epoch the module feeds one [`DiagnosticCollection`][metrics_suite.collection.DiagnosticCollection] (all four
+suites, synced with one collective) and a [`DiagnosticsCallback`][metrics_suite.integrations.lightning.DiagnosticsCallback]
 computes, logs and resets it:
 
 * **utility** — clean vs noisy logits (``next_token``), cross-entropy of the noisy model
   (``cross_entropy``), argmax changes (``prediction_change``);
-* **noise** — the transform's input, mean and noise (:class:`~metrics_suite.NoiseStatistics`),
-  captured with :class:`~metrics_suite.capture.ForwardCapture`;
+* **noise** — the transform's input, mean and noise ([`NoiseStatistics`][metrics_suite.noise.NoiseStatistics]),
+  captured with [`ForwardCapture`][metrics_suite.capture.ForwardCapture];
 * **reconstruction** — nearest-embedding inversion of the noisy embeddings (``changed_tokens``),
   noisy vs clean embeddings (``activations``), and the reconstruction score with the transform
   zero-ablated: clean loss, loss with the noisy embeddings as the "reconstruction", loss with the
   embeddings zeroed;
-* **credit** — a toy linear-quadratic chain whose exact costates (:func:`~metrics_suite.lq_costates`)
+* **credit** — a toy linear-quadratic chain whose exact costates ([`lq_costates`][metrics_suite.functional.credit.lq_costates])
   are compared per layer with costates propagated through noisy feedback weights (``cosine``);
   the backprop gradient at each transformer block's input as credit for ``perturbation_correlation``
   and ``nudging``; the drift of a few weight matrices from initialisation (``feature_drift``).
@@ -117,7 +117,7 @@ class _LossFromLayer:
 
 
 class DemoModule(pl.LightningModule):
-    """Trains :class:`~metrics_suite.demo.model.TinyCausalLM` with a noise transform; diagnoses it.
+    """Trains [`TinyCausalLM`][metrics_suite.demo.model.TinyCausalLM] with a noise transform; diagnoses it.
 
     Training loss: cross-entropy of the noisy model minus ``noise_reward · mean(log σ)``, so the
     transform learns as much noise as the task tolerates.
@@ -248,7 +248,7 @@ class DemoModule(pl.LightningModule):
 class ResultsWriter(pl.Callback):
     """Rank 0 writes ``results.json`` after every training epoch (the diagnostics history so far).
 
-    Add it after a :class:`~metrics_suite.integrations.lightning.DiagnosticsCallback`, whose
+    Add it after a [`DiagnosticsCallback`][metrics_suite.integrations.lightning.DiagnosticsCallback], whose
     ``history`` it writes with ``extra`` (e.g. the config).
     """
 

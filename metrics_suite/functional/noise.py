@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from metrics_suite.base import mean_stats
+from metrics_suite.functional._chunks import row_slices, rows_per_chunk
 from metrics_suite.functional._rows import RowGather
+from metrics_suite.functional._stats import mean_stats
 from metrics_suite.validation import check_broadcast_mask, check_float, shape_str
 
 __all__ = ["noise_statistics"]
@@ -16,7 +17,7 @@ __all__ = ["noise_statistics"]
 #: launches. Either way the extra memory of an update is bounded, however many positions it holds.
 _CHUNK_ELEMENTS = 1 << 16
 
-#: Names of the per-position statistics, in the order of :func:`noise_statistics`.
+#: Names of the per-position statistics, in the order of [`noise_statistics`][metrics_suite.functional.noise.noise_statistics].
 NOISE_STATISTICS: tuple[str, ...] = (
     "input_norm",
     "mean_norm",
@@ -87,7 +88,7 @@ def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) ->
     ``_CHUNK_ELEMENTS``), so the float64 copies stay small.
 
     Returns:
-        ``values`` ``[10, *positions]`` (order of :data:`NOISE_STATISTICS`, NaN where a ratio or
+        ``values`` ``[10, *positions]`` (order of [`NOISE_STATISTICS`][metrics_suite.functional.noise.NOISE_STATISTICS], NaN where a ratio or
         cosine has a zero denominator) and ``defined`` ``[10, *positions]`` bool. A position with
         NaN/inf in any input has a non-finite norm among the first three values, which makes them
         the finiteness check.
@@ -97,12 +98,12 @@ def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) ->
     )
     positions, d = _position_shape(x_all.shape, dim), x_all.shape[dim]
     chunk_elements = _CHUNK_ELEMENTS if x_all.device.type == "cpu" else _CHUNK_ELEMENTS << 6
-    rows = max(1, chunk_elements // max(d, 1))
+    rows = rows_per_chunk(d, chunk_elements)
     gathers = [RowGather(t.movedim(dim, -1), torch.float64, rows) for t in (x_all, mu_all, eps_all)]
     buffers = [x_all.new_empty((rows, d), dtype=torch.float64) for _ in gathers]
     parts = [x_all.new_zeros((6, 0), dtype=torch.float64)]
-    for start in range(0, positions.numel(), rows):
-        end = min(start + rows, positions.numel())
+    for part in row_slices(positions.numel(), rows):
+        start, end = part.start, part.stop
         x, mu, eps = (gather.span(start, end, out[: end - start]) for gather, out in zip(gathers, buffers))
         shifted = mu + eps
         norms = [torch.linalg.vector_norm(t, dim=-1) for t in (x, mu, eps, shifted)]
@@ -126,7 +127,7 @@ def _noise_update(values: Tensor, defined: Tensor, selected: Tensor) -> Tensor:
     """Sum statistics ``[10, 3]`` (n, Σv, Σv²) of each statistic over the ``selected`` positions.
 
     Args:
-        values, defined: :func:`_noise_per_position` output ``[10, *positions]``.
+        values, defined: `_noise_per_position` output ``[10, *positions]``.
         selected: bool ``[*positions]``.
 
     A position enters a statistic only where that statistic is defined (non-zero denominator).

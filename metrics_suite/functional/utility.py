@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from metrics_suite.base import mean_and_stderr, safe_div
+from metrics_suite.functional._chunks import row_slices
 from metrics_suite.functional._rows import RowGather
+from metrics_suite.functional._stats import mean_output, safe_div
 from metrics_suite.validation import (
     check_float,
     check_ids_in_range,
@@ -68,7 +68,7 @@ def chunk_rows(
     """Number of positions (rows of ``V`` logits) processed at once.
 
     With neither limit set, a chunk is sized so that one ``[chunk, V]`` buffer of ``dtype`` takes
-    about :data:`DEFAULT_CHUNK_BYTES`, which keeps the working set in cache. With both set, a chunk
+    about [`DEFAULT_CHUNK_BYTES`][metrics_suite.functional.utility.DEFAULT_CHUNK_BYTES], which keeps the working set in cache. With both set, a chunk
     holds at most ``max_batch_size × max_sequence_length`` positions. With one set, the missing one
     means the full batch or sequence, but the chunk stays within the default size: ``max_batch_size=1``
     alone must not make a chunk of a whole 4096-token sequence at a 128k vocabulary (2 GiB per buffer).
@@ -82,11 +82,6 @@ def chunk_rows(
     if max_batch_size is None or max_sequence_length is None:
         return max(1, min(batch * seq, default))
     return max(1, batch * seq)
-
-
-def _chunks(positions: Tensor, rows: int) -> Iterator[tuple[int, Tensor]]:
-    for start in range(0, positions.numel(), rows):
-        yield start, positions[start : start + rows]
 
 
 def _row_finite(x: Tensor) -> Tensor:
@@ -104,7 +99,7 @@ def _divergences_from_logits(
 ) -> tuple[Tensor, Tensor]:
     r"""The four divergences ``[n, 4]`` of the softmax distributions of logit rows ``[n, W]``.
 
-    Also returns the finiteness of each row pair ``[n]`` (as :func:`_row_finite`), from the row
+    Also returns the finiteness of each row pair ``[n]`` (as `_row_finite`), from the row
     maxima it needs anyway; values of non-finite rows are meaningless.
 
     Per entry, with $M = \max(p, q)$ and $\delta = |\log p - \log q|$, every term is
@@ -164,30 +159,31 @@ def _divergences_from_logits(
     return torch.minimum(values.clamp_min_(0.0), upper).add_(0.0), finite
 
 
-def _top_k_set(x: Tensor, k: int) -> tuple[Tensor, Tensor] | Tensor:
-    """Indices ``[n, w]`` that cover the top-k set of each row (``k < V``), and a mask of those outside it.
+def _top_k_mask(x: Tensor, k: int) -> Tensor:
+    """Bool mask ``[..., V]`` of the top-k set of each row of ``x`` (``k <= V``).
 
     The top-k set is every entry at least the k-th largest value, ties included, except −inf
-    entries: it does not depend on the order of the vocabulary. When ties make a set wider than a
-    quarter of the vocabulary (e.g. a row of equal logits), gathering would cost more than the
-    whole row: then only the bool mask ``[n, V]`` of the set is returned.
+    entries: it does not depend on the order of the vocabulary.
+    """
+    kth = x.topk(k, -1).values[..., -1:]
+    return (x >= kth) & (x > -math.inf)
+
+
+def _top_k_set(x: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """Indices ``[n, w]`` that cover the top-k set of each row (``k < V``), and a mask of those outside it.
+
+    The set is that of `_top_k_mask`. When ties make a set wider than a quarter of the
+    vocabulary (e.g. a row of equal logits), gathering would cost more than the whole row: then
+    None, and the caller masks whole rows with `_top_k_mask` instead.
     """
     values, index = x.topk(k + 1, -1)
     kth = values[:, k - 1 : k]
     if bool(((values[:, k:] == kth) & (kth > -math.inf)).any()):  # a tie crosses the k-th place
         width = int((x >= kth).sum(-1).max())
         if 4 * width > x.shape[-1]:
-            return (x >= kth) & (x > -math.inf)
+            return None
         values, index = x.topk(width, -1, sorted=False)
     return index, (values < kth) | (values == -math.inf)
-
-
-def _as_mask(top_k_set: tuple[Tensor, Tensor] | Tensor, shape: torch.Size) -> Tensor:
-    """The bool ``[n, V]`` mask of a set from :func:`_top_k_set`."""
-    if isinstance(top_k_set, Tensor):
-        return top_k_set
-    index, outside = top_k_set
-    return torch.zeros(shape, dtype=torch.bool, device=index.device).scatter_(-1, index, ~outside)
 
 
 def _top_k_union(
@@ -208,9 +204,9 @@ def _top_k_union(
 def _top_k_chunk(clean: Tensor, noisy: Tensor, k: int) -> Tensor:
     """Divergences of rows restricted to (and renormalised on) the union of both top-k sets."""
     clean_set, noisy_set = _top_k_set(clean, k), _top_k_set(noisy, k)
-    if isinstance(clean_set, Tensor) or isinstance(noisy_set, Tensor):
+    if clean_set is None or noisy_set is None:
         # a very wide set: mask the whole rows instead of gathering (−inf outside the union)
-        outside = ~(_as_mask(clean_set, clean.shape) | _as_mask(noisy_set, clean.shape))
+        outside = ~(_top_k_mask(clean, k) | _top_k_mask(noisy, k))
         p, q, s1, s2 = (torch.empty_like(clean) for _ in range(4))
         return _divergences_from_logits(
             clean.masked_fill_(outside, -math.inf), noisy.masked_fill_(outside, -math.inf), p, q, s1, s2
@@ -244,7 +240,8 @@ def _divergence_rows(
     workspace = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(2 if top_k else 6)]
     gather_clean = RowGather(clean_logits, dtype, rows)
     gather_noisy = RowGather(noisy_logits, dtype, rows)
-    for start, chunk in _chunks(positions, rows):
+    for part in row_slices(positions.numel(), rows):
+        start, chunk = part.start, positions[part]
         n = chunk.numel()
         clean = gather_clean(chunk, workspace[0][:n])
         noisy = gather_noisy(chunk, workspace[1][:n])
@@ -288,6 +285,25 @@ def _attended_positions(
     return mask.reshape(-1).nonzero().squeeze(-1)
 
 
+def _per_sequence_sums(
+    values: Tensor, finite: Tensor, positions: Tensor, batch: int, seq: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Scatter per-token ``values`` ``[n, ...]`` at flat ``positions`` of a ``[batch, seq]`` grid into sequences.
+
+    Returns:
+        ``sums`` and ``squares`` ``[batch, ...]`` (float64), ``counts`` ``[batch]`` (int64) and
+        ``finite`` ``[batch]`` (False where a token of the sequence is not finite).
+    """
+    sequence = torch.div(positions, max(seq, 1), rounding_mode="floor")
+    values = values.to(torch.float64)
+    zeros = torch.zeros(batch, *values.shape[1:], dtype=torch.float64, device=values.device)
+    sums = zeros.index_add(0, sequence, values)
+    squares = zeros.index_add(0, sequence, values * values)
+    counts = torch.bincount(sequence, minlength=batch).to(torch.int64)
+    n_bad = torch.bincount(sequence, weights=(~finite).to(torch.float64), minlength=batch)
+    return sums, squares, counts, n_bad == 0
+
+
 def _next_token_update(
     clean_logits: Tensor,
     noisy_logits: Tensor,
@@ -313,14 +329,7 @@ def _next_token_update(
     dtype = torch.promote_types(compute_dtype(clean_logits), compute_dtype(noisy_logits))
     rows = chunk_rows(vocab, dtype, batch, seq, max_batch_size, max_sequence_length)
     values, finite_rows = _divergence_rows(clean_logits, noisy_logits, positions, num_logits, rows)
-    sequence = torch.div(positions, max(seq, 1), rounding_mode="floor")
-    values = values.to(torch.float64)
-    zeros = torch.zeros(batch, len(DIVERGENCES), dtype=torch.float64, device=values.device)
-    token_sums = zeros.index_add(0, sequence, values)
-    token_squares = zeros.index_add(0, sequence, values * values)
-    token_counts = torch.bincount(sequence, minlength=batch).to(torch.int64)
-    n_bad = torch.bincount(sequence, weights=(~finite_rows).to(torch.float64), minlength=batch)
-    return token_sums, token_squares, token_counts, n_bad == 0
+    return _per_sequence_sums(values, finite_rows, positions, batch, seq)
 
 
 def _next_token_stats(
@@ -343,10 +352,15 @@ def _next_token_stats(
     return sequence_stats, token_stats
 
 
-def _next_token_compute(stats: Tensor) -> dict[str, Tensor]:
-    """``{divergence: mean}`` from ``[4, 3]`` mean statistics (NaN where nothing was counted)."""
-    means, _ = mean_and_stderr(stats)
-    return dict(zip(DIVERGENCES, means.unbind(0)))
+def _next_token_compute(stats: Tensor, with_stderr: bool = False) -> dict[str, Tensor]:
+    """``{divergence: mean}`` from ``[4, 3]`` mean statistics (NaN where nothing was counted).
+
+    With ``with_stderr`` each mean is followed by its ``{divergence}_stderr``.
+    """
+    out: dict[str, Tensor] = {}
+    for name, divergence_stats in zip(DIVERGENCES, stats.unbind(0)):
+        out.update(mean_output(divergence_stats, name, with_stderr))
+    return out
 
 
 def token_divergences(
@@ -371,7 +385,7 @@ def token_divergences(
     $$
 
     With ``num_logits=k`` both distributions are restricted to the union of the top-k sets of
-    both inputs at that position (:func:`top_k_support_mask`: ties at the k-th place included) and
+    both inputs at that position ([`top_k_support_mask`][metrics_suite.functional.utility.top_k_support_mask]: ties at the k-th place included) and
     renormalised on it. Computed in log space in at least float32, one chunk of positions at a time.
 
     A −inf logit (a banned token) is valid: a token that is −inf in both inputs contributes 0, one
@@ -427,6 +441,10 @@ def top_k_support_mask(noisy_logits: Tensor, clean_logits: Tensor, num_logits: i
     k-th place are all included (the set may exceed k), and no −inf entry (probability 0). It does
     not depend on the order of the vocabulary.
 
+    The only function here with the noisy logits first: it keeps the signature of the seed code it
+    replaces, so existing calls (positional ones included) keep working. The union is symmetric, so
+    swapping the arguments gives the same mask.
+
     Args:
         noisy_logits: logits ``[..., V]``.
         clean_logits: logits of the same shape.
@@ -445,11 +463,7 @@ def top_k_support_mask(noisy_logits: Tensor, clean_logits: Tensor, num_logits: i
     _check_num_logits(num_logits)
     _check_vocabulary("noisy_logits", noisy_logits)
     k = min(num_logits, noisy_logits.shape[-1])
-    mask = torch.zeros(noisy_logits.shape, dtype=torch.bool, device=noisy_logits.device)
-    for logits in (noisy_logits, clean_logits):
-        kth = logits.topk(k, -1).values[..., -1:]
-        mask |= (logits >= kth) & (logits > -math.inf)
-    return mask
+    return _top_k_mask(noisy_logits, k) | _top_k_mask(clean_logits, k)
 
 
 def next_token_divergence(
@@ -463,10 +477,10 @@ def next_token_divergence(
 ) -> dict[str, Tensor]:
     r"""Mean next-token divergences between clean and noisy logits ``[B, T, V]``.
 
-    Per-token values as in :func:`token_divergences`. ``reduction="sequence"`` averages over the
+    Per-token values as in [`token_divergences`][metrics_suite.functional.utility.token_divergences]. ``reduction="sequence"`` averages over the
     attended tokens of each sequence, then over sequences (a sequence without attended tokens does
     not count); ``"token"`` averages over all attended tokens. No attended token gives NaN, and so
-    does a non-finite position (:class:`~metrics_suite.utility.NextTokenDivergence` can skip such
+    does a non-finite position ([`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence] can skip such
     sequences instead). Not differentiable (the inputs are detached).
 
     Examples:
@@ -557,20 +571,14 @@ def _cross_entropy_update(
         x_buffer = torch.empty(rows, vocab, dtype=dtype, device=logits.device)
         log_probs = torch.empty_like(x_buffer)
         gather = RowGather(logits, dtype, rows)
-        for start, chunk in _chunks(positions, rows):
+        for part in row_slices(positions.numel(), rows):
+            start, chunk = part.start, positions[part]
             n = chunk.numel()
             x = gather(chunk, x_buffer[:n])
             finite[start : start + n] = _row_finite(x)
             lp = torch.log_softmax(x, -1, out=log_probs[:n])
             nats[start : start + n] = lp.gather(-1, targets[start : start + n, None]).squeeze(-1).neg_()
-    sequence = torch.div(positions, max(seq, 1), rounding_mode="floor")
-    values = nats.to(torch.float64)
-    zeros = torch.zeros(batch, dtype=torch.float64, device=logits.device)
-    sums = zeros.index_add(0, sequence, values)
-    squares = zeros.index_add(0, sequence, values * values)
-    counts = torch.bincount(sequence, minlength=batch).to(torch.int64)
-    n_bad = torch.bincount(sequence, weights=(~finite).to(torch.float64), minlength=batch)
-    return sums, squares, counts, n_bad == 0
+    return _per_sequence_sums(nats, finite, positions, batch, seq)
 
 
 def _cross_entropy_stats(sums: Tensor, squares: Tensor, counts: Tensor, keep: Tensor) -> Tensor:
@@ -579,9 +587,11 @@ def _cross_entropy_stats(sums: Tensor, squares: Tensor, counts: Tensor, keep: Te
     return torch.stack([n, torch.where(keep, sums, 0.0).sum(), torch.where(keep, squares, 0.0).sum()])
 
 
-def _cross_entropy_compute(stats: Tensor) -> dict[str, Tensor]:
-    cross_entropy = safe_div(stats[1], stats[0])
-    return {"cross_entropy": cross_entropy, "perplexity": cross_entropy.exp()}
+def _cross_entropy_compute(stats: Tensor, with_stderr: bool = False) -> dict[str, Tensor]:
+    """``cross_entropy`` (plus ``cross_entropy_stderr``) and ``perplexity`` from ``[3]`` mean statistics."""
+    out = mean_output(stats, "cross_entropy", with_stderr)
+    out["perplexity"] = out["cross_entropy"].exp()
+    return out
 
 
 def masked_cross_entropy(
@@ -600,7 +610,7 @@ def masked_cross_entropy(
     over the set $S$ of attended positions whose target is not ``ignore_index``.
     ``target_ids[b, t]`` is the token that ``logits[b, t]`` predicts (shift labels yourself).
 
-    As in :func:`torch.nn.functional.cross_entropy`, −inf logits are valid and a target whose logit
+    As in [`torch.nn.functional.cross_entropy`](https://docs.pytorch.org/docs/stable/generated/torch.nn.functional.cross_entropy.html), −inf logits are valid and a target whose logit
     is −inf has an infinite loss (so the mean is +inf); a position whose logits hold NaN or +inf, or
     are all −inf, makes the result NaN. Not differentiable (the inputs are detached).
 
@@ -770,8 +780,8 @@ def _patch_majority_count(pixel_labels: Tensor) -> tuple[Tensor, Tensor]:
 def patch_label_mask(pixel_labels: Tensor, threshold: float) -> Tensor:
     """Bool ``[...]``: patches ``[..., P]`` where at least ``threshold`` of the pixels share one label.
 
-    Use it as the ``mask`` of :class:`~metrics_suite.utility.PredictionChange` to count only patches
-    with a clear label; :func:`patch_majority_label` gives that label.
+    Use it as the ``mask`` of [`PredictionChange`][metrics_suite.utility.PredictionChange] to count only patches
+    with a clear label; [`patch_majority_label`][metrics_suite.functional.utility.patch_majority_label] gives that label.
 
     Examples:
         >>> import torch
