@@ -197,8 +197,8 @@ def test_sae_splice_matches_module_swap(runs: dict[str, dict[str, Any]]) -> None
 def test_vit_intervention_matches_manual_counts(runs: dict[str, dict[str, Any]]) -> None:
     ns = runs["vit-intervention"]
     vit, classifier, layer, patch = ns["vit"], ns["classifier"], ns["LAYER"], ns["PATCH"]
-    value = ns["rows"][-1].intervention_scale
-    edit = ns["clamp_feature"](ns["FEATURE"], value)
+    scale = ns["rows"][-1].intervention_scale
+    edit = ns["clamp_feature"](ns["FEATURE"], scale * ns["PEAK"])
     counts = np.zeros((3, 3), dtype=np.int64)
     with torch.no_grad():
         for images, labels in ns["batches"]:
@@ -227,7 +227,7 @@ def test_vit_intervention_matches_manual_counts(runs: dict[str, dict[str, Any]])
         assert (result.n_orig, result.n_changed) == (counts[c].sum(), counts[c].sum() - counts[c, c])
     header, *csv_rows = ns["ms"].PredictionChangeReport.csv_header(), *(r.to_csv_row() for r in ns["rows"])
     assert header.split(",")[:3] == ["method", "intervention_scale", "num_items"]
-    assert csv_rows[-1].split(",")[1:3] == [str(value), str(row.num_items)]
+    assert csv_rows[-1].split(",")[1:3] == [str(scale), str(row.num_items)]
 
 
 # ---------------------------------------------------------------------------------- DDP
