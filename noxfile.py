@@ -38,8 +38,8 @@ def _install(session: nox.Session, *extras: str) -> None:
 
 @nox.session(python=PYTHON, venv_params=TORCH_VENV)
 def tests(session: nox.Session) -> None:
-    """The whole test suite: unit, conformance kit, real-DDP (gloo) and doc examples."""
-    _install(session, "dev", "lightning", "plots")
+    """The whole test suite: unit, conformance kit, real-DDP (gloo), doc examples and recipes."""
+    _install(session, "dev", "lightning", "plots", "recipes")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
 
