@@ -61,8 +61,8 @@ def _floors(*extras: str) -> dict[str, str]:
 
 @nox.session(python=PYTHON, venv_params=TORCH_VENV)
 def tests(session: nox.Session) -> None:
-    """The whole test suite: unit, conformance kit, real-DDP (gloo), doc examples and the built docs site."""
-    _install(session, "dev", "lightning", "plots", "docs")
+    """The whole test suite: unit, conformance kit, real-DDP (gloo), doc examples, recipes and the built docs site."""
+    _install(session, "dev", "lightning", "plots", "docs", "recipes")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
 
