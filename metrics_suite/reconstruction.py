@@ -68,7 +68,7 @@ class ReconstructionScore(DiagnosticMetric):
     Args:
         num_components: number of components (e.g. SAEs at different layers) scored at once.
         reduction: ``"ratio_of_sums"`` (default) or ``"itemwise_mean"``.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``validate_args``,
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``validate_args``,
             ``nan_strategy``, torchmetrics' own, and ``with_stderr``: only with
             ``reduction="itemwise_mean"``, as a ratio of sums has no per-item spread; it raises
             ``ValueError`` with ``"ratio_of_sums"``).
@@ -178,13 +178,13 @@ class ChangedTokenRate(DiagnosticMetric):
     Token ids are integers, so no item is ever skipped as non-finite.
 
     Args:
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options; with ``with_stderr=True`` the
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options; with ``with_stderr=True`` the
             output also holds ``sequence_mean_stderr`` and ``token_rate_stderr`` (the latter treats
             tokens as independent).
 
     ``update(input_ids, reconstructed_ids, noise_mask=None)`` takes integer ``[B, T]`` ids and a bool
     (or 0/1) mask that broadcasts to ``[B, T]``, e.g. ``[T]`` (as
-    :class:`~metrics_suite.noise.NoiseStatistics` takes it). ``compute()`` returns
+    [`NoiseStatistics`][metrics_suite.noise.NoiseStatistics] takes it). ``compute()`` returns
     ``{"sequence_mean", "token_rate"}``.
 
     Examples:
@@ -270,7 +270,7 @@ class ActivationReconstruction(DiagnosticMetric):
 
     Args:
         num_features: the size ``D`` of the last dimension.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``mse_stderr`` and ``cosine_similarity_stderr``).
 
     Examples:
@@ -354,13 +354,13 @@ class FeatureSparsity(DiagnosticMetric):
     ``dead_fraction@1e-06``, ``dead_fraction@1e-05`` by default) and ``density_histogram``, a ``[9]``
     vector of feature counts per firing density: bin 0 holds the features that never fired, bins
     1..8 one decade of $\log_{10}\nu_f$ each, ``[-8, -7)`` ... ``[-1, 0]`` (edges in
-    :attr:`density_edges_log10`; a density below 1e-8 goes to bin 1). A collection flattens it
+    [`density_edges_log10`][metrics_suite.reconstruction.FeatureSparsity.density_edges_log10]; a density below 1e-8 goes to bin 1). A collection flattens it
     to ``.../density_histogram/bin_{i}``.
 
     States: int64 per-feature firing counts ``[F]`` and a vector count (so a feature firing on only
     one rank is not dead), plus (n, Σ, Σ²) of the per-vector L0 and L1. The histogram is computed
     from the summed firing counts at ``compute()``, so it describes the densities over all data.
-    :meth:`firing_frequency` gives $\nu_f$ for plots. No data: NaN.
+    [`firing_frequency`][metrics_suite.reconstruction.FeatureSparsity.firing_frequency] gives $\nu_f$ for plots. No data: NaN.
 
     Args:
         num_features: the number of features ``F``.
@@ -368,7 +368,7 @@ class FeatureSparsity(DiagnosticMetric):
         firing_threshold: $\theta$: a feature fires where $|a| > \theta$ (``l0``, densities, dead
             features; ``l1`` sums all activations). 0 (default) counts every non-zero activation,
             signed ones included, as SAELens does.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``l0_stderr`` and ``l1_stderr``).
 
     Examples:
@@ -483,10 +483,10 @@ class DownstreamReconstruction(DiagnosticMetric):
     means like ``kl_spliced`` and ``top1_agreement`` the share of tokens whose spliced argmax equals
     the clean argmax. These are SAELens' ``kl_div_score`` and ``ce_loss_score``, but as ratios of
     global sums: SAELens averages per-batch values, so batches with few tokens or a small gap weigh
-    as much as large ones. ``ce_score`` equals :class:`ReconstructionScore` fed the per-token
+    as much as large ones. ``ce_score`` equals [`ReconstructionScore`][metrics_suite.reconstruction.ReconstructionScore] fed the per-token
     cross-entropies of the three models. With ``num_logits=k`` each KL is taken on the union of the
     top-k sets of its two logit rows, both renormalised on it (as in
-    :class:`~metrics_suite.utility.NextTokenDivergence`); cross-entropy and argmax use the full
+    [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence]); cross-entropy and argmax use the full
     vocabulary.
 
     The three inputs are read one chunk of attended positions at a time (log space, at least
@@ -498,10 +498,10 @@ class DownstreamReconstruction(DiagnosticMetric):
 
     Args:
         num_logits: size of the top-k sets of the KL support, or None for the full vocabulary.
-        max_batch_size: chunk limit, as in :class:`~metrics_suite.utility.NextTokenDivergence`.
-        max_sequence_length: chunk limit, as in :class:`~metrics_suite.utility.NextTokenDivergence`.
+        max_batch_size: chunk limit, as in [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence].
+        max_sequence_length: chunk limit, as in [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence].
         ignore_index: target id whose positions are left out of the cross-entropies, or None.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``kl_spliced_stderr``, ``kl_ablated_stderr`` and the ``ce_*_stderr`` of the three
             token means).
 
@@ -529,6 +529,7 @@ class DownstreamReconstruction(DiagnosticMetric):
     """
 
     higher_is_better = None
+    fingerprint_exclude = DiagnosticMetric.fingerprint_exclude | {"max_batch_size", "max_sequence_length"}
 
     kl_stats: Tensor
     top1_count: Tensor

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from metrics_suite.functional._chunks import row_slices, rows_per_chunk
+from metrics_suite.functional._chunks import CHUNK_ELEMENTS, row_slices, rows_per_chunk
 from metrics_suite.functional._rows import RowGather
 from metrics_suite.functional._stats import mean_output, mean_stats, safe_div
 from metrics_suite.functional.utility import _top_k_mask, chunk_rows
@@ -150,7 +150,7 @@ def _component_index(
 def _reconstruction_score_compute(
     loss_sums: Tensor, ratio_stats: Tensor, reduction: ScoreReduction = "ratio_of_sums"
 ) -> Tensor:
-    """Score per component from the sums of :func:`_reconstruction_score_update`."""
+    """Score per component from the sums of `_reconstruction_score_update`."""
     if reduction == "ratio_of_sums":
         s, s_rec, s_zero = loss_sums.unbind(-1)
         return safe_div(s_zero - s_rec, s_zero - s)
@@ -203,6 +203,10 @@ def reconstruction_score(
 
 
 # ---------------------------------------------------------------------------------- shared helpers
+#: Chunk size of this module (a module constant, so tests can shrink it).
+_CHUNK_ELEMENTS = CHUNK_ELEMENTS
+
+
 def _selection(mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
     """``mask`` as a bool tensor (all True when ``None``); expects an already validated mask."""
     if mask is None:
@@ -311,7 +315,7 @@ def changed_token_rate(
     \text{token\_rate} = \frac{\sum_{b,t} m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_{b,t} m_{bt}}
     $$
 
-    with $c_b$ from :func:`percentage_changed_ids`. Sequences without selected tokens are
+    with $c_b$ from [`percentage_changed_ids`][metrics_suite.functional.reconstruction.percentage_changed_ids]. Sequences without selected tokens are
     left out of ``sequence_mean``; no selected token at all gives NaN.
 
     Examples:
@@ -363,7 +367,7 @@ def _activation_vector_stats(reconstruction: Tensor, target: Tensor) -> Tensor:
     x_all = target.detach().reshape(-1, d)
     x_hat_all = reconstruction.detach().reshape(-1, d).to(x_all.device)
     parts = [x_all.new_zeros((4, 0), dtype=torch.float64)]
-    for rows in row_slices(x_all.shape[0], rows_per_chunk(d)):
+    for rows in row_slices(x_all.shape[0], rows_per_chunk(d, _CHUNK_ELEMENTS)):
         x = x_all[rows].to(torch.float64)
         x_hat = x_hat_all[rows].to(torch.float64)
         norms = [torch.linalg.vector_norm(v, dim=-1).square() for v in (x_hat - x, x, x_hat)]
@@ -379,7 +383,7 @@ def _activation_update(
     Args:
         reconstruction, target: ``[..., D]``.
         mask: bool over the leading shape (all True when ``None``).
-        vector_stats: :func:`_activation_vector_stats` of the inputs, if already computed.
+        vector_stats: `_activation_vector_stats` of the inputs, if already computed.
 
     Returns:
         ``mse_stats`` ``[3]`` and ``cosine_stats`` ``[3]`` (n, Σv, Σv²) of the per-vector mean
@@ -387,7 +391,7 @@ def _activation_update(
         ``norm_sums`` ``[2]``: (Σ‖x̂ − x‖², Σ‖x‖²); ``target_sum`` ``[D]``: Σx; ``l2_stats``
         ``[3, 3]``: (n, Σv, Σv²) of ‖x‖, ‖x̂‖ and ‖x̂‖/‖x‖ (the ratio where ‖x‖ > 0);
         ``bias_sums`` ``[2]``: (Σ‖x̂‖², Σ⟨x, x̂⟩). Rows are processed
-        in chunks, so the float64 copies never exceed a few :data:`~metrics_suite.functional._chunks.CHUNK_ELEMENTS`.
+        in chunks, so the float64 copies never exceed a few `CHUNK_ELEMENTS`.
     """
     d = target.shape[-1]
     if vector_stats is None:
@@ -400,7 +404,7 @@ def _activation_update(
     cosine = torch.where(has_cos, dot / torch.where(has_cos, cos_den, 1.0), 0.0)
     x_all = target.detach().reshape(-1, d)
     target_sum = torch.zeros(d, dtype=torch.float64, device=x_all.device)
-    for rows in row_slices(x_all.shape[0], rows_per_chunk(d)):
+    for rows in row_slices(x_all.shape[0], rows_per_chunk(d, _CHUNK_ELEMENTS)):
         target_sum += x_all[rows].to(torch.float64).masked_fill_(~selected[rows, None], 0.0).sum(0)
     norm_sums = torch.stack([sq_err.sum(), sq_norm.sum()])
     norm_in, norm_out = sq_norm.sqrt(), sq_norm_hat.sqrt()
@@ -433,7 +437,7 @@ def _activation_compute(
     l2_stats: Tensor,
     bias_sums: Tensor,
 ) -> dict[str, Tensor]:
-    """The eight statistics from the sums of :func:`_activation_update`."""
+    """The eight statistics from the sums of `_activation_update`."""
     n = mse_stats[0]
     sq_err, sq_norm = norm_sums.unbind(-1)
     # Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖²/n. A variance below float64 resolution of Σ‖x‖² is rounding
@@ -521,7 +525,7 @@ def _feature_l1(feature_activations: Tensor) -> Tensor:
     a_all = feature_activations.detach().reshape(-1, f)
     dtype = compute_dtype(a_all)
     parts = [a_all.new_zeros(0, dtype=torch.float64)]
-    for rows in row_slices(a_all.shape[0], rows_per_chunk(f)):
+    for rows in row_slices(a_all.shape[0], rows_per_chunk(f, _CHUNK_ELEMENTS)):
         parts.append(torch.linalg.vector_norm(a_all[rows], ord=1, dim=-1, dtype=dtype).to(torch.float64))
     return torch.cat(parts)
 
@@ -537,7 +541,7 @@ def _feature_sparsity_update(
     Args:
         feature_activations: ``[..., F]``.
         mask: bool over the leading shape (all True when ``None``).
-        l1: :func:`_feature_l1` of the activations, if already computed.
+        l1: `_feature_l1` of the activations, if already computed.
         firing_threshold: a feature fires where ``|a| > firing_threshold`` (``a != 0`` for 0).
 
     Returns:
@@ -554,7 +558,7 @@ def _feature_sparsity_update(
     weights = selected.to(dtype)
     firing_counts = torch.zeros(f, dtype=torch.float64, device=a_all.device)
     l0_parts = [a_all.new_zeros(0, dtype=dtype)]
-    for rows in row_slices(a_all.shape[0], rows_per_chunk(f)):
+    for rows in row_slices(a_all.shape[0], rows_per_chunk(f, _CHUNK_ELEMENTS)):
         # 0/1 in float: row sums and the weighted column sum (a GEMV) are exact integers, as a
         # chunk holds far fewer than 2**24 rows and features
         a = a_all[rows]
@@ -660,7 +664,7 @@ def feature_sparsity(
 
 # ---------------------------------------------------------------------------------- downstream reconstruction
 _DOWNSTREAM_LOGITS = ("clean_logits", "spliced_logits", "ablated_logits")
-#: Columns of the per-token values of :func:`_downstream_rows`.
+#: Columns of the per-token values of `_downstream_rows`.
 DOWNSTREAM_COLUMNS = ("kl_spliced", "kl_ablated", "top1_agreement", "ce_clean", "ce_spliced", "ce_ablated")
 
 
@@ -718,7 +722,7 @@ def _downstream_rows(
     num_logits: int | None,
     rows: int,
 ) -> tuple[Tensor, Tensor]:
-    """Per-token values ``[n, 6]`` (columns :data:`DOWNSTREAM_COLUMNS`, float64) and finiteness ``[n]``.
+    """Per-token values ``[n, 6]`` (columns `DOWNSTREAM_COLUMNS`, float64) and finiteness ``[n]``.
 
     ``positions`` are flat indices into the ``[B, T]`` grid; ``targets`` ``[n]`` (or None: the
     cross-entropy columns are 0). Reads ``rows`` positions of each input at a time into reused
@@ -786,7 +790,7 @@ def _downstream_update(
     """Per-token values of one batch at its attended positions.
 
     Returns:
-        ``values`` ``[n, 6]`` float64 (:data:`DOWNSTREAM_COLUMNS`), ``finite`` ``[n]`` (all three
+        ``values`` ``[n, 6]`` float64 (`DOWNSTREAM_COLUMNS`), ``finite`` ``[n]`` (all three
         logit rows define a distribution) and ``counted`` ``[n]`` (the cross-entropy counts: targets
         given, not ``ignore_index``).
     """
