@@ -55,12 +55,16 @@ def make_inputs(batch: int, seq: int, vocab: int, device: str) -> tuple[Tensor, 
     return tuple(x.to(device) for x in (clean, spliced, ablated, targets, mask))
 
 
-def reference(clean: Tensor, spliced: Tensor, ablated: Tensor, targets: Tensor, mask: Tensor) -> dict[str, float]:
+def reference(
+    clean: Tensor, spliced: Tensor, ablated: Tensor, targets: Tensor, mask: Tensor
+) -> dict[str, float]:
     """SAELens-style: full log-probability tensors, F.kl_div, F.cross_entropy, masked token means."""
     lp, ls, la = (F.log_softmax(x, -1) for x in (clean, spliced, ablated))
     kl_spliced = F.kl_div(ls, lp, log_target=True, reduction="none").sum(-1)[mask]
     kl_ablated = F.kl_div(la, lp, log_target=True, reduction="none").sum(-1)[mask]
-    ce = [F.cross_entropy(x.transpose(1, 2), targets, reduction="none")[mask] for x in (clean, spliced, ablated)]
+    ce = [
+        F.cross_entropy(x.transpose(1, 2), targets, reduction="none")[mask] for x in (clean, spliced, ablated)
+    ]
     return {
         "kl_score": float((kl_ablated.sum() - kl_spliced.sum()) / kl_ablated.sum()),
         "ce_score": float((ce[2].sum() - ce[1].sum()) / (ce[2].sum() - ce[0].sum())),
@@ -113,7 +117,9 @@ def memory_worker(batch: int, seq: int, vocab: int, device: str, ref: bool) -> d
     inputs = make_inputs(batch, seq, vocab, device)
     metric = DownstreamReconstruction().to(device)
     clean, spliced, ablated, targets, mask = (x[:1, :2] for x in inputs)
-    metric.update(clean[..., :64].clone(), spliced[..., :64].clone(), ablated[..., :64].clone(), targets % 64, mask)
+    metric.update(
+        clean[..., :64].clone(), spliced[..., :64].clone(), ablated[..., :64].clone(), targets % 64, mask
+    )
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -140,10 +146,17 @@ def memory_worker(batch: int, seq: int, vocab: int, device: str, ref: bool) -> d
 
 
 def measure_memory(batch: int, seq: int, vocab: int, device: str, ref: bool = False) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
+    }
     args = json.dumps([batch, seq, vocab, device, ref])
     done = subprocess.run(
-        [sys.executable, __file__, "--memory-worker", args], capture_output=True, text=True, check=True, env=env
+        [sys.executable, __file__, "--memory-worker", args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     )
     return json.loads(done.stdout)
 

@@ -73,8 +73,11 @@ def test_matches_full_tensor_reference_across_batches_and_chunks(num_logits: int
     joined = [torch.cat(parts) for parts in zip(*batches)]
     _assert_close(metric.compute(), _reference(*joined, num_logits=num_logits), 1e-10)
     # the functional form over the joined batch, at the default chunk size
-    _assert_close(downstream_reconstruction(*joined, num_logits=num_logits, ignore_index=-100),
-                  _reference(*joined, num_logits=num_logits), 1e-10)
+    _assert_close(
+        downstream_reconstruction(*joined, num_logits=num_logits, ignore_index=-100),
+        _reference(*joined, num_logits=num_logits),
+        1e-10,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -160,8 +163,14 @@ def test_registered_in_the_reconstruction_suite() -> None:
     clean, spliced, ablated, targets, mask = _data(g)
     col = ms.suite("reconstruction", downstream={"ignore_index": -100})
     col.update(
-        clean_logits=clean, spliced_logits=spliced, ablated_logits=ablated, target_ids=targets, attention_mask=mask
+        clean_logits=clean,
+        spliced_logits=spliced,
+        ablated_logits=ablated,
+        target_ids=targets,
+        attention_mask=mask,
     )
     out = col.compute()
     ref = _reference(clean, spliced, ablated, targets, mask)
-    assert out["reconstruction/downstream/ce_score"].item() == pytest.approx(ref["ce_score"].item(), rel=1e-10)
+    assert out["reconstruction/downstream/ce_score"].item() == pytest.approx(
+        ref["ce_score"].item(), rel=1e-10
+    )

@@ -697,7 +697,11 @@ def _downstream_check(
         attended = _selection(attention_mask, target_ids.shape, target_ids.device)
         counted = _downstream_ce_mask(target_ids, attended, ignore_index)
         check_ids_in_range(
-            "target_ids", target_ids[counted], vocab, "token ids", "the vocabulary of the logits) at counted positions"
+            "target_ids",
+            target_ids[counted],
+            vocab,
+            "token ids",
+            "the vocabulary of the logits) at counted positions",
         )
 
 
@@ -751,7 +755,9 @@ def _downstream_rows(
         # one pass gives each row's maximum (NaN, +inf or -inf exactly for a row that is not a
         # distribution, as in the utility suite) and, for clean and spliced, its argmax
         (clean_max, clean_arg), (spliced_max, spliced_arg) = xs[0].max(-1), xs[1].max(-1)
-        finite[part] = torch.isfinite(clean_max) & torch.isfinite(spliced_max) & torch.isfinite(xs[2].amax(-1))
+        finite[part] = (
+            torch.isfinite(clean_max) & torch.isfinite(spliced_max) & torch.isfinite(xs[2].amax(-1))
+        )
         out[:, 2] = clean_arg == spliced_arg
         lp = torch.log_softmax(xs[0], -1, out=log_p[:n])
         if targets is not None:
@@ -771,7 +777,9 @@ def _downstream_rows(
             c = support[0][:n].copy_(xs[0]).masked_fill_(outside, -math.inf)
             o = support[1][:n].copy_(x).masked_fill_(outside, -math.inf)
             lp_k = torch.log_softmax(c, -1, out=log_p[:n])
-            out[:, column] = _kl_rows(torch.exp(lp_k, out=p[:n]), lp_k, torch.log_softmax(o, -1, out=log_q[:n]))
+            out[:, column] = _kl_rows(
+                torch.exp(lp_k, out=p[:n]), lp_k, torch.log_softmax(o, -1, out=log_q[:n])
+            )
     return values, finite
 
 
@@ -795,7 +803,9 @@ def _downstream_update(
         given, not ``ignore_index``).
     """
     if validate:
-        _downstream_check(clean_logits, spliced_logits, ablated_logits, target_ids, attention_mask, ignore_index)
+        _downstream_check(
+            clean_logits, spliced_logits, ablated_logits, target_ids, attention_mask, ignore_index
+        )
     batch, seq, vocab = clean_logits.shape
     device = clean_logits.device
     attended = _selection(attention_mask, torch.Size((batch, seq)), device)
@@ -807,7 +817,9 @@ def _downstream_update(
         targets, counted = None, torch.zeros(positions.numel(), dtype=torch.bool, device=device)
     else:
         flat_targets = target_ids.to(device).reshape(-1)[positions]
-        counted = _downstream_ce_mask(flat_targets, torch.ones_like(flat_targets, dtype=torch.bool), ignore_index)
+        counted = _downstream_ce_mask(
+            flat_targets, torch.ones_like(flat_targets, dtype=torch.bool), ignore_index
+        )
         # ignored positions gather a valid index; their value is never counted
         targets = torch.where(counted, flat_targets, 0).to(torch.long)
     values, finite = _downstream_rows(logits, positions, targets, num_logits, rows)
