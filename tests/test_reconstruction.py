@@ -183,6 +183,7 @@ def test_score_stderr_keeps_the_collection_key(num_components: int) -> None:
             "with_stderr": True,
         },
         changed_tokens=False,
+        downstream=False,
     )
     col.update(
         source_model_loss=clean,
@@ -414,6 +415,10 @@ def test_activations_hand_computed() -> None:
         "normalized_mse": 2 / 15,
         "explained_variance": 1 - 2 / (60 / 9),
         "cosine_similarity": (3 / math.sqrt(10) + 1 + 1) / 3,
+        "l2_norm_in": (math.sqrt(5) + 3 + 1) / 3,
+        "l2_norm_out": (math.sqrt(2) + 2 + 1) / 3,
+        "l2_ratio": (math.sqrt(2 / 5) + 2 / 3 + 1) / 3,
+        "relative_reconstruction_bias": (2 + 4 + 1) / (3 + 6 + 1),
     }
     metric = ActivationReconstruction(num_features=2)
     metric.update(rec, target)
