@@ -83,7 +83,7 @@ class DiagnosticCollection(MetricCollection):
 
     Examples:
         >>> import torch, metrics_suite as ms
-        >>> col = ms.suite("reconstruction", changed_tokens=False)
+        >>> col = ms.suite("reconstruction", changed_tokens=False, downstream=False)
         >>> loss = torch.tensor([2.0, 2.0, 2.0])
         >>> col.update(source_model_loss=loss, source_model_loss_with_reconstruction=loss + 1,
         ...            source_model_loss_with_zero_ablation=loss + 3)
