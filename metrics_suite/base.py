@@ -25,7 +25,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
 from metrics_suite.functional._stats import mean_and_stderr, mean_output, mean_stats, safe_div
-from metrics_suite.validation import shape_str
+from metrics_suite.validation import check_devices, shape_str, unknown_names
 
 #: Output of ``compute()``: a tensor, or a dict of named tensors.
 MetricOutput = Tensor | dict[str, Tensor]
@@ -289,6 +289,21 @@ def snapshot(metric: Metric, copy_states: bool = True) -> Callable[[], None]:
     return restore
 
 
+#: Keyword options torchmetrics' ``Metric`` takes (passed through ``**kwargs``).
+_TORCHMETRICS_OPTIONS = frozenset(
+    {
+        "compute_on_cpu",
+        "dist_sync_on_step",
+        "process_group",
+        "dist_sync_fn",
+        "distributed_available_fn",
+        "sync_on_compute",
+        "compute_with_cache",
+    }
+)
+_BASE_OPTIONS = ("validate_args", "with_stderr", "check_layout", "nan_strategy")
+
+
 def _returned(value: Any) -> Any:
     """A compute() result as torchmetrics returns it: one-element tensors squeezed, every tensor
     cloned (a value must not alias a state that later updates modify in place)."""
@@ -390,6 +405,9 @@ class DiagnosticMetric(Metric):
     #: returns with ``with_stderr=True``. A collection then keeps the value under the metric's own
     #: key and puts the standard error under ``".../stderr"``, so turning stderr on renames nothing.
     value_name: str | None = None
+    #: Why ``with_stderr=True`` is refused, for a metric whose values are not means over items
+    #: (``None``: the option works). Refused rather than silently ignored.
+    no_stderr: str | None = None
 
     #: Constructor arguments that do not change what a state means, left out of the fingerprint
     #: (a subclass extends it, e.g. ``DiagnosticMetric.fingerprint_exclude | {"chunk_size"}``).
@@ -423,13 +441,33 @@ class DiagnosticMetric(Metric):
                 "with a later one. compute() recomputes from the small sum states on every call."
             )
         kwargs["compute_with_cache"] = False
-        super().__init__(**kwargs)
-        if not isinstance(validate_args, bool):
-            raise TypeError(f"`validate_args` must be a bool, got {type(validate_args).__name__}")
-        if not isinstance(with_stderr, bool):
-            raise TypeError(f"`with_stderr` must be a bool, got {type(with_stderr).__name__}")
+        owner = type(self).__name__
+        unknown = sorted(set(kwargs) - _TORCHMETRICS_OPTIONS)
+        if unknown:
+            own = [
+                p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "kwargs")
+            ]
+            raise ValueError(
+                unknown_names(
+                    f"argument(s) of {owner}:",
+                    unknown,
+                    [*own, *_BASE_OPTIONS, *sorted(_TORCHMETRICS_OPTIONS)],
+                )
+            )
+        for name, flag in (
+            ("validate_args", validate_args),
+            ("with_stderr", with_stderr),
+            ("check_layout", check_layout),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{owner}: `{name}` got {flag!r}; accepted: True or False")
+        if with_stderr and self.no_stderr is not None:
+            raise ValueError(f"{owner}: `with_stderr` got True; accepted: False ({self.no_stderr})")
         if nan_strategy not in ("error", "skip", "propagate"):
-            raise ValueError(f"`nan_strategy` must be 'error', 'skip' or 'propagate', got {nan_strategy!r}")
+            raise ValueError(
+                f"{owner}: `nan_strategy` got {nan_strategy!r}; accepted: 'error', 'skip' or 'propagate'"
+            )
+        super().__init__(**kwargs)
         self.validate_args = validate_args
         self.with_stderr = with_stderr
         self.check_layout = check_layout
@@ -478,12 +516,17 @@ class DiagnosticMetric(Metric):
 
     # ------------------------------------------------------------------ update / forward
     def _wrap_update(self, update: Callable) -> Callable:
+        signature = inspect.signature(update)
+
         @functools.wraps(update)
         def checked_update(*args: Any, **kwargs: Any) -> None:
             # a non-differentiable metric must never record an autograd graph into its states, even
             # inside ``forward()`` (where torchmetrics enables grad for the batch value)
             with contextlib.nullcontext() if self.is_differentiable else torch.no_grad():
                 try:
+                    if self.validate_args:  # one device check for every metric, before any math
+                        with contextlib.suppress(TypeError):  # bad arguments: ``update`` names them
+                            check_devices(signature.bind_partial(*args, **kwargs).arguments, self.device)
                     update(*args, **kwargs)
                 except Exception:
                     # torchmetrics counted the call before it ran; a rejected update is no update

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from pydantic import ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt, StrictBool, validate_call
 from torch import Tensor, nn
 
 from metrics_suite.base import DiagnosticMetric, MetricOutput, mean_stats, safe_div
@@ -39,7 +38,7 @@ from metrics_suite.functional.credit import (
     _reference_sq_norms,
 )
 from metrics_suite.registry import register
-from metrics_suite.validation import check_index
+from metrics_suite.validation import Flag, NonNegativeSize, PositiveFinite, Size, check_index, validated
 
 __all__ = ["BridgeResidual", "CreditCosine", "FeatureDrift", "NudgingDelta", "PerturbationCorrelation"]
 
@@ -123,8 +122,8 @@ class CreditCosine(_PerLayerMetric):
 
     cosine_stats: Tensor
 
-    @validate_call
-    def __init__(self, num_layers: PositiveInt = 1, **kwargs: Any) -> None:
+    @validated
+    def __init__(self, num_layers: Size = 1, **kwargs: Any) -> None:
         super().__init__(num_layers, **kwargs)
         self.add_mean_state("cosine_stats", (num_layers,))
 
@@ -201,8 +200,8 @@ class PerturbationCorrelation(_PerLayerMetric):
             ``state_dict()`` (module extra state, not a summed metric state): a metric loaded from a
             checkpoint takes the checkpoint's seed, so a resumed run draws the same directions.
         chunk_size: maximum rows per ``loss_fn`` call (default ``2**22 // D``, at least one direction).
-        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` has no
-            effect: $\rho$ is not a mean).
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr=True``
+            raises ``ValueError``: $\rho$ is not a mean).
 
     ``update(hidden, credit, loss_fn, layer=0)``: ``hidden`` and ``credit`` ``[N, d]`` (or
     ``[N, *F]``), ``loss_fn`` maps ``[R, d]`` to per-item losses ``[R]``. Items whose inputs or losses
@@ -224,19 +223,20 @@ class PerturbationCorrelation(_PerLayerMetric):
     """
 
     higher_is_better = True
+    no_stderr = "rho is a correlation, not a mean over items"
     fingerprint_exclude = DiagnosticMetric.fingerprint_exclude | {"chunk_size"}  # memory only
 
     pair_sums: Tensor
 
-    @validate_call
+    @validated
     def __init__(
         self,
-        num_layers: PositiveInt = 1,
-        epsilon: PositiveFloat = 1e-3,
-        num_directions: PositiveInt = 32,
+        num_layers: Size = 1,
+        epsilon: PositiveFinite = 1e-3,
+        num_directions: Size = 32,
         difference: Difference = "forward",
-        seed: NonNegativeInt | None = None,
-        chunk_size: PositiveInt | None = None,
+        seed: NonNegativeSize | None = None,
+        chunk_size: Size | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_layers, **kwargs)
@@ -322,8 +322,8 @@ class NudgingDelta(_PerLayerMetric):
     delta_stats: Tensor
     improved_stats: Tensor
 
-    @validate_call
-    def __init__(self, num_layers: PositiveInt = 1, eta: PositiveFloat = 0.01, **kwargs: Any) -> None:
+    @validated
+    def __init__(self, num_layers: Size = 1, eta: PositiveFinite = 0.01, **kwargs: Any) -> None:
         super().__init__(num_layers, **kwargs)
         self.eta = eta
         self.add_mean_state("delta_stats", (num_layers,))
@@ -387,8 +387,8 @@ class BridgeResidual(_PerLayerMetric):
 
     residual_stats: Tensor
 
-    @validate_call
-    def __init__(self, num_layers: PositiveInt = 1, lam: PositiveFloat = 0.1, **kwargs: Any) -> None:
+    @validated
+    def __init__(self, num_layers: Size = 1, lam: PositiveFinite = 0.1, **kwargs: Any) -> None:
         super().__init__(num_layers, **kwargs)
         self.lam = lam
         self.add_mean_state("residual_stats", (num_layers,))
@@ -463,6 +463,7 @@ class FeatureDrift(DiagnosticMetric):
         {'root': 0.8165}
     """
 
+    no_stderr = "a drift compares parameters with a reference, not a mean over items"
     higher_is_better = None
     # the reference is held in buffers: its parameter names (one state entry each) stand for it
     fingerprint_exclude = DiagnosticMetric.fingerprint_exclude | {"reference"}
@@ -474,11 +475,11 @@ class FeatureDrift(DiagnosticMetric):
     reference_sq_norms: Tensor
     group_index: Tensor
 
-    @validate_call(config=ConfigDict(arbitrary_types_allowed=True))
+    @validated
     def __init__(
         self,
         reference: nn.Module | Mapping[str, Tensor],
-        group_by_module: StrictBool = False,
+        group_by_module: Flag = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

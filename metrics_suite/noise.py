@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from pydantic import validate_call
+from pydantic import StrictInt
 from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric, MetricOutput
@@ -16,8 +15,10 @@ from metrics_suite.functional.noise import (
     _noise_per_position,
     _noise_update,
     _position_mask,
+    _positions_finite,
 )
 from metrics_suite.registry import register
+from metrics_suite.validation import validated
 
 __all__ = ["NoiseStatistics"]
 
@@ -80,8 +81,8 @@ class NoiseStatistics(DiagnosticMetric):
 
     statistic_stats: Tensor
 
-    @validate_call
-    def __init__(self, dim: int = -1, **kwargs: Any) -> None:
+    @validated
+    def __init__(self, dim: StrictInt = -1, **kwargs: Any) -> None:
         if dim >= 0:
             raise ValueError(f"`dim` must be negative (counted from the end, e.g. -1), got {dim}")
         super().__init__(**kwargs)
@@ -94,7 +95,8 @@ class NoiseStatistics(DiagnosticMetric):
             _noise_check(input, mean, noise, noise_mask, self.dim)
         values, defined = _noise_per_position(input, mean, noise, self.dim)
         selected = _position_mask(noise_mask, values.shape[1:], values.device)
-        finite = torch.isfinite(values[:3]).all(0)  # the norms of input, mean and noise
+        # judged on the inputs: a float64 norm of finite values near 1e200 overflows
+        finite = _positions_finite(input, mean, noise, self.dim).to(values.device)
         keep, skipped = self.nonfinite_filter("input/mean/noise", finite | ~selected)
         stats = _noise_update(values, defined, selected & keep)
         self.nonfinite_count += skipped

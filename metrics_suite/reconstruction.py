@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import torch
-from pydantic import Field, PositiveInt, StrictFloat, StrictInt, validate_call
+from pydantic import Field, StrictFloat, StrictInt
 from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric, MetricOutput, safe_div
@@ -35,6 +35,7 @@ from metrics_suite.functional.reconstruction import (
     dead_fraction_key,
 )
 from metrics_suite.registry import register
+from metrics_suite.validation import Size, validated
 
 __all__ = [
     "ActivationReconstruction",
@@ -43,8 +44,6 @@ __all__ = [
     "FeatureSparsity",
     "ReconstructionScore",
 ]
-
-StrictPositiveInt = Annotated[StrictInt, Field(gt=0)]
 
 
 @register("reconstruction", "reconstruction_score", example=examples.RECONSTRUCTION_SCORE)
@@ -104,9 +103,9 @@ class ReconstructionScore(DiagnosticMetric):
     loss_sums: Tensor
     ratio_stats: Tensor
 
-    @validate_call
+    @validated
     def __init__(
-        self, num_components: PositiveInt = 1, reduction: ScoreReduction = "ratio_of_sums", **kwargs: Any
+        self, num_components: Size = 1, reduction: ScoreReduction = "ratio_of_sums", **kwargs: Any
     ) -> None:
         if kwargs.get("with_stderr") is True and reduction == "ratio_of_sums":
             raise ValueError(
@@ -136,7 +135,10 @@ class ReconstructionScore(DiagnosticMetric):
             _reconstruction_score_check(*losses, self.num_components, component_idx)
         # per (item, component) for [N, C] losses: a NaN of one component leaves the others alone
         finite = torch.isfinite(torch.stack(losses)).all(0)
-        keep, skipped = self.nonfinite_filter("source_model_loss*", finite)
+        keep, skipped = self.nonfinite_filter(
+            "source_model_loss`, `source_model_loss_with_reconstruction` or `source_model_loss_with_zero_ablation",
+            finite,
+        )
         loss_sums, ratio_stats = _reconstruction_score_update(
             source_model_loss,
             source_model_loss_with_reconstruction,
@@ -204,7 +206,7 @@ class ChangedTokenRate(DiagnosticMetric):
     sequence_stats: Tensor
     token_counts: Tensor
 
-    @validate_call
+    @validated
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_mean_state("sequence_stats")
@@ -294,8 +296,8 @@ class ActivationReconstruction(DiagnosticMetric):
     bias_sums: Tensor
     _activation_states = ("mse_stats", "cosine_stats", "norm_sums", "target_sum", "l2_stats", "bias_sums")
 
-    @validate_call
-    def __init__(self, num_features: PositiveInt, **kwargs: Any) -> None:
+    @validated
+    def __init__(self, num_features: Size, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_features = num_features
         self.add_mean_state("mse_stats")
@@ -396,10 +398,10 @@ class FeatureSparsity(DiagnosticMetric):
     l0_stats: Tensor
     l1_stats: Tensor
 
-    @validate_call
+    @validated
     def __init__(
         self,
-        num_features: PositiveInt,
+        num_features: Size,
         dead_thresholds: tuple[DeadThreshold, ...] = (0.0, 1e-6, 1e-5),
         firing_threshold: FiringThreshold = 0.0,
         **kwargs: Any,
@@ -422,7 +424,7 @@ class FeatureSparsity(DiagnosticMetric):
             _feature_sparsity_check(feature_activations, mask, self.num_features)
         selected = _selection(mask, feature_activations.shape[:-1], feature_activations.device)
         l1 = _feature_l1(feature_activations)
-        finite = torch.isfinite(l1).reshape(selected.shape)
+        finite = torch.isfinite(feature_activations).all(-1)
         keep, skipped = self.nonfinite_filter("feature_activations", finite | ~selected)
         sums = _feature_sparsity_update(feature_activations, selected & keep, l1, self.firing_threshold)
         self.nonfinite_count += skipped
@@ -535,12 +537,12 @@ class DownstreamReconstruction(DiagnosticMetric):
     top1_count: Tensor
     ce_stats: Tensor
 
-    @validate_call
+    @validated
     def __init__(
         self,
-        num_logits: StrictPositiveInt | None = None,
-        max_batch_size: StrictPositiveInt | None = None,
-        max_sequence_length: StrictPositiveInt | None = None,
+        num_logits: Size | None = None,
+        max_batch_size: Size | None = None,
+        max_sequence_length: Size | None = None,
         ignore_index: StrictInt | None = None,
         **kwargs: Any,
     ) -> None:

@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 from metrics_suite.base import DiagnosticMetric
 from metrics_suite.collection import DiagnosticCollection
-from metrics_suite.config import SUITES, SuiteConfig, load_config
+from metrics_suite.config import SUITES, SuiteConfig, load_config, parse_config
 from metrics_suite.conformance import ConformanceExample
+from metrics_suite.validation import unknown_names
 
 _BUILTIN_MODULES = tuple(f"metrics_suite.{s}" for s in SUITES)
 
@@ -84,7 +85,7 @@ def available() -> dict[str, list[str]]:
 def _check_suites(names: tuple[str, ...]) -> tuple[str, ...]:
     unknown = [n for n in names if n not in SUITES]
     if unknown:
-        raise ValueError(f"unknown suite(s) {unknown}; available suites: {list(SUITES)}")
+        raise ValueError(unknown_names("suite(s)", unknown, SUITES))
     return names or SUITES
 
 
@@ -112,10 +113,7 @@ def suite(*names: str, **overrides: Mapping[str, Any] | bool) -> DiagnosticColle
     known = {name: entry for s in suites for name, entry in _REGISTRY[s].items()}
     unknown = sorted(set(overrides) - set(known))
     if unknown:
-        raise ValueError(
-            f"unknown metric(s) {unknown} for suites {list(suites)}; available: "
-            + ", ".join(f"{s}: {list(_REGISTRY[s])}" for s in suites)
-        )
+        raise ValueError(unknown_names(f"metric(s) for suites {', '.join(suites)}:", unknown, known))
     for name, setting in overrides.items():
         if not isinstance(setting, bool | Mapping):
             raise TypeError(
@@ -131,7 +129,7 @@ def suite(*names: str, **overrides: Mapping[str, Any] | bool) -> DiagnosticColle
             metrics[f"{entry.suite}/{name}"] = entry.cls(**kwargs)
         except (TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
             kind = TypeError if isinstance(err, TypeError) else ValueError
-            raise kind(f"cannot build {entry.suite}/{name} ({entry.cls.__name__}): {err}") from err
+            raise kind(f"cannot build {entry.suite}/{name}: {err}") from err
     return DiagnosticCollection(metrics)
 
 
@@ -147,8 +145,9 @@ def build(config: Any) -> DiagnosticCollection:
     """
     if isinstance(config, str | Path):
         cfg = load_config(config)
-    elif isinstance(config, SuiteConfig):
-        cfg = config
-    else:
-        cfg = SuiteConfig.model_validate(config)
+        try:
+            return suite(*cfg.suites, **cfg.metrics)
+        except (TypeError, ValueError) as err:  # name the file the arguments came from
+            raise type(err)(f"{config}: {err}") from None
+    cfg = config if isinstance(config, SuiteConfig) else parse_config(config)
     return suite(*cfg.suites, **cfg.metrics)

@@ -13,9 +13,9 @@ import dataclasses
 import io
 from collections import Counter
 from collections.abc import Sequence
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
-from pydantic import Field, StrictInt, validate_call
+from pydantic import StrictInt
 from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric
@@ -37,7 +37,15 @@ from metrics_suite.functional.utility import (
     patch_majority_label,
 )
 from metrics_suite.registry import register
-from metrics_suite.validation import check_float, check_mask, check_ndim, check_tensor, shape_str
+from metrics_suite.validation import (
+    Size,
+    check_float,
+    check_mask,
+    check_ndim,
+    check_tensor,
+    shape_str,
+    validated,
+)
 
 __all__ = [
     "ClassChange",
@@ -49,10 +57,6 @@ __all__ = [
     "patch_label_mask",
     "patch_majority_label",
 ]
-
-
-#: A positive int; unlike ``PositiveInt``, ``True`` or ``2.0`` are rejected rather than converted.
-StrictPositiveInt = Annotated[StrictInt, Field(gt=0)]
 
 
 # ---------------------------------------------------------------------------------------------- next-token divergence
@@ -123,12 +127,12 @@ class NextTokenDivergence(DiagnosticMetric):
     sequence_stats: Tensor
     token_stats: Tensor
 
-    @validate_call
+    @validated
     def __init__(
         self,
-        num_logits: StrictPositiveInt | None = None,
-        max_batch_size: StrictPositiveInt | None = None,
-        max_sequence_length: StrictPositiveInt | None = None,
+        num_logits: Size | None = None,
+        max_batch_size: Size | None = None,
+        max_sequence_length: Size | None = None,
         reduction: DivergenceReduction = "sequence",
         **kwargs: Any,
     ) -> None:
@@ -240,12 +244,12 @@ class MaskedCrossEntropy(DiagnosticMetric):
 
     cross_entropy_stats: Tensor
 
-    @validate_call
+    @validated
     def __init__(
         self,
         ignore_index: StrictInt | None = None,
-        max_batch_size: StrictPositiveInt | None = None,
-        max_sequence_length: StrictPositiveInt | None = None,
+        max_batch_size: Size | None = None,
+        max_sequence_length: Size | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -381,12 +385,12 @@ class PredictionChange(DiagnosticMetric):
         'steering,2.0,6,0.5,0.5,0.408248290463863,0.2041241452319315'
     """
 
+    no_stderr = "its rates are ratios of the transition counts, with no per-item squares kept"
+
     transition_counts: Tensor
 
-    @validate_call
-    def __init__(
-        self, num_classes: StrictPositiveInt, class_names: Sequence[str] | None = None, **kwargs: Any
-    ) -> None:
+    @validated
+    def __init__(self, num_classes: Size, class_names: Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(

@@ -8,11 +8,19 @@ state exactly as it was.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
+import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Annotated, Any, TypeVar
 
 import torch
+from pydantic import BeforeValidator, ConfigDict, ValidationError, validate_call
 from torch import Tensor
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -109,6 +117,43 @@ def check_broadcast_mask(name: str, mask: object, shape: torch.Size, what: str =
     return m
 
 
+def check_item_size(name: str, x: Tensor) -> None:
+    """Require items (``x[i]``) with at least one element: ``[N, 0]`` has nothing to measure."""
+    if any(s == 0 for s in x.shape[1:]):
+        raise ValueError(
+            f"`{name}` must hold at least one element per item [N, ...], got shape {shape_str(x.shape)}"
+        )
+
+
+def check_device(name: str, x: Tensor, device: torch.device) -> None:
+    """Require ``x`` on ``device`` (the metric's states); ``cuda`` matches any ``cuda:i`` and back."""
+    same = x.device.type == device.type and (
+        x.device.index is None or device.index is None or x.device.index == device.index
+    )
+    if not same:
+        raise ValueError(
+            f"`{name}` is on device {x.device}, the metric's states on {device}: move the input or the "
+            "metric (`.to(device)`) so both are on one device"
+        )
+
+
+def check_devices(arguments: Mapping[str, object], device: torch.device) -> None:
+    """[`check_device`][metrics_suite.validation.check_device] for every tensor among ``arguments``, and the tensors of a mapping or the
+    parameters of a module among them (e.g. FeatureDrift's ``params``)."""
+    for name, value in arguments.items():
+        if isinstance(value, Tensor):
+            check_device(name, value, device)
+            continue
+        items = (
+            value.named_parameters()
+            if isinstance(value, torch.nn.Module)
+            else (value.items() if isinstance(value, Mapping) else ())
+        )
+        for key, item in items:
+            if isinstance(item, Tensor):
+                check_device(f"{name}[{key!r}]", item, device)
+
+
 def check_finite(name: str, x: Tensor) -> None:
     """Require every element of ``x`` to be finite."""
     if x.numel() and not bool(torch.isfinite(x).all()):
@@ -146,3 +191,105 @@ def check_index(name: str, value: object, size: int, size_name: str) -> int:
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype to do math in: at least float32, float64 stays float64."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- constructor arguments
+def _size(value: object) -> int:
+    # numbers.Integral takes numpy ints; bool is an int subclass but no size
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) <= 0:
+        raise ValueError("a positive int (True, 2.0 or '8' are not sizes)")
+    return int(value)
+
+
+def _non_negative_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
+        raise ValueError("a non-negative int")
+    return int(value)
+
+
+def _positive_finite(value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError("a finite number > 0")
+    return float(value)
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("True or False")
+    return value
+
+
+#: A strict positive int (``True``, ``2.0``, ``"8"`` rejected; numpy ints accepted).
+Size = Annotated[int, BeforeValidator(_size)]
+#: A strict non-negative int (e.g. a seed).
+NonNegativeSize = Annotated[int, BeforeValidator(_non_negative_int)]
+#: A finite float > 0 (``epsilon``, ``eta``, ``lam``: ``inf``/``nan`` make no sense there).
+PositiveFinite = Annotated[float, BeforeValidator(_positive_finite)]
+#: ``True`` or ``False`` only.
+Flag = Annotated[bool, BeforeValidator(_flag)]
+
+
+#: What the constructor argument types accept, for messages about a missing argument.
+_ACCEPTS = {
+    "Size": "a positive int",
+    "NonNegativeSize": "a non-negative int",
+    "PositiveFinite": "a finite number > 0",
+    "Flag": "True or False",
+}
+
+
+def closest(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean `x`?)`` for the known name closest to ``name``, or ``""``."""
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean `{match[0]}`?)" if match else ""
+
+
+def unknown_names(what: str, names: Iterable[str], known: Iterable[str]) -> str:
+    """One line for unknown ``names``: the closest known name of each, and the valid ones."""
+    known = list(known)
+    parts = [f"`{n}`{closest(n, known)}" for n in names]
+    return f"unknown {what} {', '.join(parts)}; valid: {', '.join(known)}"
+
+
+def describe_validation_error(owner: str, err: ValidationError, signature: inspect.Signature) -> str:
+    """pydantic's multi-line dump as one line per error: owner, argument, what was received and accepted."""
+    params = list(signature.parameters)
+    lines = []
+    for e in err.errors():
+        loc = e["loc"][0] if e["loc"] else "?"
+        # positional arguments are located by their index in the signature (``self`` is 0)
+        arg = params[loc] if isinstance(loc, int) and loc < len(params) else loc
+        accepted = e["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
+        if e["type"] == "missing_argument":
+            annotation = signature.parameters[str(arg)].annotation if arg in signature.parameters else "?"
+            accepts = _ACCEPTS.get(str(annotation), str(annotation))
+            lines.append(f"{owner}: missing required argument `{arg}` (accepted: {accepts})")
+        elif e["type"] == "unexpected_keyword_argument":
+            lines.append(unknown_names(f"argument of {owner}:", [str(arg)], params[1:]))
+        else:
+            lines.append(f"{owner}: `{arg}` got {e['input']!r}; accepted: {accepted}")
+    return "; ".join(lines)
+
+
+def validated(init: F) -> F:
+    """``pydantic.validate_call`` for a metric constructor, with one-line ``ValueError`` messages.
+
+    The message names the class, the argument, what was received and what is accepted, instead of
+    pydantic's multi-line dump. Arbitrary types (modules, tensors) are allowed as annotations.
+    """
+    checked = validate_call(config=ConfigDict(arbitrary_types_allowed=True))(init)
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return checked(self, *args, **kwargs)
+        except ValidationError as err:
+            raise ValueError(describe_validation_error(type(self).__name__, err, signature)) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -289,3 +289,114 @@ def test_copies_sent_through_torch_multiprocessing_do_not_share_states(entry: Re
     copy = pickle.loads(ForkingPickler.dumps(metric))
     copy.update(**example_batches(entry, [3])[0])
     assert states_equal(state_snapshot(metric), before)
+
+
+def _to_meta(value: object) -> object:
+    """``value`` with every tensor (also inside a dict or a module) moved to the meta device."""
+    if isinstance(value, torch.Tensor | torch.nn.Module):
+        return value.to("meta")
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
+def test_input_on_another_device_raises_and_leaves_state_unchanged(entry: RegisteredMetric) -> None:
+    """Every metric: an input off the states' device is a ValueError naming it and both devices."""
+    metric = make_metric(entry)
+    metric.update(**example_batches(entry, [3])[0])
+    before = state_snapshot(metric)
+    batch = example_batches(entry, [2], seed=2)[0]
+    tensor_keys = [k for k, v in batch.items() if _to_meta(v) is not v]
+    assert tensor_keys
+    for key in tensor_keys:
+        moved = dict(batch, **{key: _to_meta(batch[key])})
+        with pytest.raises(ValueError, match=rf"`{key}(\[[^]]+\])?` is on device meta, .* on cpu"):
+            metric.update(**moved)
+        assert states_equal(state_snapshot(metric), before), f"`{key}` on meta changed the state"
+    metric.update(**batch)  # the metric still works, and the rejected updates counted as none
+    assert metric.update_count == 2
+
+
+class _PoisonedOutput:
+    """A callable input whose output is NaN for the first item (row 0), as a broken loss would be."""
+
+    def __init__(self, fn: object) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: object) -> torch.Tensor:
+        out = self.fn(*args).clone()  # type: ignore[operator]
+        out.view(-1)[0] = float("nan")
+        return out
+
+
+def _poison_cases() -> list[tuple[RegisteredMetric, str]]:
+    cases = []
+    for entry in ENTRIES:
+        batch = example_batches(entry, [2])[0]
+        for key, value in batch.items():
+            floating = isinstance(value, torch.Tensor) and value.is_floating_point()
+            if floating or (callable(value) and not isinstance(value, torch.Tensor)):
+                cases.append((entry, key))
+    return cases
+
+
+POISON_CASES = _poison_cases()
+
+
+@pytest.mark.parametrize(
+    ("entry", "key"), POISON_CASES, ids=[f"{e.suite}/{e.name}-{k}" for e, k in POISON_CASES]
+)
+def test_nan_in_every_float_input_and_callable_output_is_seen(entry: RegisteredMetric, key: str) -> None:
+    """Each float input, and each callable's output, poisoned in turn: skip counts it, error names it."""
+    (batch,) = example_batches(entry, [4], seed=3)
+    value = batch[key]
+    if isinstance(value, torch.Tensor):
+        value = value.clone()
+        value.view(-1)[0] = float("nan")
+    else:
+        value = _PoisonedOutput(value)
+    poisoned = dict(batch, **{key: value})
+    skip = make_metric(entry)
+    skip.update(**poisoned)
+    assert int(skip.nonfinite_count) >= 1, f"NaN in `{key}` went unnoticed"
+    error = make_metric(entry, nan_strategy="error")
+    with pytest.raises(ValueError, match=rf"`[^`]*{key}"):
+        error.update(**poisoned)
+    assert int(error.nonfinite_count) == 0 and error.update_count == 0
+
+
+# (registry name, stat) whose item is a dim-0 row of the example batch: the standard error must be
+# scipy.stats.sem of the values of the rows measured one at a time
+ROW_STDERR = [
+    ("changed_tokens", "sequence_mean"),
+    ("next_token", "jeffreys"),
+    ("next_token", "jensen_shannon"),
+    ("next_token", "total_variation"),
+    ("next_token", "squared_hellinger"),
+    ("cosine", ""),
+    ("nudging", "delta"),
+    ("nudging", "improved_fraction"),
+    ("bridge_residual", ""),
+]
+
+
+@pytest.mark.parametrize(("name", "stat"), ROW_STDERR, ids=[f"{n}-{s}" for n, s in ROW_STDERR])
+def test_stderr_equals_scipy_sem_of_items_measured_one_by_one(name: str, stat: str) -> None:
+    import numpy as np
+    import scipy.stats
+
+    (entry,) = [e for e in ENTRIES if e.name == name]
+    (batch,) = example_batches(entry, [9], seed=11)
+    metric = make_metric(entry, with_stderr=True)
+    metric.update(**batch)
+    out = flat(metric, metric.compute())
+    values = []
+    for row in entry.example.split(batch, [1] * 9):
+        single = make_metric(entry)
+        single.update(**row)
+        values.append(flat(single, single.compute())[stat])
+    finite = np.array(values)[~np.isnan(values)]
+    assert len(finite) > 2
+    key = f"{stat}_stderr" if stat else "stderr"
+    assert out[key] == pytest.approx(scipy.stats.sem(finite), rel=1e-9)

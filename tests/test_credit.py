@@ -896,3 +896,63 @@ def test_stderr_keeps_the_collection_keys_of_tensor_valued_metrics(num_layers: i
     key = "credit/cosine/stderr" + suffixes[0]
     np.testing.assert_allclose(out_se[key].item(), scipy.stats.sem(cosines), rtol=1e-9)
     np.testing.assert_allclose(out_se["credit/cosine" + suffixes[0]].item(), cosines.mean(), rtol=1e-12)
+
+
+def test_credit_cosine_of_a_vector_with_itself_is_exactly_one() -> None:
+    # unclamped, rounding gave 1 + 2**-52 for about a third of random vectors
+    g = torch.Generator().manual_seed(9)
+    v = torch.randn(200, 7, dtype=torch.float64, generator=g)
+    cosine, _ = credit_functional._per_item_cosine(v, v)
+    assert cosine.tolist() == [1.0] * 200
+    assert credit_functional._per_item_cosine(v, -v)[0].tolist() == [-1.0] * 200
+    metric = CreditCosine()
+    for row in v[:50]:
+        metric.update(row[None], row[None])
+    assert metric.compute().item() <= 1.0
+
+
+@pytest.mark.parametrize("cls", [PerturbationCorrelation, NudgingDelta])
+def test_nan_loss_skips_only_its_item(cls: type) -> None:
+    # a NaN loss for one item: that sample is skipped and counted, the others give the value
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(8, 4, dtype=torch.float64, generator=g)
+    credit = hidden + 0.3 * torch.randn(8, 4, dtype=torch.float64, generator=g)
+    hidden[0, 0] = 100.0  # the marker of the item whose loss is NaN
+
+    def loss_fn(h: Tensor) -> Tensor:
+        return torch.where(h[:, 0] > 50, float("nan"), 0.5 * (h**2).sum(-1))
+
+    kwargs = {"seed": 0} if cls is PerturbationCorrelation else {}
+    metric, clean = cls(**kwargs), cls(**kwargs)
+    with pytest.warns(UserWarning, match="skipped 1 item"):
+        metric.update(hidden, credit, loss_fn)
+        out = metric.compute()
+    clean.update(hidden[1:], credit[1:], lambda h: 0.5 * (h**2).sum(-1))
+    assert metric.nonfinite_count.item() == 1
+    expected = clean.compute()
+    pairs = out.items() if isinstance(out, dict) else [("", out)]
+    for key, value in pairs:
+        reference = expected[key] if isinstance(expected, dict) else expected
+        assert torch.isfinite(value) and torch.allclose(value, reference, rtol=1e-12), key
+    with pytest.raises(ValueError, match="loss_fn"):
+        cls(nan_strategy="error", **kwargs).update(hidden, credit, loss_fn)
+
+
+def test_nudging_zero_credit_is_not_improved() -> None:
+    # a zero credit leaves the hidden state where it is: delta is exactly 0, which is no improvement
+    hidden = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64)
+    metric = NudgingDelta(eta=0.1, with_stderr=True)
+    metric.update(hidden, torch.zeros_like(hidden), lambda h: 0.5 * (h**2).sum(-1))
+    out = metric.compute()
+    assert out["delta"].item() == 0.0
+    assert out["improved_fraction"].item() == 0.0
+
+
+@pytest.mark.parametrize("cls", [CreditCosine, PerturbationCorrelation, NudgingDelta])
+def test_zero_width_items_are_rejected_by_name(cls: type) -> None:
+    metric = cls()
+    first = "credit" if cls is CreditCosine else "hidden"
+    args = [torch.zeros(3, 0), torch.zeros(3, 0)] + ([] if cls is CreditCosine else [lambda h: h.sum(-1)])
+    with pytest.raises(ValueError, match=rf"`{first}` must hold at least one element per item .* \[3, 0\]"):
+        metric.update(*args)
+    assert metric.update_count == 0

@@ -268,3 +268,42 @@ def test_collection_routing_and_empty() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert all(math.isnan(v.item()) for v in NoiseStatistics().compute().values())
+
+
+@pytest.mark.parametrize("poison", ["input", "mean", "noise"])
+def test_nonfinite_in_any_input_skips_only_its_position(poison: str) -> None:
+    g = torch.Generator().manual_seed(4)
+    inputs = {k: torch.randn(3, 5, 4, generator=g) for k in ("input", "mean", "noise")}
+    inputs[poison][1, 2, 3] = float("nan")
+    inputs[poison][2, 0, 0] = float("inf")
+    metric = NoiseStatistics()
+    with pytest.warns(UserWarning, match="skipped 2 item"):
+        metric.update(**inputs)
+        out = metric.compute()
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[1, 2] = keep[2, 0] = False
+    clean = NoiseStatistics()
+    clean.update(**inputs, noise_mask=keep)
+    assert metric.nonfinite_count.item() == 2
+    for name, value in clean.compute().items():
+        assert torch.isfinite(out[name]) and torch.allclose(out[name], value, rtol=1e-12), name
+    with pytest.raises(ValueError, match=poison):
+        NoiseStatistics(nan_strategy="error").update(**inputs)
+
+
+def test_broadcast_mean_with_nan_skips_the_positions_it_reaches() -> None:
+    # a [D] mean with a NaN, norms over dim=-2: only the positions of that feature column are hit
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(5))
+    mu = torch.zeros(4)
+    mu[1] = float("nan")
+    metric = NoiseStatistics(dim=-2)
+    metric.update(x, mu, torch.ones_like(x))
+    assert metric.nonfinite_count.item() == 2  # positions [b, 1] for b in 0, 1
+
+
+def test_finite_inputs_whose_norm_overflows_are_not_called_nonfinite() -> None:
+    # finiteness is judged on the inputs: a float64 norm of 1e200 values overflows, the values do not
+    x = torch.full((2, 3), 1e200, dtype=torch.float64)
+    metric = NoiseStatistics()
+    metric.update(x, x, x)
+    assert metric.nonfinite_count.item() == 0

@@ -580,7 +580,7 @@ def test_sparsity_streamed_with_mask_vs_numpy(
     want = _sparsity_reference(acts[mask].numpy().astype(np.float64), thresholds, edges)
     out = metric.compute()
     assert out["l0"].item() == pytest.approx(want["l0"], rel=1e-12)
-    assert out["l1"].item() == pytest.approx(want["l1"], rel=1e-6)  # per-vector L1 in float32
+    assert out["l1"].item() == pytest.approx(want["l1"], rel=1e-12)  # per-vector L1 in float64
     for thr in thresholds:
         assert out[f"dead_fraction@{thr:g}"].item() == pytest.approx(want[f"dead_fraction@{thr:g}"])
     np.testing.assert_array_equal(out["density_histogram"].numpy(), want["density_histogram"])
@@ -676,6 +676,22 @@ def test_sparsity_constructor_and_bad_input() -> None:
     metric.update(torch.tensor([[float("inf"), 0.0, 0.0, 0.0]]))
     assert metric.nonfinite_count.item() == 1
     assert metric.vector_count.item() == 3
+
+
+def test_feature_sparsity_large_finite_activations_are_finite() -> None:
+    # a float32 L1 of three 3e38 values overflows; the activations themselves are finite
+    acts = torch.full((2, 3), 3e38)
+    metric = FeatureSparsity(num_features=3)
+    metric.update(acts)
+    out = metric.compute()
+    assert metric.nonfinite_count.item() == 0
+    assert out["l1"].item() == pytest.approx(3 * float(torch.tensor(3e38)), rel=1e-15)
+    assert out["l0"].item() == 3.0
+    acts[1, 2] = float("nan")
+    skipping = FeatureSparsity(num_features=3)
+    with pytest.warns(UserWarning, match="skipped 1 item"):
+        skipping.update(acts)
+        assert skipping.compute()["l1"].item() == pytest.approx(3 * float(torch.tensor(3e38)), rel=1e-15)
 
 
 # ---------------------------------------------------------------------------------- norms and firing threshold

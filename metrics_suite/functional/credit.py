@@ -18,6 +18,7 @@ from metrics_suite.functional._chunks import CHUNK_ELEMENTS, row_slices, rows_pe
 from metrics_suite.functional._stats import mean_stats, safe_div
 from metrics_suite.validation import (
     check_float,
+    check_item_size,
     check_ndim,
     check_same_shape,
     check_shape,
@@ -149,6 +150,7 @@ def _flat_pair(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
         raise ValueError(
             f"`{name}` must have a leading batch dimension [N, ...], got shape {shape_str(x.shape)}"
         )
+    check_item_size(name, x)
 
 
 def _credit_cosine_check(credit: Tensor, reference: Tensor) -> None:
@@ -156,7 +158,8 @@ def _credit_cosine_check(credit: Tensor, reference: Tensor) -> None:
 
 
 def _per_item_cosine(credit: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
-    """Cosine of the flattened items in float64, and a bool ``[N]``: True where both norms are non-zero.
+    """Cosine of the flattened items in float64 (clamped to [-1, 1]), and a bool ``[N]``: True where
+    both norms are non-zero.
 
     Items go through float64 in chunks of about ``DEFAULT_CHUNK_ELEMENTS``, so the extra memory
     stays bounded for large activations.
@@ -166,12 +169,18 @@ def _per_item_cosine(credit: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]
     for rows in row_slices(a.shape[0], rows_per_chunk(a.shape[1], DEFAULT_CHUNK_ELEMENTS)):
         a64, r64 = a[rows].to(torch.float64), r[rows].to(torch.float64)
         dots.append((a64 * r64).sum(1))
-        norms.append(a64.norm(dim=1) * r64.norm(dim=1))
+        sq_a, sq_r = (a64 * a64).sum(1), (r64 * r64).sum(1)
+        # sqrt of the product (summed as the dot is): a vector with itself gives exactly 1, as
+        # sqrt(fl(s*s)) == s; the product of the norms where that product over- or underflows
+        product = sq_a * sq_r
+        exact = torch.isfinite(product) & ((product > 0) | (sq_a == 0) | (sq_r == 0))
+        norms.append(torch.where(exact, product.sqrt(), sq_a.sqrt() * sq_r.sqrt()))
     if not dots:
         empty = torch.zeros(0, dtype=torch.float64, device=a.device)
         return empty, empty.bool()
     dot, norm = torch.cat(dots), torch.cat(norms)
-    return safe_div(dot, norm), norm != 0
+    # rounding can still put a cosine at 1 + 2**-52 (e.g. nearly parallel vectors)
+    return safe_div(dot, norm).clamp(-1.0, 1.0), norm != 0
 
 
 def credit_cosine(credit: Tensor, reference: Tensor) -> Tensor:

@@ -64,6 +64,14 @@ def _noise_check(input: Tensor, mean: Tensor, noise: Tensor, noise_mask: Tensor 
         )
 
 
+def _positions_finite(input: Tensor, mean: Tensor, noise: Tensor, dim: int) -> Tensor:
+    """Bool over the position shape: True where ``input``, ``mean`` and ``noise`` are all finite."""
+    finite = torch.isfinite(input).all(dim)
+    for x in (mean, noise):
+        finite = finite & torch.isfinite(x.to(input.device).expand(input.shape)).all(dim)
+    return finite
+
+
 def _position_mask(noise_mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
     """``noise_mask`` broadcast to the position shape as bool (all True when ``None``)."""
     if noise_mask is None:
@@ -89,9 +97,7 @@ def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) ->
 
     Returns:
         ``values`` ``[10, *positions]`` (order of [`NOISE_STATISTICS`][metrics_suite.functional.noise.NOISE_STATISTICS], NaN where a ratio or
-        cosine has a zero denominator) and ``defined`` ``[10, *positions]`` bool. A position with
-        NaN/inf in any input has a non-finite norm among the first three values, which makes them
-        the finiteness check.
+        cosine has a zero denominator) and ``defined`` ``[10, *positions]`` bool.
     """
     x_all, mu_all, eps_all = torch.broadcast_tensors(
         *(t.detach().to(input.device) for t in (input, mean, noise))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -123,8 +124,9 @@ def _component_index(
                 f"[N] losses with num_components={num_components} need `component_idx` (an int or an [N] tensor)"
             )
         return torch.zeros(n_items, dtype=torch.long, device=device)
-    if isinstance(component_idx, int) and not isinstance(component_idx, bool):
-        idx = torch.full((n_items,), component_idx, dtype=torch.long, device=device)
+    if isinstance(component_idx, numbers.Integral) and not isinstance(component_idx, bool):
+        # numpy ints too, as ``layer`` accepts them
+        idx = torch.full((n_items,), int(component_idx), dtype=torch.long, device=device)
     elif isinstance(component_idx, Tensor):
         check_integer("component_idx", component_idx)
         idx = (
@@ -516,17 +518,16 @@ def _feature_sparsity_check(
 
 
 def _feature_l1(feature_activations: Tensor) -> Tensor:
-    """Per-vector L1 norm ``[N]`` (float64) of ``[..., F]`` activations.
+    """Per-vector L1 norm ``[N]`` of ``[..., F]`` activations, in float64.
 
-    Computed in float32 (float64 for float64 input) and accumulated in float64 across vectors. A
-    vector holding NaN/inf gets a non-finite norm, so this doubles as the finiteness check.
+    float64 throughout (in chunks, so the copies stay small): a float32 sum of finite values near
+    3e38 would overflow to inf. Finiteness is judged on the activations themselves, not on this norm.
     """
     f = feature_activations.shape[-1]
     a_all = feature_activations.detach().reshape(-1, f)
-    dtype = compute_dtype(a_all)
     parts = [a_all.new_zeros(0, dtype=torch.float64)]
     for rows in row_slices(a_all.shape[0], rows_per_chunk(f, _CHUNK_ELEMENTS)):
-        parts.append(torch.linalg.vector_norm(a_all[rows], ord=1, dim=-1, dtype=dtype).to(torch.float64))
+        parts.append(torch.linalg.vector_norm(a_all[rows], ord=1, dim=-1, dtype=torch.float64))
     return torch.cat(parts)
 
 
