@@ -115,6 +115,12 @@ def check_finite(name: str, x: Tensor) -> None:
         raise ValueError(f"`{name}` contains NaN or infinite values")
 
 
+def ids_out_of_range(ids: Tensor, size: int, selected: Tensor | None = None) -> Tensor:
+    """Bool mask of the ids outside ``[0, size)`` (where ``selected``, if given), computed on the device."""
+    out = (ids < 0) | (ids >= size)
+    return out if selected is None else out & selected
+
+
 def check_ids_in_range(
     name: str, ids: Tensor, size: int, kind: str, where: str, selected: Tensor | None = None
 ) -> None:
@@ -124,9 +130,7 @@ def check_ids_in_range(
     kind ``"class ids"`` and where ``"num_classes=3) at selected items"``. One value is read back
     from the device (whether any id is out of range); the ids are gathered only for the message.
     """
-    out = (ids < 0) | (ids >= size)
-    if selected is not None:
-        out &= selected
+    out = ids_out_of_range(ids, size, selected)
     if ids.numel() and bool(out.any()):
         bad = ids[out]
         raise ValueError(

@@ -112,8 +112,8 @@ SYNC_BUDGETS: dict[str, tuple[int, int, str]] = {
     ),
     "utility/prediction_change": (
         0,
-        2,
-        "counts scatter into a fixed [C, C] matrix; validation reads back one range check per id argument",
+        1,
+        "counts scatter into a fixed [C, C] matrix; validation reads back whether a class id is out of range",
     ),
 }
 

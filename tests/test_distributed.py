@@ -15,21 +15,23 @@ from tests import ddp_scenarios
 from tests.helpers import compare, example_batches, flat, make_metric
 
 
-@pytest.fixture(autouse=True)
-def _cpu_only(device: torch.device) -> None:
+@pytest.fixture
+def cpu_only(device: torch.device) -> None:
     if device.type != "cpu":
-        # the states are plain sums whatever the device; a real multi-GPU check needs NCCL and one
-        # GPU per rank, and gloo implements only some collectives on CUDA tensors
-        pytest.skip(f"real DDP groups run gloo on CPU tensors (--device {device} not used)")
+        pytest.skip(
+            f"checks the process-group machinery on CPU tensors, the same for any --device ({device})"
+        )
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_every_metric_matches_one_process(world_size: int) -> None:
-    per_rank = run_distributed(ddp_scenarios.conformance, world_size, timeout=600)
+def test_every_metric_matches_one_process(world_size: int, device: torch.device) -> None:
+    """Real gloo groups; with ``--device cuda`` the states and inputs are on the GPU(s)."""
+    per_rank = run_distributed(ddp_scenarios.conformance, world_size, device.type, timeout=600)
     failures = [f for rank_failures in per_rank for f in rank_failures]
     assert not failures, "\n".join(failures[:40])
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_layout_mismatch_fails_fast_on_every_rank() -> None:
     per_rank = run_distributed(ddp_scenarios.layout_mismatch, 3, timeout=120)
     messages = [m for rank_messages in per_rank for m in rank_messages]
@@ -37,17 +39,20 @@ def test_layout_mismatch_fails_fast_on_every_rank() -> None:
     assert all("metric states differ between ranks" in m for m in messages), messages
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_collection_without_layout_check_is_one_all_reduce() -> None:
     calls = run_distributed(ddp_scenarios.without_layout_check, 2, timeout=120)
     assert all(c == {"all_reduce": 1} for c in calls), calls
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_count_collectives_sees_every_collective() -> None:
     per_rank = run_distributed(ddp_scenarios.collective_counts, 2, timeout=120)
     failures = [f for rank_failures in per_rank for f in rank_failures]
     assert not failures, failures
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_every_metric_travels_to_a_spawned_process() -> None:
     """ddp_spawn sends metrics through torch.multiprocessing's pickler (tensors by file descriptor)."""
     metrics = {}

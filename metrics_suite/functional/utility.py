@@ -25,6 +25,7 @@ from metrics_suite.validation import (
     check_ndim,
     check_same_shape,
     compute_dtype,
+    ids_out_of_range,
     shape_str,
 )
 
@@ -644,6 +645,11 @@ def _prediction_change_check(
     check_integer("modified_preds", modified_preds)
     check_same_shape("modified_preds", modified_preds, "original_preds", original_preds)
     selected = _selection(original_preds, mask)
+    out = ids_out_of_range(original_preds, num_classes, selected) | ids_out_of_range(
+        modified_preds, num_classes, selected
+    )
+    if not bool(out.any()):
+        return selected  # one read-back for both arguments; the messages below only on failure
     for name, preds in (("original_preds", original_preds), ("modified_preds", modified_preds)):
         check_ids_in_range(
             name,
