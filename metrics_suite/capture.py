@@ -8,6 +8,9 @@ normal forward pass and handed to a collection afterwards::
         loss = model(batch)  # the layer calls record(self, "mean", mean), record(self, "noise", noise)
     collection.update(**capture.pop())
 
+:func:`replace_output` swaps a module's output for the duration of a ``with`` block (splice an
+autoencoder's reconstruction into a layer, zero-ablate it, intervene on its features).
+
 A tensor can come from three places:
 
 * a forward argument (``inputs``: capture name -> parameter name of ``forward`` or position),
@@ -22,9 +25,10 @@ argument in place raises unless ``copy_inputs=True``); the rest is taken as ``fo
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -32,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["ForwardCapture", "record"]
+__all__ = ["ForwardCapture", "record", "replace_output"]
 
 # module -> captures attached to it (weak keys: no attribute is added to the user's module)
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, tuple[ForwardCapture, ...]] = weakref.WeakKeyDictionary()
@@ -59,6 +63,50 @@ def record(module: nn.Module, name: str, tensor: Any) -> None:
     """
     for capture in _ACTIVE.get(module, ()):
         capture._store(name, tensor)
+
+
+@contextlib.contextmanager
+def replace_output(module: nn.Module, replacement: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Inside the block, ``module``'s output ``h`` becomes ``replacement(h)`` (a forward hook, removed on exit).
+
+    For a tuple or list output (e.g. a decoder layer returning ``(hidden_states, ...)``) only the
+    first element is replaced. The rest of the model runs on the replacement, so this splices a
+    reconstruction into a layer (``lambda h: sae(h)``), zero-ablates it (``torch.zeros_like``) or
+    applies an intervention. Hooks run in registration order: a :class:`ForwardCapture` attached to
+    ``module`` before the block sees the original output, one attached inside the block the replacement.
+
+    Raises:
+        TypeError: ``module`` is not a ``torch.nn.Module``, or (during a forward) its output is
+            neither a tensor nor a tuple/list starting with one.
+
+    Examples:
+        >>> import torch
+        >>> layer, head = torch.nn.Identity(), torch.nn.Identity()
+        >>> model = torch.nn.Sequential(layer, head)
+        >>> with replace_output(layer, torch.zeros_like):
+        ...     model(torch.ones(2))
+        tensor([0., 0.])
+        >>> model(torch.ones(2))  # the hook is gone
+        tensor([1., 1.])
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if isinstance(output, Tensor):
+            return replacement(output)
+        if type(output) in (tuple, list) and output and isinstance(output[0], Tensor):
+            return type(output)([replacement(output[0]), *output[1:]])
+        raise TypeError(
+            f"replace_output: {type(module).__name__}.forward returned a {_describe(output)}; "
+            "expected a tensor or a tuple/list whose first element is one"
+        )
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class ForwardCapture:

@@ -224,6 +224,7 @@ class PerturbationCorrelation(_PerLayerMetric):
     """
 
     higher_is_better = True
+    fingerprint_exclude = DiagnosticMetric.fingerprint_exclude | {"chunk_size"}  # memory only
 
     pair_sums: Tensor
 
@@ -463,6 +464,9 @@ class FeatureDrift(DiagnosticMetric):
     """
 
     higher_is_better = None
+    # the reference is held in buffers: its parameter names (one state entry each) stand for it
+    fingerprint_exclude = DiagnosticMetric.fingerprint_exclude | {"reference"}
+    fingerprint_attributes = ("parameter_names",)
 
     drift_sq: Tensor
     drift_count: Tensor

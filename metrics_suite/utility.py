@@ -117,6 +117,8 @@ class NextTokenDivergence(DiagnosticMetric):
     """
 
     higher_is_better = False
+    # chunk sizes bound memory only
+    fingerprint_exclude = DiagnosticMetric.fingerprint_exclude | {"max_batch_size", "max_sequence_length"}
 
     sequence_stats: Tensor
     token_stats: Tensor
@@ -233,6 +235,8 @@ class MaskedCrossEntropy(DiagnosticMetric):
     """
 
     higher_is_better = False
+    # chunk sizes bound memory only
+    fingerprint_exclude = DiagnosticMetric.fingerprint_exclude | {"max_batch_size", "max_sequence_length"}
 
     cross_entropy_stats: Tensor
 

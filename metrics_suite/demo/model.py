@@ -142,10 +142,20 @@ class TinyCausalLM(nn.Module):
         return self.from_layer(self.residual_input(x), 0)
 
 
-def sequence_loss(logits_BTV: Tensor, target_ids_BT: Tensor) -> Tensor:
-    """Per-sequence mean next-token cross-entropy ``[B]`` (nats)."""
+def sequence_loss(logits_BTV: Tensor, target_ids_BT: Tensor, mask_BT: Tensor | None = None) -> Tensor:
+    """Per-sequence mean next-token cross-entropy ``[B]`` (nats), over the positions ``mask`` keeps.
+
+    Examples:
+        >>> logits = torch.zeros(1, 3, 4)  # uniform: every position costs log 4
+        >>> round(sequence_loss(logits, torch.tensor([[0, 1, 2]]), torch.tensor([[True, True, False]])).item(), 4)
+        1.3863
+    """
     ce = F.cross_entropy(logits_BTV.flatten(0, 1).float(), target_ids_BT.flatten(), reduction="none")
-    return ce.view(target_ids_BT.shape).mean(1)
+    ce = ce.view(target_ids_BT.shape)
+    if mask_BT is None:
+        return ce.mean(1)
+    weights = mask_BT.to(ce.dtype)
+    return (ce * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 def nearest_token_ids(embeddings_BTD: Tensor, table_VD: Tensor) -> Tensor:
