@@ -15,6 +15,8 @@ from importlib.util import find_spec
 import pytest
 import torch
 
+from metrics_suite.testing import check_device
+
 collect_ignore: list[str] = []
 if find_spec("pytorch_lightning") is None:
     collect_ignore += ["metrics_suite/demo/training.py", "tests/lightning_ddp_script.py"]
@@ -38,22 +40,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     """Reject an unusable ``--device`` before collection: a session that skipped everything on a
     machine without the device would pass green and be mistaken for a device run."""
-    config.stash[DEVICE] = _check_device(config.getoption("--device"))
-
-
-def _check_device(text: str) -> torch.device:
+    text = config.getoption("--device")
     try:
-        device = torch.device(text)
-    except RuntimeError as err:
-        raise pytest.UsageError(f"--device {text!r} is not a device: {err}") from err
-    if device.type not in ("cpu", "cuda"):
-        # meta tensors hold no values (the kit compares values); other backends are untested
-        raise pytest.UsageError(f"--device {text!r} is not supported; use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise pytest.UsageError(f"--device {text!r}: this machine has {count} usable CUDA device(s)")
-    return device
+        config.stash[DEVICE] = check_device(text)
+    except ValueError as err:
+        raise pytest.UsageError(f"--device {err}") from err
 
 
 @pytest.fixture(scope="session")

@@ -12,20 +12,15 @@ from collections.abc import Callable
 
 import torch
 
+from metrics_suite.testing import check_device
+
 
 def parse_device(text: str) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N`` that this machine has; anything else is a usage error."""
     try:
-        device = torch.device(text)
-    except RuntimeError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device: {err}") from err
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not supported; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and (device.index or 0) >= (
-        torch.cuda.device_count() if torch.cuda.is_available() else 0
-    ):
-        raise argparse.ArgumentTypeError(f"{text!r}: no such CUDA device on this machine")
-    return device
+        return check_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

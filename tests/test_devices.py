@@ -3,9 +3,7 @@ the host round trips each metric's ``update`` makes, held to a per-metric budget
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metrics_suite.registry import RegisteredMetric, registered
+from metrics_suite.testing import check_device
 from tests.helpers import compare, example_batches, flat, make_metric
 
 ENTRIES = registered()
@@ -168,14 +167,6 @@ def test_device_result_matches_cpu(entry: RegisteredMetric, device: torch.device
     assert not compare(flat(on_device, value), flat(on_cpu, on_cpu.compute()), rtol=1e-5, atol=1e-7)
 
 
-def _root_conftest() -> Any:
-    spec = importlib.util.spec_from_file_location("_root_conftest", Path(__file__).parents[1] / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -186,7 +177,7 @@ def _root_conftest() -> Any:
     ],
 )
 def test_device_option_rejects_unusable_devices(text: str, message: str) -> None:
-    check = _root_conftest()._check_device
-    assert check("cpu") == torch.device("cpu")
-    with pytest.raises(pytest.UsageError, match=message):
-        check(text)
+    """``--device`` (conftest.py) and the benchmarks' ``--device`` refuse these with ``check_device``'s message."""
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=message):
+        check_device(text)
