@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _device import add_device_argument
-
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 BENCHES = ["bench_sync", "bench_divergence", "bench_credit", "bench_step_overhead"]
@@ -195,6 +193,8 @@ def summary(elapsed: dict[str, float], failed: dict[str, int]) -> str:
 
 
 def main() -> None:
+    from _device import add_device_argument  # a sibling script's module, importable when run as a script
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {BENCHES})")
     parser.add_argument("--summary-only", action="store_true", help="rewrite SUMMARY.md from the saved JSON")
