@@ -158,6 +158,7 @@ def test_sae_splice_matches_module_swap(runs: dict[str, dict[str, Any]]) -> None
     model, saes, results = ns["model"], ns["saes"], ns["results"]
     losses: dict[str, list[np.ndarray]] = {"clean": [], "spliced": [], "zero": []}
     vectors: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {layer: [] for layer in saes}
+    kl_spliced: dict[int, list[np.ndarray]] = {layer: [] for layer in saes}
 
     def token_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> np.ndarray:
         logp = _log_softmax(_np(logits[:, :-1]))
@@ -170,7 +171,12 @@ def test_sae_splice_matches_module_swap(runs: dict[str, dict[str, Any]]) -> None
             losses["clean"].append(token_losses(out.logits, batch))
             spliced, zero = [], []
             for layer, sae in saes.items():
-                spliced.append(token_losses(_logits_with(model, layer, sae, batch), batch))
+                spliced_logits = _logits_with(model, layer, sae, batch)
+                spliced.append(token_losses(spliced_logits, batch))
+                logp, logq = (_log_softmax(_np(x[:, :-1])) for x in (out.logits, spliced_logits))
+                kl_spliced[layer].append(
+                    (np.exp(logp) * (logp - logq)).sum(-1)[batch["attention_mask"][:, 1:].numpy()]
+                )
                 zero.append(token_losses(_logits_with(model, layer, torch.zeros_like, batch), batch))
                 # hidden_states[0] is the embedding output, [layer + 1] the output of decoder layer `layer`
                 h = out.hidden_states[layer + 1][batch["attention_mask"]]
@@ -182,6 +188,9 @@ def test_sae_splice_matches_module_swap(runs: dict[str, dict[str, Any]]) -> None
     for c in range(len(saes)):
         score = (zero_sum[c] - spliced_sum[c]) / (zero_sum[c] - clean)
         assert results[f"reconstruction/reconstruction_score/component_{c}"] == pytest.approx(score, rel=1e-5)
+        # the seed relation: the downstream metric's ce_score is the reconstruction score of the same losses
+        layer = list(saes)[c]
+        assert results[f"layer{layer}/downstream/ce_score"] == pytest.approx(score, rel=1e-5)
     for layer, rows in vectors.items():
         h, rec, feats = (np.concatenate(part) for part in zip(*rows))
         explained = 1 - ((rec - h) ** 2).sum() / ((h - h.mean(0)) ** 2).sum()
@@ -192,6 +201,8 @@ def test_sae_splice_matches_module_swap(runs: dict[str, dict[str, Any]]) -> None
         dead = ((feats != 0).sum(0) == 0).mean()
         assert results[f"layer{layer}/feature_sparsity/dead_fraction@0"] == pytest.approx(dead)
         assert 0.0 < explained < 1.0
+        kl = np.concatenate(kl_spliced[layer]).mean()  # KL(clean ‖ spliced), token mean
+        assert results[f"layer{layer}/downstream/kl_spliced"] == pytest.approx(kl, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------- ViT intervention
