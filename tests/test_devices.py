@@ -102,6 +102,12 @@ def test_counter_sees_each_kind_of_host_sync() -> None:
 # Host syncs allowed in one ``update`` with validate_args=(False, True), and why. Every registered
 # metric needs an entry, so a new metric states its budget.
 SYNC_BUDGETS: dict[str, tuple[int, int, str]] = {
+    "reconstruction/downstream": (
+        1,
+        2,
+        "nonzero gathers the attended positions; validation reads back whether a counted target id is "
+        "outside the vocabulary",
+    ),
     "utility/next_token": (1, 1, "nonzero gathers the attended positions (the rows' number is data)"),
     "utility/cross_entropy": (
         1,

@@ -698,10 +698,11 @@ def _downstream_check(
         counted = _downstream_ce_mask(target_ids, attended, ignore_index)
         check_ids_in_range(
             "target_ids",
-            target_ids[counted],
+            target_ids,
             vocab,
             "token ids",
             "the vocabulary of the logits) at counted positions",
+            selected=counted,
         )
 
 
