@@ -20,7 +20,8 @@ This counts every page the update touches (tensors, allocator overhead, thread s
 estimate; the same measurement of the naive implementation (``memory_naive_reference``) shows it
 sees full-size intermediates. Target: <= 64 MiB, independent of B and T.
 
-Usage: ``python benchmarks/bench_divergence.py [--reps 5] [--naive-reps 2] [--threads N] [--no-memory]``
+Usage: ``python benchmarks/bench_divergence.py [--reps 5] [--naive-reps 2] [--threads N] [--no-memory]
+[--device cpu]``
 (about 1.5 minutes on 2 idle cores). Timings on a shared machine are noisy: compare the per-repetition
 ratios and the recorded load average.
 """
@@ -37,10 +38,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from _device import add_device_argument, timed
 from torch import Tensor
 
 from metrics_suite import NextTokenDivergence
@@ -132,7 +133,7 @@ def floor_pass(clean: Tensor, noisy: Tensor, mask: Tensor) -> None:
     rows = chunk_rows(vocab, torch.float32, clean.shape[0], clean.shape[1])
     positions = mask.reshape(-1).nonzero().squeeze(-1)
     rows = min(rows, positions.numel())
-    gathered, log_probs = torch.empty(rows, vocab), torch.empty(rows, vocab)
+    gathered, log_probs = (torch.empty(rows, vocab, device=clean.device) for _ in range(2))
     flat_clean, flat_noisy = clean.view(-1, vocab), noisy.view(-1, vocab)
     for start in range(0, positions.numel(), rows):
         chunk = positions[start : start + rows]
@@ -142,25 +143,21 @@ def floor_pass(clean: Tensor, noisy: Tensor, mask: Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def _seconds(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def time_case(batch: int, vocab: int, num_logits: int | None, reps: int, naive_reps: int) -> dict[str, Any]:
-    clean, noisy, mask = make_inputs(batch, SEQ, vocab)
-    metric = NextTokenDivergence(num_logits=num_logits)
+def time_case(
+    batch: int, vocab: int, num_logits: int | None, reps: int, naive_reps: int, device: torch.device
+) -> dict[str, Any]:
+    clean, noisy, mask = (t.to(device) for t in make_inputs(batch, SEQ, vocab))
+    metric = NextTokenDivergence(num_logits=num_logits).to(device)
     metric.update(clean[:1, :4], noisy[:1, :4], mask[:1, :4])  # warm-up
     naive_reps = max(1, min(naive_reps, reps))
     times: dict[str, list[float]] = {"update": [], "floor": [], "naive": []}
     for rep in range(reps):
-        times["floor"].append(_seconds(lambda: floor_pass(clean, noisy, mask)))
-        times["update"].append(_seconds(lambda: metric.update(clean, noisy, mask)))
+        times["floor"].append(timed(lambda: floor_pass(clean, noisy, mask), device))
+        times["update"].append(timed(lambda: metric.update(clean, noisy, mask), device))
         if rep < naive_reps:
-            times["naive"].append(_seconds(lambda: naive_update(clean, noisy, mask, num_logits)))
+            times["naive"].append(timed(lambda: naive_update(clean, noisy, mask, num_logits), device))
     # agreement with the naive implementation (float32 math on both sides)
-    check = NextTokenDivergence(num_logits=num_logits)
+    check = NextTokenDivergence(num_logits=num_logits).to(device)
     check.update(clean, noisy, mask)
     ours = {k: float(v) for k, v in check.compute().items()}
     naive = naive_update(clean, noisy, mask, num_logits)
@@ -251,6 +248,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    add_device_argument(parser)
     args = parser.parse_args()
     if args.memory_worker:
         print(json.dumps(memory_worker(*json.loads(args.memory_worker))))
@@ -259,18 +257,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     cases = [
-        time_case(batch, vocab, num_logits, args.reps, args.naive_reps)
+        time_case(batch, vocab, num_logits, args.reps, args.naive_reps, args.device)
         for batch, vocab in CASES
         for num_logits in (None, 64)
     ]
-    memory = (
-        [] if args.no_memory else [measure_memory(b, t, v, k) for b, t, v in MEMORY_CASES for k in (None, 64)]
-    )
+    # peak RSS is host memory: it says nothing about a GPU run
+    no_memory = args.no_memory or args.device.type != "cpu"
+    memory = [] if no_memory else [measure_memory(b, t, v, k) for b, t, v in MEMORY_CASES for k in (None, 64)]
     # the same measurement sees the naive implementation's full-size intermediates
-    naive_memory = [] if args.no_memory else [measure_memory(*MEMORY_CASES[0], None, naive=True)]
+    naive_memory = [] if no_memory else [measure_memory(*MEMORY_CASES[0], None, naive=True)]
     report = {
         "environment": {
             "torch": torch.__version__,
+            "device": str(args.device),
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),

@@ -6,7 +6,10 @@ through ``DiagnosticCollection.update`` (routing, validation, NaN policy, float6
 rollback snapshot) and through a hand-written loop doing the same arithmetic into plain float64
 accumulators. Prints JSON with the median step times and their ratio (ours / bare; 1.0 = free).
 
-Usage: python benchmarks/bench_step_overhead.py [--repeats 30] [--out FILE]
+Usage: python benchmarks/bench_step_overhead.py [--repeats 30] [--out FILE] [--device cpu]
+
+With ``--device cuda`` inputs, metrics and the bare accumulators live on the GPU and every timing
+synchronises the device.
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import argparse
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _device import add_device_argument, timed
 
 import metrics_suite as ms
 
@@ -37,7 +40,8 @@ class QuadraticLoss:
         return 0.5 * (h - self.center).pow(2).sum(-1)
 
 
-def make_inputs(g: torch.Generator) -> dict[str, Any]:
+def make_inputs(g: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Drawn on the CPU (the same numbers on any device), then moved to ``device``."""
     clean = torch.randn(B, T, V, generator=g)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[:, 48:] = False
@@ -45,7 +49,7 @@ def make_inputs(g: torch.Generator) -> dict[str, Any]:
     center = torch.randn(HID, generator=g)
     loss = torch.rand(B, generator=g) + 1
     emb = torch.randn(B, T, D, generator=g)
-    return {
+    inputs = {
         # utility
         "clean_logits": clean,
         "noisy_logits": clean + 0.3 * torch.randn(B, T, V, generator=g),
@@ -69,11 +73,12 @@ def make_inputs(g: torch.Generator) -> dict[str, Any]:
         "hidden": hidden,
         "credit": hidden - center + 0.1 * torch.randn(B, HID, generator=g),
         "reference": hidden - center,
-        "loss_fn": QuadraticLoss(center),
+        "loss_fn": QuadraticLoss(center.to(device)),
         "value": torch.randn(B, generator=g),
         "next_values": torch.randn(B, K, generator=g),
         "layer": 1,
     }
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def build_collection() -> ms.DiagnosticCollection:
@@ -162,7 +167,7 @@ class Bare:
         # credit
         h, a, loss_fn = x["hidden"].float(), x["credit"].float(), x["loss_fn"]
         self.add("cos", F.cosine_similarity(a, x["reference"].float(), dim=-1).sum())
-        v = torch.randn(M, B, HID)
+        v = torch.randn(M, B, HID, device=h.device)
         v = v / v.norm(dim=-1, keepdim=True)
         eps = 1e-3
         true = loss_fn((h + eps * v).reshape(-1, HID)).reshape(M, B) - loss_fn(h)
@@ -181,14 +186,9 @@ class Bare:
         self.add("bridge", (x["value"].float() - v_target).abs().sum())
 
 
-def _median_ms(fn: Any, repeats: int) -> float:
+def _median_ms(fn: Any, repeats: int, device: torch.device) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device) * 1e3 for _ in range(repeats))
 
 
 def main() -> None:
@@ -197,20 +197,23 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None)
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = args.device
     torch.manual_seed(0)
-    inputs = make_inputs(torch.Generator().manual_seed(0))
-    collection = build_collection()
+    inputs = make_inputs(torch.Generator().manual_seed(0), device)
+    collection = build_collection().to(device)
     bare = Bare()
-    ours_ms = _median_ms(lambda: collection.update(**inputs), args.repeats)
-    bare_ms = _median_ms(lambda: bare.step(inputs), args.repeats)
-    unchecked = build_collection()
+    ours_ms = _median_ms(lambda: collection.update(**inputs), args.repeats, device)
+    bare_ms = _median_ms(lambda: bare.step(inputs), args.repeats, device)
+    unchecked = build_collection().to(device)
     for metric in unchecked.values(copy_state=False):
         metric.validate_args = False
     unchecked.atomic_update = False
-    unchecked_ms = _median_ms(lambda: unchecked.update(**inputs), args.repeats)
+    unchecked_ms = _median_ms(lambda: unchecked.update(**inputs), args.repeats, device)
     result = {
         "benchmark": "step_overhead",
+        "device": str(device),
         "shape": {"B": B, "T": T, "V": V, "D": D, "F": F_, "hidden": HID, "directions": M},
         "metrics": len(collection),
         "ours_update_median_ms": round(ours_ms, 3),

@@ -10,7 +10,12 @@ compute, and the median time of
 
 ``ratio`` = torchmetrics time / our time (higher is better for us).
 
-Usage: python benchmarks/bench_sync.py [--world-sizes 2 4] [--repeats 30] [--out FILE]
+``--device cuda`` puts every rank's states on a GPU (rank r on ``cuda:r mod #GPUs``) and still
+uses gloo, which implements ``all_reduce`` and ``all_gather`` for CUDA tensors by staging them
+through host memory: the collective counts carry over, the times include those copies and are not
+NCCL's (run under a launcher with NCCL for that).
+
+Usage: python benchmarks/bench_sync.py [--world-sizes 2 4] [--repeats 30] [--out FILE] [--device cpu]
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from _device import add_device_argument, timed
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
@@ -35,12 +40,12 @@ from metrics_suite.testing import count_collectives, run_distributed
 MIN_STATES = 48
 
 
-def _build_collection() -> DiagnosticCollection:
+def _build_collection(device: torch.device) -> DiagnosticCollection:
     metrics: dict[str, Any] = {}
     g = torch.Generator().manual_seed(0)
     for entry in registered():
         metric = entry.cls(**entry.example.init_kwargs)
-        metric.update(**entry.example.make_batch(g, 8))
+        metric.update(**entry.example.make_batch(g, 8))  # on the CPU, then moved with the states
         metrics[f"{entry.suite}/{entry.name}"] = metric
     # stand-ins until the registry alone has enough states
     i = 0
@@ -51,16 +56,14 @@ def _build_collection() -> DiagnosticCollection:
         )
         metrics[f"standin/score_{i}"] = metric
         i += 1
-    return DiagnosticCollection(metrics)
+    return DiagnosticCollection(metrics).to(device)
 
 
-def _median_ms(fn: Any, repeats: int) -> float:
+def _median_ms(fn: Any, repeats: int, device: torch.device) -> float:
     times = []
     for _ in range(repeats):
         dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append(timed(fn, device) * 1e3)
     return statistics.median(times)
 
 
@@ -72,16 +75,22 @@ def _torchmetrics_sync(collection: DiagnosticCollection) -> None:
             setattr(metric, attr, value)
 
 
-def _worker(rank: int, world_size: int, repeats: int) -> dict[str, Any]:
-    collection = _build_collection()
+def _worker(rank: int, world_size: int, repeats: int, device_type: str) -> dict[str, Any]:
+    device = (
+        torch.device(device_type, rank % torch.cuda.device_count())
+        if device_type == "cuda"
+        else torch.device("cpu")
+    )
+    collection = _build_collection(device)
     with count_collectives() as ours_calls:
         collection.compute()
     with count_collectives() as tm_calls:
         _torchmetrics_sync(collection)
-    ours_ms = _median_ms(collection.compute, repeats)
-    tm_ms = _median_ms(lambda: _torchmetrics_sync(collection), repeats)
+    ours_ms = _median_ms(collection.compute, repeats, device)
+    tm_ms = _median_ms(lambda: _torchmetrics_sync(collection), repeats, device)
     return {
         "world_size": world_size,
+        "device": str(device),
         "metrics": len(collection),
         "states": sum(len(m._defaults) for m in collection.values(copy_state=False)),
         "ours_collection_compute": {"median_ms": round(ours_ms, 3), "collectives": dict(ours_calls)},
@@ -97,8 +106,12 @@ def main() -> None:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None)
+    add_device_argument(parser)
     args = parser.parse_args()
-    results = [run_distributed(_worker, ws, args.repeats, timeout=600)[0] for ws in args.world_sizes]
+    results = [
+        run_distributed(_worker, ws, args.repeats, args.device.type, timeout=600)[0]
+        for ws in args.world_sizes
+    ]
     text = json.dumps({"benchmark": "sync", "results": results}, indent=2)
     print(text)
     if args.out:

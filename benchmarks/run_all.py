@@ -4,11 +4,14 @@ Each ``bench_*.py`` prints one JSON document on stdout. The summary is one table
 what is compared, the ratio, its target and whether it is met, with the machine and the
 run-to-run spread.
 
-Usage: python benchmarks/run_all.py [bench names ... | --summary-only]
+Usage: python benchmarks/run_all.py [--device cpu] [bench names ... | --summary-only]
+
+``--device`` is passed to every benchmark (each synchronises the device around its timings).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -190,15 +193,27 @@ def summary(elapsed: dict[str, float], failed: dict[str, int]) -> str:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    names = [] if "--summary-only" in args else args or BENCHES
+    from _device import add_device_argument  # a sibling script's module, importable when run as a script
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {BENCHES})")
+    parser.add_argument("--summary-only", action="store_true", help="rewrite SUMMARY.md from the saved JSON")
+    add_device_argument(parser)
+    args = parser.parse_args()
+    unknown = sorted(set(args.names) - set(BENCHES))
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; available: {BENCHES}")
+    names = [] if args.summary_only else args.names or BENCHES
     RESULTS.mkdir(exist_ok=True)
     elapsed: dict[str, float] = {}
     failed: dict[str, int] = {}
     for name in names:
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, str(HERE / f"{name}.py")], capture_output=True, text=True, check=False
+            [sys.executable, str(HERE / f"{name}.py"), "--device", str(args.device)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         elapsed[name] = time.perf_counter() - start
         if proc.returncode != 0:

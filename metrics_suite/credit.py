@@ -268,7 +268,7 @@ class PerturbationCorrelation(_PerLayerMetric):
         )
         finite = _items_finite(hidden, credit).to(predicted.device) & _items_finite(predicted, true)
         keep, skipped = self.nonfinite_filter("hidden`, `credit` or `loss_fn", finite)
-        sums = _pearson_sums(predicted[keep], true[keep])
+        sums = _pearson_sums(predicted, true, keep)
         self.nonfinite_count += skipped
         self.pair_sums[layer] += sums.to(self.pair_sums.device)
 

@@ -1,4 +1,4 @@
-"""Test utilities: run a function on real gloo ranks, and count the collectives it issues.
+"""Test utilities: run a function on real gloo ranks, count the collectives it issues, check a ``--device``.
 
 Used by our own distributed tests and benchmarks, and usable for your own metrics::
 
@@ -25,9 +25,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedError", "count_collectives", "free_port", "run_distributed"]
+__all__ = ["DistributedError", "check_device", "count_collectives", "free_port", "run_distributed"]
 
 #: torch.distributed functions that talk to other ranks (absent ones, e.g. deprecated in this torch, are skipped).
 COLLECTIVES = (
@@ -62,6 +63,37 @@ COLLECTIVES = (
     "_all_gather_base",
     "_reduce_scatter_base",
 )
+
+
+def check_device(text: str) -> torch.device:
+    """The device named by ``text`` if the test kit and the benchmarks can run on it here.
+
+    ``cpu``, ``cuda`` and ``cuda:N`` are accepted when this machine has that device. ``meta`` is
+    not: meta tensors hold no values, and the checks compare values.
+
+    Raises:
+        ValueError: ``text`` is not a device, is another kind of device, or names a CUDA device
+            this machine does not have.
+
+    Examples:
+        >>> check_device("cpu")
+        device(type='cpu')
+        >>> check_device("meta")
+        Traceback (most recent call last):
+        ...
+        ValueError: 'meta' is not supported; use cpu, cuda or cuda:N
+    """
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise ValueError(f"{text!r} is not a device: {err}") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{text!r} is not supported; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"{text!r}: this machine has {count} usable CUDA device(s)")
+    return device
 
 
 class DistributedError(RuntimeError):

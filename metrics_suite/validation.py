@@ -160,14 +160,24 @@ def check_finite(name: str, x: Tensor) -> None:
         raise ValueError(f"`{name}` contains NaN or infinite values")
 
 
-def check_ids_in_range(name: str, ids: Tensor, size: int, kind: str, where: str) -> None:
-    """Require integer ids ``0 <= id < size``.
+def ids_out_of_range(ids: Tensor, size: int, selected: Tensor | None = None) -> Tensor:
+    """Bool mask of the ids outside ``[0, size)`` (where ``selected``, if given), computed on the device."""
+    out = (ids < 0) | (ids >= size)
+    return out if selected is None else out & selected
+
+
+def check_ids_in_range(
+    name: str, ids: Tensor, size: int, kind: str, where: str, selected: Tensor | None = None
+) -> None:
+    """Require integer ids ``0 <= id < size`` (only where the bool ``selected`` is True, if given).
 
     The message reads "`{name}` must hold {kind} in [0, size) ({where}, got [...]", e.g.
-    kind ``"class ids"`` and where ``"num_classes=3) at selected items"``.
+    kind ``"class ids"`` and where ``"num_classes=3) at selected items"``. One value is read back
+    from the device (whether any id is out of range); the ids are gathered only for the message.
     """
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
-        bad = ids[(ids < 0) | (ids >= size)]
+    out = ids_out_of_range(ids, size, selected)
+    if ids.numel() and bool(out.any()):
+        bad = ids[out]
         raise ValueError(
             f"`{name}` must hold {kind} in [0, {size}) ({where}, got {bad.unique()[:8].tolist()}"
         )

@@ -57,6 +57,13 @@ def _expected_collectives(calls: Any) -> list[str]:
     return [] if actual == expected else [f"collectives: {actual} (expected {expected})"]
 
 
+def rank_device(rank: int, device: str) -> torch.device:
+    """``device`` for one rank: CUDA ranks share the visible GPUs round-robin (gloo stages CUDA
+    tensors through host memory for all_reduce and all_gather, so ranks may share a GPU)."""
+    kind = torch.device(device).type
+    return torch.device(kind, rank % torch.cuda.device_count()) if kind == "cuda" else torch.device(kind)
+
+
 def _compare_states(metric: DiagnosticMetric, reference: DiagnosticMetric) -> list[str]:
     """Differences between two metrics' raw states (float sums to float64 rounding, counts exact)."""
     problems = []
@@ -69,11 +76,12 @@ def _compare_states(metric: DiagnosticMetric, reference: DiagnosticMetric) -> li
     return problems
 
 
-def conformance(rank: int, world_size: int) -> list[str]:
+def conformance(rank: int, world_size: int, device: str = "cpu") -> list[str]:
     """Per metric and scenario: synced compute == one process over all data, 2 collectives,
     local states restored (accumulation continues), and a whole collection (plus a torchmetrics
     SumMetric) in 2 collectives, without a "never updated" warning on idle ranks, with its local
-    states restored too."""
+    states restored too. Metrics and inputs live on ``device`` (see ``rank_device``)."""
+    on = rank_device(rank, device)
     failures: list[str] = []
     entries = registered()
     for scenario_idx in range(2):
@@ -82,16 +90,16 @@ def conformance(rank: int, world_size: int) -> list[str]:
         extra_batches: dict[str, dict[str, Any]] = {}
         for seed, entry in enumerate(entries):
             label = f"{entry.suite}/{entry.name}"
-            batches = example_batches(entry, _batch_sizes(seed), seed=seed)
+            batches = example_batches(entry, _batch_sizes(seed), seed=seed, device=on)
             scenario, plan = list(_assignments(world_size, entry.example.shardable).items())[scenario_idx]
             tag = f"[world={world_size} rank={rank} {label} {scenario}]"
             try:
                 # one process over all the data the ranks see together (replicated: each rank's copy)
-                reference = make_metric(entry, sync_on_compute=False)
+                reference = make_metric(entry, on, sync_on_compute=False)
                 for b in range(N_BATCHES - 1):
                     reference.update(**batches[b])
                 expected = flat(reference, reference.compute())
-                metric = make_metric(entry)
+                metric = make_metric(entry, on)
                 if entry.example.shardable:
                     collection_metrics[label] = metric
                 for b in plan[rank]:
@@ -122,9 +130,9 @@ def conformance(rank: int, world_size: int) -> list[str]:
                 failures.append(f"{tag} raised {type(err).__name__}: {err}")
         # the same metrics as one collection: one fused sync for all of them; a torchmetrics sum
         # metric updated on rank 0 only rides along (its update count travels in the same buffer)
-        collection = DiagnosticCollection({**collection_metrics, "torchmetrics/sum": SumMetric()})
+        collection = DiagnosticCollection({**collection_metrics, "torchmetrics/sum": SumMetric().to(on)})
         if rank == 0:
-            collection["torchmetrics/sum"].update(torch.tensor([2.0, 3.0]))
+            collection["torchmetrics/sum"].update(torch.tensor([2.0, 3.0], device=on))
         tag = f"[world={world_size} rank={rank} collection]"
         try:
             with count_collectives() as calls, warnings.catch_warnings(record=True) as caught:

@@ -11,16 +11,37 @@ from torch import Tensor
 from metrics_suite.base import DiagnosticMetric
 from metrics_suite.registry import RegisteredMetric
 
-
-def make_metric(entry: RegisteredMetric, **kwargs: Any) -> DiagnosticMetric:
-    """The entry's metric built with its conformance ``init_kwargs`` (plus ``kwargs``)."""
-    return entry.cls(**{**entry.example.init_kwargs, **kwargs})
+DeviceLike = torch.device | str
 
 
-def example_batches(entry: RegisteredMetric, sizes: list[int], seed: int = 0) -> list[dict[str, Any]]:
-    """Deterministic batches of the given sizes for ``entry``."""
+def make_metric(entry: RegisteredMetric, device: DeviceLike = "cpu", **kwargs: Any) -> DiagnosticMetric:
+    """The entry's metric built with its conformance ``init_kwargs`` (plus ``kwargs``), on ``device``."""
+    return entry.cls(**{**entry.example.init_kwargs, **kwargs}).to(device)
+
+
+def example_batches(
+    entry: RegisteredMetric, sizes: list[int], seed: int = 0, device: DeviceLike = "cpu"
+) -> list[dict[str, Any]]:
+    """Deterministic batches of the given sizes for ``entry`` (drawn on the CPU, moved to ``device``)."""
     g = torch.Generator().manual_seed(seed)
-    return [entry.example.make_batch(g, n) for n in sizes]
+    return [to_device(entry.example.make_batch(g, n), device) for n in sizes]
+
+
+def bad_inputs(entry: RegisteredMetric, device: DeviceLike = "cpu") -> list[dict[str, Any]]:
+    """The entry's invalid inputs, on ``device``."""
+    return [to_device(bad, device) for bad in entry.example.bad_inputs(torch.Generator().manual_seed(1))]
+
+
+def to_device(value: Any, device: DeviceLike) -> Any:
+    """``value`` with every tensor (also inside dicts, lists and tuples) moved to ``device``; other
+    objects (e.g. a loss function, which follows its input's device) unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_device(v, device) for v in value)
+    return value
 
 
 def flat(metric: DiagnosticMetric, value: Any) -> dict[str, float]:

@@ -17,7 +17,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from metrics_suite.registry import RegisteredMetric, registered
-from tests.helpers import compare, example_batches, flat, make_metric, state_snapshot, states_equal
+from tests.helpers import (
+    bad_inputs,
+    compare,
+    example_batches,
+    flat,
+    make_metric,
+    state_snapshot,
+    states_equal,
+)
 
 ENTRIES = registered()
 SHARDABLE = [e for e in ENTRIES if e.example.shardable]
@@ -27,17 +35,17 @@ def _ids(entries: list[RegisteredMetric]) -> list[str]:
     return [f"{e.suite}/{e.name}" for e in entries]
 
 
-def _one_pass(entry: RegisteredMetric, batches: list[dict]) -> dict[str, float]:
-    metric = make_metric(entry)
+def _one_pass(entry: RegisteredMetric, batches: list[dict], device: torch.device) -> dict[str, float]:
+    metric = make_metric(entry, device)
     for batch in batches:
         metric.update(**batch)
     return flat(metric, metric.compute())
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
-def test_declared_contract(entry: RegisteredMetric) -> None:
-    """Sum-reduced fixed-size float64/int64 tensor states; full_state_update False."""
-    metric = make_metric(entry)
+def test_declared_contract(entry: RegisteredMetric, device: torch.device) -> None:
+    """Sum-reduced fixed-size float64/int64 tensor states on the inputs' device; full_state_update False."""
+    metric = make_metric(entry, device)
     assert metric.full_state_update is False
     assert metric._reductions, "a metric needs states"
     for name, default in metric._defaults.items():
@@ -45,52 +53,56 @@ def test_declared_contract(entry: RegisteredMetric) -> None:
         assert default.dtype in (torch.float64, torch.int64), f"{name} has dtype {default.dtype}"
         assert metric._reductions[name] is not None and metric._reductions[name].__name__ == "dim_zero_sum"
     shapes = {name: t.shape for name, t in metric.state_items()}
-    for batch in example_batches(entry, [3, 5, 2]):
+    for batch in example_batches(entry, [3, 5, 2], device=device):
         metric.update(**batch)
     assert shapes == {name: t.shape for name, t in metric.state_items()}, "state shapes depend on the data"
+    moved = [name for name, t in metric.state_items() if t.device.type != device.type]
+    assert not moved, f"states left {device}: {moved}"
 
 
 @pytest.mark.parametrize("entry", SHARDABLE, ids=_ids(SHARDABLE))
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_sharding_invariance(entry: RegisteredMetric, data: st.DataObject) -> None:
+def test_sharding_invariance(entry: RegisteredMetric, device: torch.device, data: st.DataObject) -> None:
     """Any split of the same items into batches gives the same result as one pass."""
     sizes = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=5), label="batch sizes")
     seed = data.draw(st.integers(0, 2**16), label="seed")
-    (whole,) = example_batches(entry, [sum(sizes)], seed=seed)
-    one_pass = _one_pass(entry, [whole])
-    sharded = _one_pass(entry, entry.example.split(whole, sizes))
+    (whole,) = example_batches(entry, [sum(sizes)], seed=seed, device=device)
+    one_pass = _one_pass(entry, [whole], device)
+    sharded = _one_pass(entry, entry.example.split(whole, sizes), device)
     assert not compare(sharded, one_pass, rtol=entry.example.rtol)
 
 
 @pytest.mark.parametrize("entry", SHARDABLE, ids=_ids(SHARDABLE))
-def test_merge_is_addition(entry: RegisteredMetric) -> None:
+def test_merge_is_addition(entry: RegisteredMetric, device: torch.device) -> None:
     """Summing the states of metrics fed disjoint parts equals one metric fed everything."""
-    batches = example_batches(entry, [4, 3, 5, 2])
-    parts = [make_metric(entry) for _ in range(3)]
+    batches = example_batches(entry, [4, 3, 5, 2], device=device)
+    parts = [make_metric(entry, device) for _ in range(3)]
     for i, batch in enumerate(batches):
         parts[i % 2].update(**batch)  # parts[2] never updates, like an idle rank
-    merged = make_metric(entry)
+    merged = make_metric(entry, device)
     for name, _ in merged.state_items():
         setattr(merged, name, sum(getattr(p, name) for p in parts))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert not compare(flat(merged, merged.compute()), _one_pass(entry, batches), rtol=entry.example.rtol)
+        assert not compare(
+            flat(merged, merged.compute()), _one_pass(entry, batches, device), rtol=entry.example.rtol
+        )
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
-def test_state_dict_and_pickle_mid_epoch(entry: RegisteredMetric) -> None:
+def test_state_dict_and_pickle_mid_epoch(entry: RegisteredMetric, device: torch.device) -> None:
     """Saving mid-epoch and resuming gives the uninterrupted result."""
-    batches = example_batches(entry, [3, 4, 2])
-    uninterrupted = make_metric(entry)
-    first = make_metric(entry)
+    batches = example_batches(entry, [3, 4, 2], device=device)
+    uninterrupted = make_metric(entry, device)
+    first = make_metric(entry, device)
     for batch in batches[:2]:
         uninterrupted.update(**batch)
         first.update(**batch)
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
-    resumed = make_metric(entry)
+    resumed = make_metric(entry, device)
     resumed.load_state_dict(torch.load(buffer))
     unpickled = pickle.loads(pickle.dumps(first))
     for metric in (uninterrupted, resumed, unpickled):
@@ -101,21 +113,20 @@ def test_state_dict_and_pickle_mid_epoch(entry: RegisteredMetric) -> None:
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
-def test_bad_input_raises_and_leaves_state_unchanged(entry: RegisteredMetric) -> None:
-    g = torch.Generator().manual_seed(1)
-    bad_inputs = entry.example.bad_inputs(g)
-    assert bad_inputs, "register at least one bad input"
-    metric = make_metric(entry)
-    metric.update(**example_batches(entry, [3])[0])
+def test_bad_input_raises_and_leaves_state_unchanged(entry: RegisteredMetric, device: torch.device) -> None:
+    rejected = bad_inputs(entry, device)
+    assert rejected, "register at least one bad input"
+    metric = make_metric(entry, device)
+    metric.update(**example_batches(entry, [3], device=device)[0])
     before = state_snapshot(metric)
     count = metric.update_count
-    for i, bad in enumerate(bad_inputs):
+    for i, bad in enumerate(rejected):
         with pytest.raises((ValueError, TypeError)) as info:
             metric.update(**bad)
         assert "`" in str(info.value), f"bad input {i}: the message should name the argument: {info.value}"
         assert states_equal(state_snapshot(metric), before), f"bad input {i} changed the state"
     # the metric still works after the rejected updates, which counted as no update
-    metric.update(**example_batches(entry, [2], seed=5)[0])
+    metric.update(**example_batches(entry, [2], seed=5, device=device)[0])
     assert metric.update_count == count + 1
 
 
@@ -128,20 +139,22 @@ def _requiring_grad(batch: dict) -> dict:
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
-def test_rejected_forward_keeps_state_and_later_results(entry: RegisteredMetric) -> None:
+def test_rejected_forward_keeps_state_and_later_results(
+    entry: RegisteredMetric, device: torch.device
+) -> None:
     """forward() with bad input raises, leaves the state bit-identical, and the next forward()/update()
     and compute() give what they give without the bad call; no state ever requires grad."""
-    b1, b2, b3 = example_batches(entry, [3, 4, 2], seed=5)
-    reference = make_metric(entry)
+    b1, b2, b3 = example_batches(entry, [3, 4, 2], seed=5, device=device)
+    reference = make_metric(entry, device)
     reference.update(**b1)
     expected_batch = flat(reference, reference(**b2))
     reference.update(**b3)
     expected = flat(reference, reference.compute())
 
-    metric = make_metric(entry)
+    metric = make_metric(entry, device)
     metric.update(**b1)
     before = state_snapshot(metric)
-    for i, bad in enumerate(entry.example.bad_inputs(torch.Generator().manual_seed(1))):
+    for i, bad in enumerate(bad_inputs(entry, device)):
         with pytest.raises((ValueError, TypeError)):
             metric(**bad)
         assert states_equal(state_snapshot(metric), before), f"bad input {i} changed the state"
@@ -153,11 +166,11 @@ def test_rejected_forward_keeps_state_and_later_results(entry: RegisteredMetric)
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
-def test_merge_and_load_check_shapes_and_keep_dtypes(entry: RegisteredMetric) -> None:
+def test_merge_and_load_check_shapes_and_keep_dtypes(entry: RegisteredMetric, device: torch.device) -> None:
     """A state of another shape is refused (naming the state and both shapes, nothing changed); a
     float32 checkpoint is loaded into the declared float64/int64 states."""
-    metric = make_metric(entry)
-    metric.update(**example_batches(entry, [3])[0])
+    metric = make_metric(entry, device)
+    metric.update(**example_batches(entry, [3], device=device)[0])
     before = state_snapshot(metric)
     name, state = metric.state_items()[-1]
     wrong = {**before, name: torch.zeros((*state.shape, 2), dtype=state.dtype)}
@@ -168,29 +181,31 @@ def test_merge_and_load_check_shapes_and_keep_dtypes(entry: RegisteredMetric) ->
         metric.load_state_dict(wrong, strict=False)
     assert states_equal(state_snapshot(metric), before)
 
-    resumed = make_metric(entry)
+    resumed = make_metric(entry, device)
     resumed.load_state_dict({k: v.float() for k, v in before.items()}, strict=False)
     assert {k: t.dtype for k, t in resumed.state_items()} == {k: t.dtype for k, t in before.items()}
-    merged = make_metric(entry)
+    merged = make_metric(entry, device)
     merged.merge_state({k: v.float() for k, v in before.items()})
     assert {k: t.dtype for k, t in merged.state_items()} == {k: t.dtype for k, t in before.items()}
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
-def test_forward_returns_batch_value_and_accumulates(entry: RegisteredMetric) -> None:
-    b1, b2 = example_batches(entry, [3, 4])
-    metric = make_metric(entry)
+def test_forward_returns_batch_value_and_accumulates(entry: RegisteredMetric, device: torch.device) -> None:
+    b1, b2 = example_batches(entry, [3, 4], device=device)
+    metric = make_metric(entry, device)
     batch_value = metric(**b1)
-    fresh = make_metric(entry)
+    fresh = make_metric(entry, device)
     fresh.update(**b1)
     assert not compare(flat(metric, batch_value), flat(fresh, fresh.compute()))
     metric(**b2)
-    assert not compare(flat(metric, metric.compute()), _one_pass(entry, [b1, b2]), rtol=entry.example.rtol)
+    assert not compare(
+        flat(metric, metric.compute()), _one_pass(entry, [b1, b2], device), rtol=entry.example.rtol
+    )
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
-def test_no_data_gives_nan_not_an_error(entry: RegisteredMetric) -> None:
-    metric = make_metric(entry)
+def test_no_data_gives_nan_not_an_error(entry: RegisteredMetric, device: torch.device) -> None:
+    metric = make_metric(entry, device)
     with pytest.warns(UserWarning, match="before the ``update``"):
         value = flat(metric, metric.compute())
     assert value, "compute() returned nothing"
@@ -198,10 +213,10 @@ def test_no_data_gives_nan_not_an_error(entry: RegisteredMetric) -> None:
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
-def test_reset_returns_to_empty(entry: RegisteredMetric) -> None:
-    metric = make_metric(entry)
+def test_reset_returns_to_empty(entry: RegisteredMetric, device: torch.device) -> None:
+    metric = make_metric(entry, device)
     empty = state_snapshot(metric)
-    metric.update(**example_batches(entry, [3])[0])
+    metric.update(**example_batches(entry, [3], device=device)[0])
     metric.reset()
     assert states_equal(state_snapshot(metric), empty)
 
@@ -215,20 +230,20 @@ FLOAT_INPUT = [e for e in ENTRIES if _float_batch_keys(e, example_batches(e, [2]
 
 
 @pytest.mark.parametrize("entry", FLOAT_INPUT, ids=_ids(FLOAT_INPUT))
-def test_nan_strategy_on_every_metric(entry: RegisteredMetric) -> None:
+def test_nan_strategy_on_every_metric(entry: RegisteredMetric, device: torch.device) -> None:
     """skip: counted, result stays finite where the clean result is; error: raises, state kept;
     propagate: the NaN reaches the result."""
-    (batch,) = example_batches(entry, [4], seed=3)
+    (batch,) = example_batches(entry, [4], seed=3, device=device)
     key = _float_batch_keys(entry, batch)[0]
     poisoned = dict(batch)
     poisoned[key] = batch[key].clone()
     poisoned[key].view(-1)[0] = float("nan")
 
-    clean = make_metric(entry)
+    clean = make_metric(entry, device)
     clean.update(**batch)
     clean_value = flat(clean, clean.compute())
 
-    skip = make_metric(entry)
+    skip = make_metric(entry, device)
     skip.update(**poisoned)
     assert int(skip.nonfinite_count) >= 1
     with warnings.catch_warnings():
@@ -237,14 +252,14 @@ def test_nan_strategy_on_every_metric(entry: RegisteredMetric) -> None:
     for k, v in clean_value.items():
         assert math.isnan(v) or not math.isnan(skipped_value[k]), f"{k} became NaN under nan_strategy='skip'"
 
-    error = make_metric(entry, nan_strategy="error")
+    error = make_metric(entry, device, nan_strategy="error")
     error.update(**batch)
     before = state_snapshot(error)
     with pytest.raises(ValueError, match="NaN"):
         error.update(**poisoned)
     assert states_equal(state_snapshot(error), before)
 
-    propagate = make_metric(entry, nan_strategy="propagate")
+    propagate = make_metric(entry, device, nan_strategy="propagate")
     propagate.update(**poisoned)
     assert int(propagate.nonfinite_count) == 0
     propagated = flat(propagate, propagate.compute())
@@ -253,41 +268,43 @@ def test_nan_strategy_on_every_metric(entry: RegisteredMetric) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("entry", FLOAT_INPUT, ids=_ids(FLOAT_INPUT))
-def test_half_precision_inputs(entry: RegisteredMetric, dtype: torch.dtype) -> None:
+def test_half_precision_inputs(entry: RegisteredMetric, device: torch.device, dtype: torch.dtype) -> None:
     """Half inputs give the float32 result of the same (rounded) values."""
-    (batch,) = example_batches(entry, [5], seed=4)
+    (batch,) = example_batches(entry, [5], seed=4, device=device)
     keys = _float_batch_keys(entry, batch)
     half = {k: (v.to(dtype) if k in keys else v) for k, v in batch.items()}
     upcast = {k: (v.float() if k in keys else v) for k, v in half.items()}
-    a, b = make_metric(entry), make_metric(entry)
+    a, b = make_metric(entry, device), make_metric(entry, device)
     a.update(**half)
     b.update(**upcast)
     assert not compare(flat(a, a.compute()), flat(b, b.compute()), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("entry", SHARDABLE, ids=_ids(SHARDABLE))
-def test_empty_batch_is_a_no_op(entry: RegisteredMetric) -> None:
+def test_empty_batch_is_a_no_op(entry: RegisteredMetric, device: torch.device) -> None:
     """A batch with zero items (e.g. the tail of a sharded loader) adds nothing and does not raise."""
-    metric = make_metric(entry)
-    metric.update(**example_batches(entry, [3])[0])
+    metric = make_metric(entry, device)
+    metric.update(**example_batches(entry, [3], device=device)[0])
     before = state_snapshot(metric)
-    (empty,) = example_batches(entry, [0])
+    (empty,) = example_batches(entry, [0], device=device)
     metric.update(**empty)
     assert states_equal(state_snapshot(metric), before)
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
-def test_copies_sent_through_torch_multiprocessing_do_not_share_states(entry: RegisteredMetric) -> None:
+def test_copies_sent_through_torch_multiprocessing_do_not_share_states(
+    entry: RegisteredMetric, device: torch.device
+) -> None:
     """ddp_spawn pickles the module with torch's ForkingPickler, which puts tensors in shared memory:
     two ranks must not accumulate into the same state tensors."""
     from multiprocessing.reduction import ForkingPickler
 
     import torch.multiprocessing  # noqa: F401  (registers torch's shared-memory reductions)
 
-    metric = make_metric(entry)
+    metric = make_metric(entry, device)
     before = state_snapshot(metric)
     copy = pickle.loads(ForkingPickler.dumps(metric))
-    copy.update(**example_batches(entry, [3])[0])
+    copy.update(**example_batches(entry, [3], device=device)[0])
     assert states_equal(state_snapshot(metric), before)
 
 

@@ -7,6 +7,7 @@ replicated data for non-shardable metrics), so the cost of spawning is paid once
 from __future__ import annotations
 
 import pytest
+import torch
 
 from metrics_suite.registry import registered
 from metrics_suite.testing import run_distributed
@@ -14,13 +15,23 @@ from tests import ddp_scenarios
 from tests.helpers import compare, example_batches, flat, make_metric
 
 
+@pytest.fixture
+def cpu_only(device: torch.device) -> None:
+    if device.type != "cpu":
+        pytest.skip(
+            f"checks the process-group machinery on CPU tensors, the same for any --device ({device})"
+        )
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_every_metric_matches_one_process(world_size: int) -> None:
-    per_rank = run_distributed(ddp_scenarios.conformance, world_size, timeout=600)
+def test_every_metric_matches_one_process(world_size: int, device: torch.device) -> None:
+    """Real gloo groups; with ``--device cuda`` the states and inputs are on the GPU(s)."""
+    per_rank = run_distributed(ddp_scenarios.conformance, world_size, device.type, timeout=600)
     failures = [f for rank_failures in per_rank for f in rank_failures]
     assert not failures, "\n".join(failures[:40])
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_layout_mismatch_fails_fast_on_every_rank() -> None:
     per_rank = run_distributed(ddp_scenarios.layout_mismatch, 3, timeout=120)
     assert all(len(messages) == 3 for messages in per_rank), per_rank
@@ -38,6 +49,7 @@ def test_layout_mismatch_fails_fast_on_every_rank() -> None:
             assert "argument `num_components` differs" in message, message
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_sync_failures_restore_warn_globally_and_check_fingerprints() -> None:
     """Issue 12 items 1-3: restore after a raising compute, no 'never updated' warning on an idle
     rank, and every fingerprint mismatch (arguments, extra compute) raising on every rank."""
@@ -46,6 +58,7 @@ def test_sync_failures_restore_warn_globally_and_check_fingerprints() -> None:
     assert not failures, "\n".join(failures[:40])
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_a_rank_that_skips_compute_times_out_with_a_clear_error() -> None:
     """Item 5: with a 3 s process-group timeout the waiting rank's error names what was syncing."""
     per_rank = run_distributed(ddp_scenarios.rank_skips_compute, 2, 3.0, timeout=120, process_group_timeout=3)
@@ -53,17 +66,20 @@ def test_a_rank_that_skips_compute_times_out_with_a_clear_error() -> None:
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_collection_without_layout_check_is_one_all_reduce() -> None:
     calls = run_distributed(ddp_scenarios.without_layout_check, 2, timeout=120)
     assert all(c == {"all_reduce": 1} for c in calls), calls
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_count_collectives_sees_every_collective() -> None:
     per_rank = run_distributed(ddp_scenarios.collective_counts, 2, timeout=120)
     failures = [f for rank_failures in per_rank for f in rank_failures]
     assert not failures, failures
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_every_metric_travels_to_a_spawned_process() -> None:
     """ddp_spawn sends metrics through torch.multiprocessing's pickler (tensors by file descriptor)."""
     metrics = {}

@@ -523,10 +523,19 @@ def _perturbation_pairs(
     return torch.cat(predicted_MN).T, torch.cat(true_MN).T
 
 
-def _pearson_sums(x: Tensor, y: Tensor) -> Tensor:
-    """The six float64 sums (n, Σx, Σy, Σx², Σy², Σxy) over all elements of ``x`` and ``y``."""
+def _pearson_sums(x: Tensor, y: Tensor, keep: Tensor | None = None) -> Tensor:
+    """The six float64 sums (n, Σx, Σy, Σx², Σy², Σxy) over all elements of ``x`` and ``y``.
+
+    ``keep`` (bool ``[N]``, optional) leaves out the items (dim 0) where it is False. The items
+    are zeroed rather than gathered: a boolean-mask gather waits for the device to count them.
+    """
     x, y = x.to(torch.float64), y.to(torch.float64)
-    n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+    if keep is None:
+        n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+    else:
+        keep = keep.reshape(keep.shape + (1,) * (x.ndim - keep.ndim))
+        n = keep.sum(dtype=torch.float64) * (x.numel() // max(x.shape[0], 1))
+        x, y = torch.where(keep, x, 0.0), torch.where(keep, y, 0.0)
     return torch.stack([n, x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()])
 
 

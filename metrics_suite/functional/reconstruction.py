@@ -142,7 +142,7 @@ def _component_index(
         raise TypeError(
             f"`component_idx` must be an int or an integer tensor, got {type(component_idx).__name__}"
         )
-    if validate and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_components):
+    if validate and idx.numel() and bool(((idx < 0) | (idx >= num_components)).any()):  # one read-back
         raise ValueError(
             f"`component_idx` values must be in [0, {num_components}), got {idx.unique().tolist()}"
         )
@@ -699,10 +699,11 @@ def _downstream_check(
         counted = _downstream_ce_mask(target_ids, attended, ignore_index)
         check_ids_in_range(
             "target_ids",
-            target_ids[counted],
+            target_ids,
             vocab,
             "token ids",
             "the vocabulary of the logits) at counted positions",
+            selected=counted,
         )
 
 

@@ -25,6 +25,7 @@ from metrics_suite.validation import (
     check_ndim,
     check_same_shape,
     compute_dtype,
+    ids_out_of_range,
     shape_str,
 )
 
@@ -299,8 +300,13 @@ def _per_sequence_sums(
     zeros = torch.zeros(batch, *values.shape[1:], dtype=torch.float64, device=values.device)
     sums = zeros.index_add(0, sequence, values)
     squares = zeros.index_add(0, sequence, values * values)
-    counts = torch.bincount(sequence, minlength=batch).to(torch.int64)
-    n_bad = torch.bincount(sequence, weights=(~finite).to(torch.float64), minlength=batch)
+    # index_add into a fixed size, not bincount: bincount reads the largest index back to the host
+    counts = torch.zeros(batch, dtype=torch.int64, device=values.device).index_add(
+        0, sequence, torch.ones_like(sequence)
+    )
+    n_bad = torch.zeros(batch, dtype=torch.int64, device=values.device).index_add(
+        0, sequence, (~finite).to(torch.int64)
+    )
     return sums, squares, counts, n_bad == 0
 
 
@@ -522,10 +528,11 @@ def _cross_entropy_check(
     selected = _selected_targets(target_ids, attention_mask, ignore_index)
     check_ids_in_range(
         "target_ids",
-        target_ids[selected],
+        target_ids,
         vocab,
         "token ids",
         "the vocabulary of `logits`) at attended, non-ignored positions",
+        selected=selected,
     )
     return selected
 
@@ -638,9 +645,19 @@ def _prediction_change_check(
     check_integer("modified_preds", modified_preds)
     check_same_shape("modified_preds", modified_preds, "original_preds", original_preds)
     selected = _selection(original_preds, mask)
+    out = ids_out_of_range(original_preds, num_classes, selected) | ids_out_of_range(
+        modified_preds, num_classes, selected
+    )
+    if not bool(out.any()):
+        return selected  # one read-back for both arguments; the messages below only on failure
     for name, preds in (("original_preds", original_preds), ("modified_preds", modified_preds)):
         check_ids_in_range(
-            name, preds[selected], num_classes, "class ids", f"num_classes={num_classes}) at selected items"
+            name,
+            preds,
+            num_classes,
+            "class ids",
+            f"num_classes={num_classes}) at selected items",
+            selected=selected,
         )
     return selected
 
@@ -664,8 +681,12 @@ def _prediction_change_update(
         if validate
         else _selection(original_preds, mask)
     )
-    pairs = original_preds[selected].to(torch.long) * num_classes + modified_preds[selected].to(torch.long)
-    return torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    # counted with weights 0/1 into a fixed size: a boolean-mask gather or bincount would read a
+    # size back from the device; unselected items point at pair 0 with weight 0
+    pairs = original_preds.to(torch.long) * num_classes + modified_preds.to(torch.long)
+    pairs = torch.where(selected, pairs, 0).reshape(-1)
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=pairs.device)
+    return counts.index_add(0, pairs, selected.reshape(-1).to(torch.int64)).view(num_classes, num_classes)
 
 
 def _prediction_change_per_class(counts: Tensor) -> dict[str, Tensor]:
