@@ -15,18 +15,21 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, StrictInt, validate_call
+from pydantic import Field, StrictFloat, StrictInt, validate_call
 from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric
 from metrics_suite.examples import utility as examples
+from metrics_suite.functional._sketch import SketchSpec, check_quantiles, sketch_outputs
 from metrics_suite.functional.utility import (
     DIVERGENCES,
+    TOKEN_VALUES,
     DivergenceReduction,
     _cross_entropy_compute,
     _cross_entropy_stats,
     _cross_entropy_update,
     _next_token_compute,
+    _next_token_sketch,
     _next_token_stats,
     _next_token_update,
     _prediction_change_compute,
@@ -120,6 +123,7 @@ class NextTokenDivergence(DiagnosticMetric):
 
     sequence_stats: Tensor
     token_stats: Tensor
+    divergence_sketch: Tensor
 
     @validate_call
     def __init__(
@@ -128,6 +132,8 @@ class NextTokenDivergence(DiagnosticMetric):
         max_batch_size: StrictPositiveInt | None = None,
         max_sequence_length: StrictPositiveInt | None = None,
         reduction: DivergenceReduction = "sequence",
+        quantiles: Sequence[float] | None = None,
+        relative_accuracy: Annotated[StrictFloat, Field(gt=0.0, lt=1.0)] = 0.01,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -135,15 +141,20 @@ class NextTokenDivergence(DiagnosticMetric):
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
         self.reduction = reduction
-        # per divergence: (n, Σx, Σx²) over sequences of per-sequence means, and over tokens
+        self.quantiles = None if quantiles is None else check_quantiles(quantiles, type(self).__name__)
+        self.relative_accuracy = relative_accuracy
+        # per divergence: (n, Σx, Σx²) over sequences of per-sequence means; over tokens, also top-1
         self.add_mean_state("sequence_stats", (len(DIVERGENCES),))
-        self.add_mean_state("token_stats", (len(DIVERGENCES),))
+        self.add_mean_state("token_stats", (len(TOKEN_VALUES),))
+        self.sketch_spec = None if quantiles is None else SketchSpec(relative_accuracy=relative_accuracy)
+        if self.sketch_spec is not None:
+            self.add_sketch_state("divergence_sketch", self.sketch_spec, (len(DIVERGENCES),))
 
     def update(
         self, clean_logits: Tensor, noisy_logits: Tensor, attention_mask: Tensor | None = None
     ) -> None:
         """Add one batch of clean and noisy logits ``[B, T, V]`` (and a bool ``[B, T]`` mask)."""
-        sums, squares, counts, finite = _next_token_update(
+        tokens = _next_token_update(
             clean_logits,
             noisy_logits,
             attention_mask,
@@ -152,8 +163,11 @@ class NextTokenDivergence(DiagnosticMetric):
             max_sequence_length=self.max_sequence_length,
             validate=self.validate_args,
         )
-        keep, skipped = self.nonfinite_filter("clean_logits`/`noisy_logits", finite)
-        sequence_stats, token_stats = _next_token_stats(sums, squares, counts, keep)
+        keep, skipped = self.nonfinite_filter("clean_logits`/`noisy_logits", tokens.finite)
+        sequence_stats, token_stats = _next_token_stats(tokens, keep)
+        if self.sketch_spec is not None:
+            sketch = _next_token_sketch(tokens, keep, self.sketch_spec)
+            self.divergence_sketch += sketch.to(self.divergence_sketch.device)
         self.nonfinite_count += skipped.to(self.nonfinite_count.device)
         self.sequence_stats += sequence_stats.to(self.sequence_stats.device)
         self.token_stats += token_stats.to(self.token_stats.device)
@@ -187,9 +201,12 @@ class NextTokenDivergence(DiagnosticMetric):
         self.update(logits[:half], logits[half:], attention_mask)
 
     def compute(self) -> dict[str, Tensor]:
-        """Mean of each divergence (plus ``*_stderr`` with ``with_stderr=True``)."""
-        stats = self.sequence_stats if self.reduction == "sequence" else self.token_stats
-        return _next_token_compute(stats, self.with_stderr)
+        """Mean of each divergence and ``top1_agreement`` (plus ``*_stderr``, and quantiles when enabled)."""
+        stats = self.sequence_stats if self.reduction == "sequence" else self.token_stats[: len(DIVERGENCES)]
+        out = _next_token_compute(stats, self.token_stats, self.with_stderr)
+        if self.sketch_spec is not None and self.quantiles is not None:
+            out.update(sketch_outputs(self.divergence_sketch, self.sketch_spec, self.quantiles, DIVERGENCES))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- cross-entropy
@@ -252,7 +269,7 @@ class MaskedCrossEntropy(DiagnosticMetric):
 
     def update(self, logits: Tensor, target_ids: Tensor, attention_mask: Tensor | None = None) -> None:
         """Add one batch of logits ``[B, T, V]`` and targets ``[B, T]``."""
-        sums, squares, counts, finite = _cross_entropy_update(
+        nats, finite = _cross_entropy_update(
             logits,
             target_ids,
             attention_mask,
@@ -262,7 +279,7 @@ class MaskedCrossEntropy(DiagnosticMetric):
             validate=self.validate_args,
         )
         keep, skipped = self.nonfinite_filter("logits", finite)
-        stats = _cross_entropy_stats(sums, squares, counts, keep)
+        stats = _cross_entropy_stats(nats, keep)
         self.nonfinite_count += skipped.to(self.nonfinite_count.device)
         self.cross_entropy_stats += stats.to(self.cross_entropy_stats.device)
 

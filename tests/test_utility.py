@@ -39,7 +39,14 @@ from metrics_suite.functional.utility import (
 from metrics_suite.registry import registered
 from tests.helpers import state_snapshot, states_equal
 
-NAMES = ("jeffreys", "jensen_shannon", "total_variation", "squared_hellinger")
+NAMES = (
+    "jeffreys",
+    "jensen_shannon",
+    "total_variation",
+    "squared_hellinger",
+    "kl_clean_noisy",
+    "kl_noisy_clean",
+)
 LN2 = math.log(2.0)
 
 
@@ -61,7 +68,17 @@ def ref_token(clean: Any, noisy: Any, support: Any = None) -> dict[str, float]:
         "jensen_shannon": float(jensenshannon(p, q) ** 2),  # natural log: squared JS distance
         "total_variation": float(0.5 * np.abs(p - q).sum()),
         "squared_hellinger": float(0.5 * np.sum((np.sqrt(p) - np.sqrt(q)) ** 2)),
+        "kl_clean_noisy": ref_kl(lp, lq),
+        "kl_noisy_clean": ref_kl(lq, lp),
     }
+
+
+def ref_kl(lp: np.ndarray, lq: np.ndarray) -> float:
+    """KL(p‖q) = Σ p (log p − log q) from float64 log-probabilities (exp(lp) may underflow to 0 where
+    the log-ratio is finite, so the logs, not ``rel_entr`` of rounded probabilities, decide)."""
+    with np.errstate(invalid="ignore"):
+        terms = np.where(np.isneginf(lp), 0.0, np.exp(lp) * (lp - lq))
+    return float(np.nan_to_num(terms, nan=math.inf).sum())
 
 
 def hand_top_k(row: np.ndarray, k: int) -> set[int]:
@@ -73,12 +90,15 @@ def hand_top_k(row: np.ndarray, k: int) -> set[int]:
 def ref_metric(
     clean: torch.Tensor, noisy: torch.Tensor, mask: torch.Tensor | None, num_logits: int | None = None
 ) -> tuple[dict[str, float], dict[str, float], dict[str, list[float]], dict[str, list[float]]]:
-    """Slow loop: (sequence means, token means, per-sequence means, per-token values)."""
+    """Slow loop: (sequence means, token means, per-sequence means, per-token values).
+
+    ``top1_agreement`` (first argmax of clean == first argmax of noisy) is a token mean in both means.
+    """
     c, n = clean.double().numpy(), noisy.double().numpy()
     batch, seq, _ = c.shape
     m = np.ones((batch, seq), dtype=bool) if mask is None else mask.numpy()
     per_seq: dict[str, list[float]] = {k: [] for k in NAMES}
-    per_tok: dict[str, list[float]] = {k: [] for k in NAMES}
+    per_tok: dict[str, list[float]] = {k: [] for k in (*NAMES, "top1_agreement")}
     for b in range(batch):
         values: dict[str, list[float]] = {k: [] for k in NAMES}
         for t in range(seq):
@@ -90,11 +110,13 @@ def ref_metric(
             for k, v in ref_token(c[b, t], n[b, t], support).items():
                 values[k].append(v)
                 per_tok[k].append(v)
+            per_tok["top1_agreement"].append(float(np.argmax(c[b, t]) == np.argmax(n[b, t])))
         if values[NAMES[0]]:
             for k in NAMES:
                 per_seq[k].append(float(np.mean(values[k])))
-    seq_mean = {k: float(np.mean(v)) if v else math.nan for k, v in per_seq.items()}
     tok_mean = {k: float(np.mean(v)) if v else math.nan for k, v in per_tok.items()}
+    seq_mean = {k: float(np.mean(v)) if v else math.nan for k, v in per_seq.items()}
+    seq_mean["top1_agreement"] = tok_mean["top1_agreement"]
     return seq_mean, tok_mean, per_seq, per_tok
 
 
@@ -165,10 +187,15 @@ def test_metric_reductions_match_slow_loop(reduction: DivergenceReduction) -> No
     samples = per_seq if reduction == "sequence" else per_tok
     for k in NAMES:
         expected[f"{k}_stderr"] = float(np.std(samples[k], ddof=1) / math.sqrt(len(samples[k])))
+    # top-1 agreement is a token share whatever the reduction
+    top1 = per_tok["top1_agreement"]
+    expected["top1_agreement_stderr"] = float(np.std(top1, ddof=1) / math.sqrt(len(top1)))
+    assert 0.0 < expected["top1_agreement"] < 1.0  # the data tells a token share from other shares
     assert_close(out, {k: expected[k] for k in out}, rtol=1e-4, atol=1e-8)
+    assert len(out) == 2 * (len(NAMES) + 1)
     assert len(per_seq[NAMES[0]]) == 3  # the fully masked sequences do not count
     functional = as_floats(next_token_divergence(clean, noisy, mask, reduction=reduction))
-    assert_close(functional, {k: expected[k] for k in NAMES}, rtol=1e-4, atol=1e-8)
+    assert_close(functional, {k: expected[k] for k in (*NAMES, "top1_agreement")}, rtol=1e-4, atol=1e-8)
 
 
 def test_top_k_matches_hand_built_support() -> None:
@@ -356,6 +383,7 @@ def test_fully_masked_batch_gives_nan_and_single_token_its_value() -> None:
     one = torch.zeros(2, 3, dtype=torch.bool)
     one[1, 2] = True
     expected = ref_token(clean[1, 2], noisy[1, 2])
+    expected["top1_agreement"] = float(clean[1, 2].argmax() == noisy[1, 2].argmax())
     for reduction in ("sequence", "token"):
         metric = NextTokenDivergence(reduction=reduction)
         metric.update(clean, noisy, one)
@@ -371,7 +399,12 @@ def test_half_precision_inputs(dtype: torch.dtype) -> None:
     metric.update(clean, noisy, mask)
     # reference from the same (rounded) half-precision values, in float64
     _, expected, _, _ = ref_metric(clean.float(), noisy.float(), mask)
-    assert_close(as_floats(metric.compute()), expected, rtol=1e-4, atol=1e-7)
+    out = as_floats(metric.compute())
+    # the KL directions carry the absolute float32 rounding of the logit difference at the 6e4 logit
+    # (ulp 0.004) undamped, where Jeffreys' larger mean hides it
+    kl = ("kl_clean_noisy", "kl_noisy_clean")
+    assert_close({k: out.pop(k) for k in kl}, {k: expected.pop(k) for k in kl}, rtol=1e-3)
+    assert_close(out, expected, rtol=1e-4, atol=1e-7)
     out = token_divergences(clean, noisy)
     assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in out.values())
 
@@ -391,21 +424,57 @@ def test_non_contiguous_logits() -> None:
     assert_close(as_floats(ce_a.compute()), as_floats(ce_b.compute()), rtol=1e-6)
 
 
-def test_nonfinite_sequences_are_skipped_and_counted() -> None:
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_nonfinite_tokens_are_skipped_and_counted(reduction: DivergenceReduction) -> None:
+    """One non-finite position drops that token only: its sequence keeps its finite tokens (invariant 10)."""
+    clean, noisy = logits((4, 5, 13), seed=13)
+    mask = attention(4, 5, seed=13, fully_masked=())
+    mask[3, 4] = False
+    mask[2, :3] = True
+    bad = clean.clone()
+    bad[2, 0, 5] = math.nan  # attended: token (2, 0) is skipped, sequence 2 keeps (2, 1), (2, 2), ...
+    noisy_bad = noisy.clone()
+    noisy_bad[2, 2, 0] = math.inf  # a second bad token of the same sequence, in the other input
+    bad[3, 4, 0] = math.inf  # masked out: no effect
+    metric = NextTokenDivergence(reduction=reduction, quantiles=(0.5, 1.0))
+    metric.update(bad, noisy_bad, mask)
+    finite_mask = mask.clone()
+    finite_mask[2, 0] = finite_mask[2, 2] = False
+    reference = NextTokenDivergence(reduction=reduction, quantiles=(0.5, 1.0))
+    reference.update(clean, noisy, finite_mask)
+    with pytest.warns(UserWarning, match="skipped 2 item"):
+        assert_close(as_floats(metric.compute()), as_floats(reference.compute()), rtol=1e-12)
+    assert int(metric.nonfinite_count) == 2
+    # a sequence whose every attended token is bad leaves the sequence mean (not only its tokens)
+    only_bad = clean.clone()
+    only_bad[1, mask[1]] = math.nan
+    metric = NextTokenDivergence(reduction=reduction)
+    metric.update(only_bad, noisy, mask)
+    empty_mask = mask.clone()
+    empty_mask[1] = False
+    reference = NextTokenDivergence(reduction=reduction)
+    reference.update(clean, noisy, empty_mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close(as_floats(metric.compute()), as_floats(reference.compute()), rtol=1e-12)
+    assert int(metric.nonfinite_count) == int(mask[1].sum())
+    # cross-entropy: the same token-sized items
+    targets = torch.randint(0, 13, (4, 5), generator=torch.Generator().manual_seed(1))
+    ce, ce_reference = MaskedCrossEntropy(), MaskedCrossEntropy()
+    ce.update(bad, targets, mask)
+    ce_reference.update(clean, targets, finite_mask | (mask & ~torch.isfinite(noisy_bad).all(-1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close(as_floats(ce.compute()), as_floats(ce_reference.compute()), rtol=1e-12)
+    assert int(ce.nonfinite_count) == 1
+
+
+def test_nonfinite_inputs_error_and_odd_rows() -> None:
     clean, noisy = logits((4, 5, 13), seed=13)
     mask = attention(4, 5, seed=13, fully_masked=())
     mask[3, 4] = False
     bad = clean.clone()
-    bad[2, 0, 5] = math.nan  # attended: sequence 2 is skipped
-    bad[3, 4, 0] = math.inf  # masked out: no effect
-    metric = NextTokenDivergence()
-    metric.update(bad, noisy, mask)
-    reference = NextTokenDivergence()
-    keep = torch.tensor([0, 1, 3])
-    reference.update(clean[keep], noisy[keep], mask[keep])
-    with pytest.warns(UserWarning, match="skipped 1 item"):
-        assert_close(as_floats(metric.compute()), as_floats(reference.compute()), rtol=1e-12)
-    assert int(metric.nonfinite_count) == 1
+    bad[2, 0, 5] = math.nan
     strict = NextTokenDivergence(nan_strategy="error")
     before = state_snapshot(strict)
     with pytest.raises(ValueError, match="NaN or inf"):
@@ -431,6 +500,7 @@ def test_huge_finite_logits_are_valid() -> None:
     metric = NextTokenDivergence(nan_strategy="error")
     metric.update(clean, noisy)
     expected = ref_token(clean[0, 0].double(), noisy[0, 0].double())
+    expected["top1_agreement"] = 0.0
     assert_close(as_floats(metric.compute()), expected, rtol=1e-6)
     ce = MaskedCrossEntropy(nan_strategy="error")
     ce.update(clean, torch.tensor([[1]]))
@@ -460,6 +530,8 @@ def test_negative_inf_logits_are_valid() -> None:
         "jensen_shannon": 0.0,
         "total_variation": 0.0,
         "squared_hellinger": 0.0,
+        "kl_clean_noisy": 0.0,
+        "kl_noisy_clean": math.inf,
     }
     clean[..., 7] = 0.0  # shared banned tokens only: every value finite
     metric = NextTokenDivergence(reduction="token", nan_strategy="error")
