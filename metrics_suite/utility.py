@@ -132,7 +132,7 @@ class NextTokenDivergence(DiagnosticMetric):
         max_batch_size: StrictPositiveInt | None = None,
         max_sequence_length: StrictPositiveInt | None = None,
         reduction: DivergenceReduction = "sequence",
-        quantiles: Sequence[float] | None = None,
+        quantiles: Sequence[Any] | None = None,  # checked by check_quantiles: pydantic would take True as 1.0
         relative_accuracy: Annotated[StrictFloat, Field(gt=0.0, lt=1.0)] = 0.01,
         **kwargs: Any,
     ) -> None:

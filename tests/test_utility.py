@@ -858,3 +858,122 @@ def test_jensen_shannon_of_disjoint_supports_stays_within_ln2(dtype: torch.dtype
     js = token_divergences(clean, noisy)["jensen_shannon"].item()
     assert js <= LN2
     assert js == pytest.approx(LN2, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- KL, top-1, quantiles
+def test_kl_directions_by_hand_and_their_sum_is_jeffreys() -> None:
+    # p = (1/4, 3/4), q = (1/2, 1/2): KL(p‖q) = ¼ln½ + ¾ln(3/2), KL(q‖p) = ½ln2 + ½ln(2/3)
+    clean = torch.tensor([[[0.0, math.log(3.0)]]], dtype=torch.float64)
+    noisy = torch.zeros(1, 1, 2, dtype=torch.float64)
+    metric = NextTokenDivergence()
+    metric.update(clean, noisy)
+    out = as_floats(metric.compute())
+    assert out["kl_clean_noisy"] == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), rel=1e-14)
+    assert out["kl_noisy_clean"] == pytest.approx(0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0), rel=1e-14)
+    assert out["top1_agreement"] == 0.0  # clean's top token is 1, noisy's first largest is 0
+    # on random data, in float32, KL both ways add up to Jeffreys token by token
+    clean, noisy = logits((3, 8, 57), seed=31, noise=1.5)
+    per_token = token_divergences(clean, noisy)
+    total = per_token["kl_clean_noisy"] + per_token["kl_noisy_clean"]
+    torch.testing.assert_close(total, per_token["jeffreys"], rtol=1e-5, atol=0.0)
+    assert not torch.allclose(per_token["kl_clean_noisy"], per_token["kl_noisy_clean"], rtol=1e-2)
+
+
+def test_top1_agreement_is_a_token_share_for_both_reductions() -> None:
+    """Sequence 0 has 1 of 1 attended token agreeing, sequence 1 has 1 of 3: token share 2/4, not (1 + 1/3)/2."""
+    clean = torch.zeros(2, 3, 4)
+    noisy = torch.zeros(2, 3, 4)
+    clean[..., 2] = 1.0  # clean's top token is 2 everywhere
+    noisy[..., 2] = 1.0
+    noisy[1, 1:, 3] = 2.0  # noisy's top token moves at (1, 1) and (1, 2)
+    mask = torch.tensor([[True, False, False], [True, True, True]])
+    for reduction in ("sequence", "token"):
+        metric = NextTokenDivergence(reduction=reduction, with_stderr=True)
+        metric.update(clean, noisy, mask)
+        out = as_floats(metric.compute())
+        assert out["top1_agreement"] == 0.5
+        assert out["top1_agreement_stderr"] == pytest.approx(np.std([1, 0, 1, 0], ddof=1) / 2.0, rel=1e-12)
+    # ties: the first largest logit wins (torch.argmax), so a tie kept in both agrees
+    tie = torch.tensor([[[1.0, 3.0, 3.0]]])
+    metric = NextTokenDivergence()
+    metric.update(tie, tie.flip(-1))  # [3, 3, 1]: first largest at 0, clean's at 1
+    assert float(metric.compute()["top1_agreement"]) == 0.0
+
+
+def _edge_case_logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 logits [6, 40, 50] whose per-token divergences span zeros, ~1e-12, ordinary values,
+    JS near ln 2 and Jeffreys near 1e3."""
+    clean, noisy = logits((6, 40, 50), seed=41, noise=0.6, dtype=torch.float64)
+    g = torch.Generator().manual_seed(42)
+    scale = torch.exp(torch.empty(6, 40, 1, dtype=torch.float64).uniform_(-6.0, 1.0, generator=g))
+    noisy = clean + (noisy - clean) * scale  # noise over 3 decades: divergences over 6
+    noisy[0, :8] = clean[0, :8]  # exact zeros
+    noisy[1, :8] = clean[1, :8] + 1e-6 * torch.randn(8, 50, generator=g, dtype=torch.float64)  # ~1e-12
+    for t in range(8):  # nearly disjoint: JS → ln 2, TV and H² → 1, Jeffreys ≈ 2·gap ≤ 1e3
+        gap = 100.0 + 50.0 * t
+        clean[2, t] = 0.0
+        noisy[2, t] = 0.0
+        clean[2, t, 0] = noisy[2, t, 1] = gap
+    mask = attention(6, 40, seed=43, fully_masked=(5,))
+    mask[:3, :8] = True
+    return clean, noisy, mask
+
+
+def test_quantiles_match_numpy_within_relative_accuracy() -> None:
+    clean, noisy, mask = _edge_case_logits()
+    levels = (0.0, 0.05, 0.1, 0.5, 0.9, 0.99, 1.0)
+    alpha = 0.01
+    metric = NextTokenDivergence(quantiles=levels, relative_accuracy=alpha, max_sequence_length=7)
+    metric.update(clean, noisy, mask)
+    out = as_floats(metric.compute())
+    per_token = token_divergences(clean, noisy, attention_mask=mask)
+    for name in NAMES:
+        x = per_token[name][mask].numpy()
+        assert x.size == int(mask.sum())
+        exact = np.quantile(x, levels, method="inverted_cdf", weights=np.ones_like(x))
+        keys = [f"{name}_p{100 * q:g}" for q in levels]
+        for key, want in zip([*keys, f"{name}_max"], [*exact, x.max()]):
+            got = out[key]
+            if want <= 0.99e-12:  # the zero bucket: reported as exactly 0
+                assert got == 0.0, (key, want)
+            else:
+                assert abs(got - want) <= alpha * want * (1 + 1e-9), (key, got, want)
+    # the edge cases are in the data: zeros, ~1e-12, JS at ln 2, Jeffreys up to 1e3
+    assert out["jeffreys_p0"] == 0.0
+    assert 1e-13 < float(per_token["jeffreys"][1, :8].min()) < 1e-10
+    assert float(per_token["jensen_shannon"].nan_to_num().max()) == pytest.approx(LN2, rel=1e-12)
+    assert 700.0 < out["jeffreys_max"] < 1.01e3
+    assert out["jensen_shannon_max"] == pytest.approx(LN2, rel=alpha)
+    # a different α gives a different (still guaranteed) answer: the argument reaches the sketch
+    coarse = NextTokenDivergence(quantiles=(0.5,), relative_accuracy=0.2)
+    coarse.update(clean, noisy, mask)
+    exact = float(np.quantile(per_token["jeffreys"][mask].numpy(), 0.5, method="inverted_cdf"))
+    got = float(coarse.compute()["jeffreys_p50"])
+    assert abs(got - exact) <= 0.2 * exact and got != pytest.approx(out["jeffreys_p50"], rel=1e-3)
+
+
+def test_quantiles_off_keep_outputs_and_on_add_keys_in_order() -> None:
+    clean, noisy, mask = _edge_case_logits()
+    off, on = NextTokenDivergence(), NextTokenDivergence(quantiles=(0.5, 0.9, 0.99))
+    off.update(clean, noisy, mask)
+    on.update(clean, noisy, mask)
+    a, b = as_floats(off.compute()), as_floats(on.compute())
+    assert list(a) == [*NAMES, "top1_agreement"]
+    assert list(b)[: len(a)] == list(a) and all(b[k] == a[k] for k in a)
+    assert list(b)[len(a) :] == [f"{n}_{s}" for n in NAMES for s in ("p50", "p90", "p99", "max")]
+    assert "divergence_sketch" not in off.state_dict() and on.divergence_sketch.shape[0] == len(NAMES)
+    # sketches merge exactly: two halves (and a merge_state) give the one-pass counts
+    halves = [NextTokenDivergence(quantiles=(0.5,)) for _ in range(2)]
+    halves[0].update(clean[:3], noisy[:3], mask[:3])
+    halves[1].update(clean[3:], noisy[3:], mask[3:])
+    halves[0].merge_state(halves[1])
+    assert torch.equal(halves[0].divergence_sketch, on.divergence_sketch)
+
+
+def test_quantile_arguments_are_validated() -> None:
+    for bad in ((), (0.5, 1.5), "0.5", (True,), (float("nan"),)):
+        with pytest.raises(ValueError, match="quantiles"):
+            NextTokenDivergence(quantiles=bad)
+    for bad in (0.0, 1.0, -0.1, float("inf"), True, "0.01"):
+        with pytest.raises(ValueError, match="relative_accuracy"):
+            NextTokenDivergence(quantiles=(0.5,), relative_accuracy=bad)
