@@ -430,7 +430,7 @@ def token_divergences(
     attention_mask: Tensor | None = None,
     num_logits: int | None = None,
 ) -> dict[str, Tensor]:
-    r"""The four next-token divergences at every position of ``[..., V]`` logits.
+    r"""The next-token divergences at every position of ``[..., V]`` logits.
 
     With $p = \mathrm{softmax}(\text{clean})$, $q = \mathrm{softmax}(\text{noisy})$ and
     $m = (p + q)/2$, per position (natural log):
@@ -442,15 +442,19 @@ def token_divergences(
 
     $$
     TV = \tfrac12 \sum_v |p_v - q_v|, \qquad
-    H^2 = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v}.
+    H^2 = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v},
     $$
+
+    and the two KL directions, ``kl_clean_noisy`` $= \mathrm{KL}(p\,\|\,q) = \sum_v p_v \log(p_v/q_v)$
+    and ``kl_noisy_clean`` $= \mathrm{KL}(q\,\|\,p)$, whose sum is $J$.
 
     With ``num_logits=k`` both distributions are restricted to the union of the top-k sets of
     both inputs at that position (:func:`top_k_support_mask`: ties at the k-th place included) and
     renormalised on it. Computed in log space in at least float32, one chunk of positions at a time.
 
     A −inf logit (a banned token) is valid: a token that is −inf in both inputs contributes 0, one
-    that is −inf in only one makes Jeffreys +inf (the other three stay finite). A position whose
+    that is −inf in only one makes Jeffreys +inf and the KL direction whose second distribution is 0
+    there (JS, TV, H² and the other KL stay finite). A position whose
     logits hold NaN or +inf, or are all −inf, gives NaN. The inputs are detached: the result is
     not differentiable. Known limit: the log-ratio is formed from the logit difference, so when the
     largest clean and noisy logits of a position are far apart (about 1e4 in float32, where the
@@ -464,8 +468,8 @@ def token_divergences(
         num_logits: k of the top-k sets, or None for the full vocabulary.
 
     Returns:
-        ``{"jeffreys", "jensen_shannon", "total_variation", "squared_hellinger"}``, each ``[...]``
-        (float32, float64 for float64 inputs).
+        ``{"jeffreys", "jensen_shannon", "total_variation", "squared_hellinger", "kl_clean_noisy",
+        "kl_noisy_clean"}``, each ``[...]`` (float32, float64 for float64 inputs).
 
     Examples:
         >>> import math, torch
@@ -540,9 +544,10 @@ def next_token_divergence(
 
     Per-token values as in :func:`token_divergences`. ``reduction="sequence"`` averages over the
     attended tokens of each sequence, then over sequences (a sequence without attended tokens does
-    not count); ``"token"`` averages over all attended tokens. No attended token gives NaN, and so
-    does a non-finite position (:class:`~metrics_suite.utility.NextTokenDivergence` can skip such
-    sequences instead). Not differentiable (the inputs are detached).
+    not count); ``"token"`` averages over all attended tokens. ``top1_agreement`` is the share of
+    attended tokens whose clean and noisy argmax agree, a token share for either reduction. No attended
+    token gives NaN, and so does a non-finite position (:class:`~metrics_suite.utility.NextTokenDivergence`
+    can skip such tokens instead). Not differentiable (the inputs are detached).
 
     Examples:
         >>> import torch
