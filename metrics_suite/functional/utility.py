@@ -410,9 +410,7 @@ def _next_token_sketch(tokens: TokenValues, keep: Tensor, spec: SketchSpec) -> T
     return sketch_update(divergences, spec, weights=keep, batch_dims=1, validate=False)
 
 
-def _next_token_compute(
-    stats: Tensor, token_stats: Tensor, with_stderr: bool = False
-) -> dict[str, Tensor]:
+def _next_token_compute(stats: Tensor, token_stats: Tensor, with_stderr: bool = False) -> dict[str, Tensor]:
     """``{divergence: mean}`` from ``[6, 3]`` mean statistics, then ``top1_agreement`` from the token level.
 
     NaN where nothing was counted. With ``with_stderr`` each mean is followed by its ``{name}_stderr``.
