@@ -11,7 +11,9 @@ package. Environment variables:
   ``skip`` to keep the torch the environment already has: the sessions' virtualenvs are then
   created with ``--system-site-packages`` so they see it.
 
-The docs session needs no torch: mkdocstrings reads the sources statically.
+``tests_min`` runs the suite on the lowest versions ``pyproject.toml`` declares (each ``>=`` floor
+pinned with ``==``; torch installed as above, at its floor). The docs session needs no torch:
+mkdocstrings reads the sources statically.
 """
 
 from __future__ import annotations
@@ -30,16 +32,55 @@ TORCH_INDEX = os.environ.get("METRICS_SUITE_TORCH_INDEX")
 TORCH_VENV = ["--system-site-packages"] if TORCH == "skip" else []
 
 
-def _install(session: nox.Session, *extras: str) -> None:
+def _install(session: nox.Session, *extras: str, torch: str = TORCH, constraints: str | None = None) -> None:
     if TORCH != "skip":
-        session.install(TORCH, *(["--index-url", TORCH_INDEX] if TORCH_INDEX else []))
-    session.install("-e", f".[{','.join(extras)}]" if extras else ".")
+        session.install(torch, *(["--index-url", TORCH_INDEX] if TORCH_INDEX else []))
+    session.install(
+        "-e", f".[{','.join(extras)}]" if extras else ".", *(["-c", constraints] if constraints else [])
+    )
+
+
+def _floors(*extras: str) -> dict[str, str]:
+    """``{name: "name==floor"}`` for every ``>=`` requirement of the package and of ``extras``."""
+    import tomllib  # Python 3.11+, like every session
+    from packaging.requirements import Requirement
+
+    with open("pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    requirements = [
+        *project["dependencies"],
+        *(r for e in extras for r in project["optional-dependencies"][e]),
+    ]
+    return {
+        req.name: f"{req.name}=={spec.version}"
+        for req in map(Requirement, requirements)
+        for spec in req.specifier
+        if spec.operator == ">="
+    }
 
 
 @nox.session(python=PYTHON, venv_params=TORCH_VENV)
 def tests(session: nox.Session) -> None:
-    """The whole test suite: unit, conformance kit, real-DDP (gloo) and doc examples."""
-    _install(session, "dev", "lightning", "plots")
+    """The whole test suite: unit, conformance kit, real-DDP (gloo), doc examples, recipes and the built docs site."""
+    _install(session, "dev", "lightning", "plots", "docs", "recipes")
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session(python=PYTHON, venv_params=TORCH_VENV)
+def tests_min(session: nox.Session) -> None:
+    """The test suite on the lowest versions ``pyproject.toml`` declares: every ``>=`` floor of the
+    dependencies and of the lightning and plots extras, pinned with ``==`` (the test tools stay current)."""
+    extras = ("lightning", "plots")
+    floors = _floors(*extras)
+    # torch goes first, through the usual mechanism (index, ``skip``); the pins hold everything else
+    torch = floors.pop("torch")
+    constraints = os.path.join(session.create_tmp(), "floors.txt")
+    with open(constraints, "w") as f:
+        f.write("\n".join(floors.values()) + "\n")
+    _install(session, "dev", *extras, torch=torch, constraints=constraints)
+    session.run(
+        "python", "-c", "import torch, torchmetrics; print(torch.__version__, torchmetrics.__version__)"
+    )
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
 

@@ -6,8 +6,8 @@
 """
 
 from metrics_suite import credit, noise, reconstruction, utility
-from metrics_suite.base import DiagnosticMetric, fused_all_reduce
-from metrics_suite.capture import ForwardCapture, record
+from metrics_suite.base import DiagnosticMetric, SyncFailedError, SyncMismatchError, fused_all_reduce
+from metrics_suite.capture import ForwardCapture, record, replace_output
 from metrics_suite.collection import DiagnosticCollection
 from metrics_suite.config import SuiteConfig, load_config
 from metrics_suite.conformance import ConformanceExample
@@ -28,6 +28,8 @@ __all__ = [
     "DiagnosticMetric",
     "ForwardCapture",
     "SuiteConfig",
+    "SyncFailedError",
+    "SyncMismatchError",
     "__version__",
     "available",
     "build",
@@ -36,6 +38,7 @@ __all__ = [
     "record",
     "register",
     "registered",
+    "replace_output",
     "suite",
     *reconstruction.__all__,
     *utility.__all__,

@@ -8,12 +8,15 @@ normal forward pass and handed to a collection afterwards::
         loss = model(batch)  # the layer calls record(self, "mean", mean), record(self, "noise", noise)
     collection.update(**capture.pop())
 
+:func:`replace_output` swaps a module's output for the duration of a ``with`` block (splice an
+autoencoder's reconstruction into a layer, zero-ablate it, intervene on its features).
+
 A tensor can come from three places:
 
 * a forward argument (``inputs``: capture name -> parameter name of ``forward`` or position),
 * the forward output (``output``: a capture name for a tensor output, or capture name -> index/key
   into a tuple/dict output),
-* :func:`record` calls inside ``forward`` (no-ops unless a capture is attached), or module
+* [`record`][metrics_suite.capture.record] calls inside ``forward`` (no-ops unless a capture is attached), or module
   attributes read after ``forward`` (``attributes``: capture name -> attribute name).
 
 Forward arguments are taken before ``forward`` runs (by reference; a forward that changes a captured
@@ -22,9 +25,10 @@ argument in place raises unless ``copy_inputs=True``); the rest is taken as ``fo
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -32,14 +36,14 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["ForwardCapture", "record"]
+__all__ = ["ForwardCapture", "record", "replace_output"]
 
 # module -> captures attached to it (weak keys: no attribute is added to the user's module)
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, tuple[ForwardCapture, ...]] = weakref.WeakKeyDictionary()
 
 
 def record(module: nn.Module, name: str, tensor: Any) -> None:
-    """Hand ``tensor`` (or any value) to every :class:`ForwardCapture` attached to ``module`` under ``name``.
+    """Hand ``tensor`` (or any value) to every [`ForwardCapture`][metrics_suite.capture.ForwardCapture] attached to ``module`` under ``name``.
 
     Call it inside ``module.forward``; without an attached capture it does nothing, so a layer
     can always call it. A value recorded outside a forward is dropped when the next forward starts.
@@ -61,6 +65,50 @@ def record(module: nn.Module, name: str, tensor: Any) -> None:
         capture._store(name, tensor)
 
 
+@contextlib.contextmanager
+def replace_output(module: nn.Module, replacement: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Inside the block, ``module``'s output ``h`` becomes ``replacement(h)`` (a forward hook, removed on exit).
+
+    For a tuple or list output (e.g. a decoder layer returning ``(hidden_states, ...)``) only the
+    first element is replaced. The rest of the model runs on the replacement, so this splices a
+    reconstruction into a layer (``lambda h: sae(h)``), zero-ablates it (``torch.zeros_like``) or
+    applies an intervention. Hooks run in registration order: a :class:`ForwardCapture` attached to
+    ``module`` before the block sees the original output, one attached inside the block the replacement.
+
+    Raises:
+        TypeError: ``module`` is not a ``torch.nn.Module``, or (during a forward) its output is
+            neither a tensor nor a tuple/list starting with one.
+
+    Examples:
+        >>> import torch
+        >>> layer, head = torch.nn.Identity(), torch.nn.Identity()
+        >>> model = torch.nn.Sequential(layer, head)
+        >>> with replace_output(layer, torch.zeros_like):
+        ...     model(torch.ones(2))
+        tensor([0., 0.])
+        >>> model(torch.ones(2))  # the hook is gone
+        tensor([1., 1.])
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if isinstance(output, Tensor):
+            return replacement(output)
+        if type(output) in (tuple, list) and output and isinstance(output[0], Tensor):
+            return type(output)([replacement(output[0]), *output[1:]])
+        raise TypeError(
+            f"replace_output: {type(module).__name__}.forward returned a {_describe(output)}; "
+            "expected a tensor or a tuple/list whose first element is one"
+        )
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class ForwardCapture:
     """Capture named tensors from one module's forward pass.
 
@@ -71,7 +119,7 @@ class ForwardCapture:
         output: capture name for a tensor output, or ``{capture name: index or key}`` into a
             tuple/list/dict output.
         attributes: ``{capture name: attribute name}`` of ``module`` read after each forward.
-        names: the names :attr:`tensors` must hold; it raises ``LookupError`` when one is missing
+        names: the names [`tensors`][metrics_suite.capture.ForwardCapture.tensors] must hold; it raises ``LookupError`` when one is missing
             (e.g. the module did not run). ``None``: whatever was captured.
         detach: detach captured tensors from the autograd graph (default), so holding them does
             not keep the graph alive.
@@ -79,9 +127,9 @@ class ForwardCapture:
             (no extra memory); a forward that then changes a captured argument in place (e.g.
             ``ReLU(inplace=True)``) raises ``RuntimeError`` instead of handing back the changed value.
 
-    Tensors passed to :func:`record` inside the module's forward are captured too. Each forward
+    Tensors passed to [`record`][metrics_suite.capture.record] inside the module's forward are captured too. Each forward
     replaces all previous values, so a name it does not produce is missing rather than stale, and
-    a forward that raises leaves nothing; read them with :attr:`tensors` or :meth:`pop`. Nothing is
+    a forward that raises leaves nothing; read them with [`tensors`][metrics_suite.capture.ForwardCapture.tensors] or [`pop`][metrics_suite.capture.ForwardCapture.pop]. Nothing is
     copied unless ``copy_inputs=True``: outputs, recorded values and attributes are what the forward
     left (a later in-place change by the surrounding model shows up in them).
 
@@ -93,7 +141,7 @@ class ForwardCapture:
             writes another view of the captured argument's buffer raises too: pass
             ``copy_inputs=True`` there.
 
-    Use as a context manager (hooks removed on exit) or call :meth:`attach`/:meth:`remove`.
+    Use as a context manager (hooks removed on exit) or call [`attach`][metrics_suite.capture.ForwardCapture.attach]/[`remove`][metrics_suite.capture.ForwardCapture.remove].
 
     Examples:
         >>> import torch
@@ -267,7 +315,7 @@ class ForwardCapture:
         return {n: self._captured[n] for n in self.names}
 
     def pop(self) -> dict[str, Any]:
-        """:attr:`tensors`, then forget them (so a stale value is never fed twice)."""
+        """[`tensors`][metrics_suite.capture.ForwardCapture.tensors], then forget them (so a stale value is never fed twice)."""
         out = self.tensors
         self.clear()
         return out

@@ -60,15 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unwritable(folder: Path) -> str | None:
+    """Why ``folder`` cannot take the demo's files (None when it can): created if missing, probed."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".metrics_suite_write_probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return f"{err.strerror or err}: {err.filename or folder}"
+    return None
+
+
 def _demo(args: argparse.Namespace) -> int:
-    # checked before training: without matplotlib the run would fail only when drawing the figure
-    missing = [name for name in ("pytorch_lightning", "matplotlib") if importlib.util.find_spec(name) is None]
-    if missing:
+    if importlib.util.find_spec("pytorch_lightning") is None:
         print(
-            f"metrics-suite demo needs {' and '.join(missing)}, not installed: "
-            "pip install 'metrics_suite[lightning,plots]'",
+            "metrics-suite demo needs pytorch_lightning, not installed: "
+            "pip install -e '.[lightning,plots]' in the checkout",
             file=sys.stderr,
         )
+        return 1
+    # checked before training: the results would otherwise be lost after the run
+    reason = _unwritable(args.out)
+    if reason is not None:
+        print(f"metrics-suite demo: cannot write to --out {args.out}: {reason}", file=sys.stderr)
         return 1
     from metrics_suite.demo.figure import format_tables, save_figure
     from metrics_suite.demo.training import DemoConfig, run_demo
@@ -84,12 +99,19 @@ def _demo(args: argparse.Namespace) -> int:
         f"metrics-suite demo: {config.epochs} epochs on {config.devices} CPU process(es), output in {args.out}/"
     )
     results = run_demo(config)
-    figure = save_figure(results, args.out / "results.png")
     print()
     print(format_tables(results))
     print()
     print(f"wall time {results['wall_time_s']:.1f} s on {results['world_size']} process(es)")
-    print(f"wrote {args.out / 'results.json'} and {figure}")
+    written = [str(args.out / "results.json")]
+    try:
+        written.append(str(save_figure(results, args.out / "results.png")))
+    except ImportError:
+        print(
+            "no figure: it needs matplotlib, the [plots] extra (pip install -e '.[plots]'); "
+            f"then: metrics-suite plot {args.out / 'results.json'}"
+        )
+    print(f"wrote {' and '.join(written)}")
     return 0
 
 

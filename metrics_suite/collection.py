@@ -20,7 +20,7 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities.data import dim_zero_sum
 
-from metrics_suite.base import DiagnosticMetric, fused_all_reduce, snapshot
+from metrics_suite.base import DiagnosticMetric, MetricFingerprint, fused_all_reduce, snapshot
 
 _NOT_UPDATED = "was called before the ``update`` method"
 
@@ -62,7 +62,7 @@ def _flatten(metric: Metric, value: Any) -> dict[str, Tensor]:
 
 
 class DiagnosticCollection(MetricCollection):
-    """A :class:`torchmetrics.MetricCollection` of diagnostics with one collective per compute.
+    """A [`torchmetrics.MetricCollection`](https://lightning.ai/docs/torchmetrics/stable/wrappers/metric_collection.html) of diagnostics with one collective per compute.
 
     ``compute()`` adds up every state of every metric across ranks in one buffer, so only metrics
     whose states are all tensors reduced by sum can join (every ``metrics_suite`` metric, and e.g.
@@ -70,10 +70,12 @@ class DiagnosticCollection(MetricCollection):
     the metric is added.
 
     Args:
-        metrics: ``{"suite/metric": metric}`` (what :func:`metrics_suite.suite` builds), or any
+        metrics: ``{"suite/metric": metric}`` (what [`metrics_suite.suite`][metrics_suite.registry.suite] builds), or any
             sum-state metrics accepted by ``MetricCollection``.
-        check_layout: verify that every rank holds the same state layout before the sum
-            (an ``all_gather`` of two numbers per rank); a mismatch raises on every rank instead of hanging.
+        check_layout: verify before the sum that every rank holds the same metrics, with the same
+            state layouts, fingerprint arguments and synced-compute counts (one small ``all_gather``);
+            a mismatch raises :class:`~metrics_suite.base.SyncMismatchError` on every rank, naming the
+            metric and the argument, instead of hanging or summing states that mean different things.
         atomic_update: when one metric rejects its input, roll back the metrics already updated
             in that call, so a failed ``update`` or ``forward`` leaves the whole collection unchanged.
 
@@ -154,7 +156,7 @@ class DiagnosticCollection(MetricCollection):
         Only the metrics this call updated appear, and without ``nonfinite_count``: that count is
         kept over all updates since the last reset (one warning per metric) and ``compute()``
         reports it, so a batch value never mixes in earlier batches. A rejected batch is rolled back
-        as in :meth:`update`.
+        as in [`update`][metrics_suite.collection.DiagnosticCollection.update].
         """
         if args:
             raise TypeError("DiagnosticCollection takes keyword inputs only (e.g. clean_logits=...)")
@@ -182,7 +184,25 @@ class DiagnosticCollection(MetricCollection):
             ("update_counts", torch.tensor(list(counts.values()), dtype=torch.int64, device=device))
         )
         group = next((m.process_group for _, m in items if m.process_group is not None), None)
-        reduced = fused_all_reduce(states, group=group, check_layout=self.check_layout)
+        prints = [
+            m.sync_fingerprint(name)
+            if isinstance(m, DiagnosticMetric)
+            else MetricFingerprint(
+                name, type(m).__name__, str([(a, getattr(m, a).shape) for a in m._defaults])
+            )
+            for name, m in items
+        ]
+        names = ", ".join(name for name, _ in items[:3]) + (", ..." if len(items) > 3 else "")
+        reduced = fused_all_reduce(
+            states,
+            group=group,
+            check_layout=self.check_layout,
+            fingerprints=prints,
+            label=f"DiagnosticCollection.compute() of {len(items)} metrics ({names})",
+        )
+        for _, m in items:
+            if isinstance(m, DiagnosticMetric):
+                m._synced_computes += 1
         # computes never modify states in place, so the local tensors can be restored by reference
         local = [(m, {attr: getattr(m, attr) for attr in m._defaults}) for _, m in items]
         it = iter(reduced)
@@ -234,7 +254,7 @@ class DiagnosticCollection(MetricCollection):
         return flat
 
     def output_keys(self) -> list[str]:
-        """The keys :meth:`compute` returns, found without any collective.
+        """The keys [`compute`][metrics_suite.collection.DiagnosticCollection.compute] returns, found without any collective.
 
         Output shapes are fixed at construction, so computing on the local states gives the same keys
         as a synced compute.

@@ -40,7 +40,7 @@ class SuiteConfig(BaseModel):
 
 
 def load_config(path: str | Path) -> SuiteConfig:
-    """Read a :class:`SuiteConfig` from a ``.json`` or ``.toml`` file."""
+    """Read a [`SuiteConfig`][metrics_suite.config.SuiteConfig] from a ``.json`` or ``.toml`` file."""
     path = Path(path)
     if path.suffix == ".json":
         data = json.loads(path.read_text())

@@ -1,6 +1,6 @@
 """Conformance examples: how the test kit feeds a metric.
 
-Every registered metric carries a :class:`ConformanceExample`. The conformance tests in
+Every registered metric carries a [`ConformanceExample`][metrics_suite.conformance.ConformanceExample]. The conformance tests in
 ``tests/test_conformance.py`` (and ``tests/test_distributed.py``) use it to check, for each
 metric, the invariants of DESIGN.md: sharding invariance, real-DDP equality with one process,
 collective counts, ``state_dict``/pickle round trips, bad input leaving the state unchanged, and

@@ -1,6 +1,6 @@
 """Credit suite: credit-assignment signals (alternatives to backprop) checked against ground truth.
 
-Every metric but :class:`FeatureDrift` is kept per layer: ``num_layers`` at construction, a
+Every metric but [`FeatureDrift`][metrics_suite.credit.FeatureDrift] is kept per layer: ``num_layers`` at construction, a
 ``layer`` index per ``update``. A per-layer value is a scalar when ``num_layers == 1`` and a
 ``[num_layers]`` vector otherwise (NaN for layers never updated); a collection flattens vectors
 as ``.../layer_{i}``.
@@ -75,7 +75,7 @@ class _PerLayerMetric(DiagnosticMetric):
         return {k: _per_layer(v, self.num_layers) for k, v in self.mean_output(stats, name).items()}
 
     def _layer_value(self, stats: Tensor) -> MetricOutput:
-        """The per-layer mean of a one-value metric, or with ``with_stderr`` the dict under :attr:`value_name`."""
+        """The per-layer mean of a one-value metric, or with ``with_stderr`` the dict under [`value_name`][metrics_suite.base.DiagnosticMetric.value_name]."""
         assert self.value_name is not None
         out = self._layer_means(stats, self.value_name)
         return out if self.with_stderr else out[self.value_name]
@@ -94,13 +94,13 @@ class CreditCosine(_PerLayerMetric):
     over the items $S_l$ seen for layer $l$ on all ranks, with $a_i$ and
     $r_i$ the flattened credit and reference of item $i$ (``[N, ...] → [N, -1]``).
     With the backprop gradient as reference this is the offline BP cosine; with the exact costate
-    (:func:`~metrics_suite.functional.credit.lq_costates`) the exact costate cosine. Items where either
+    ([`lq_costates`][metrics_suite.functional.credit.lq_costates]) the exact costate cosine. Items where either
     norm is zero have no defined cosine and are left out (they are not counted as non-finite).
     Cosines are computed in float64.
 
     Args:
         num_layers: number of layers tracked.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr=True`` returns
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr=True`` returns
             ``{"cosine", "cosine_stderr"}``; a collection keeps the cosine under
             ``credit/cosine`` and the standard error under ``credit/cosine/stderr``).
 
@@ -173,26 +173,27 @@ class PerturbationCorrelation(_PerLayerMetric):
     variance (e.g. an all-zero credit).
 
     All ``M`` directions go through ``loss_fn`` in batched calls of at most ``chunk_size`` rows (see
-    :func:`~metrics_suite.functional.credit.perturbation_pairs`), under ``torch.no_grad()``;
+    [`perturbation_pairs`][metrics_suite.functional.credit.perturbation_pairs]), under ``torch.no_grad()``;
     ``loss_fn`` must be item-wise, and sees whole copies of the batch stacked (row ``s·N + i`` is
     item ``i``: tile per-item targets with ``targets.repeat(R // N)``).
 
-    Randomness: item $i$'s directions come from its own random stream, seeded from ``seed`` and the
-    values of $h_i$ (``perturbation_pairs(..., seed=seed)``). So an item gets the same directions in
+    Randomness: item $i$'s directions are a keyed hash of ``seed``, the values of $h_i$, the
+    direction and the coordinate, mapped to normals on the input's device
+    (``perturbation_pairs(..., seed=seed)``). So an item gets the same directions in
     any batch, at any position and on any rank: any split of the same data, and any number of ranks,
     gives the same $\rho$ up to float64 rounding (for a ``loss_fn`` whose per-item values do not
     depend on the batch: float32 matrix products may round differently for another number of rows),
     and the same data gives the same $\rho$ after a ``reset()`` or a resume from a checkpoint. Two
     metrics with the same seed score two credit rules on the same directions (a paired comparison).
-    Items with equal values share directions (as duplicates should); distinct items share them with
-    probability about ``2**-32``.
+    Items with equal values share directions (as duplicates should); two distinct items share them
+    with probability about ``2**-64`` (their 64-bit keys collide).
 
     Args:
         num_layers: number of layers tracked.
         epsilon: step size $\varepsilon$.
         num_directions: directions per item $M$.
         difference: ``"forward"`` or ``"central"`` differences.
-        seed: key of the directions (drawn on CPU, moved to the input's device). ``None`` derives
+        seed: key of the directions (computed on the input's device). ``None`` derives
             it from torch's global RNG at construction without advancing it, so ``torch.manual_seed``
             makes runs reproducible and building the metric does not change what is drawn next (e.g.
             a model's initialisation). Under DDP every rank needs the same seed: pass one, or seed
@@ -200,7 +201,7 @@ class PerturbationCorrelation(_PerLayerMetric):
             ``state_dict()`` (module extra state, not a summed metric state): a metric loaded from a
             checkpoint takes the checkpoint's seed, so a resumed run draws the same directions.
         chunk_size: maximum rows per ``loss_fn`` call (default ``2**22 // D``, at least one direction).
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` has no
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` has no
             effect: $\rho$ is not a mean).
 
     ``update(hidden, credit, loss_fn, layer=0)``: ``hidden`` and ``credit`` ``[N, d]`` (or
@@ -223,6 +224,7 @@ class PerturbationCorrelation(_PerLayerMetric):
     """
 
     higher_is_better = True
+    fingerprint_exclude = DiagnosticMetric.fingerprint_exclude | {"chunk_size"}  # memory only
 
     pair_sums: Tensor
 
@@ -275,7 +277,7 @@ class PerturbationCorrelation(_PerLayerMetric):
         return {"seed": torch.tensor(self.seed, dtype=torch.int64)}
 
     def set_extra_state(self, state: dict[str, Tensor]) -> None:
-        """Restore the seed saved by :meth:`get_extra_state`."""
+        """Restore the seed saved by [`get_extra_state`][metrics_suite.credit.PerturbationCorrelation.get_extra_state]."""
         self.seed = int(state["seed"])
 
     def compute(self) -> Tensor:
@@ -300,9 +302,9 @@ class NudgingDelta(_PerLayerMetric):
     Args:
         num_layers: number of layers tracked.
         eta: step size $\eta$ (in units of the credit's RMS).
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options.
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options.
 
-    ``update(hidden, credit, loss_fn, layer=0)`` as in :class:`PerturbationCorrelation`.
+    ``update(hidden, credit, loss_fn, layer=0)`` as in [`PerturbationCorrelation`][metrics_suite.credit.PerturbationCorrelation].
 
     Examples:
         >>> import torch
@@ -360,12 +362,12 @@ class BridgeResidual(_PerLayerMetric):
 
     over all items of the layer on all ranks, in float64. $V^{target}$ lies between the
     minimum and the mean of the $K$ next values. Build the inputs from a value network and a
-    target network with :func:`~metrics_suite.functional.credit.bridge_values`.
+    target network with [`bridge_values`][metrics_suite.functional.credit.bridge_values].
 
     Args:
         num_layers: number of layers (or value functions) tracked.
         lam: temperature $\lambda > 0$.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr=True`` returns
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr=True`` returns
             ``{"bridge_residual", "bridge_residual_stderr"}``; a collection keeps the residual under
             ``credit/bridge_residual`` and the standard error under ``credit/bridge_residual/stderr``).
 
@@ -442,7 +444,7 @@ class FeatureDrift(DiagnosticMetric):
         reference: an ``nn.Module`` (its ``named_parameters()``; buffers are ignored) or a mapping
             of names to float tensors.
         group_by_module: report one value per module instead of per parameter.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options.
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options.
 
     ``update(params)`` takes a module or a mapping holding every reference name with the reference
     shape; extra names are ignored (so the whole model can be passed for a partial reference).
@@ -462,6 +464,9 @@ class FeatureDrift(DiagnosticMetric):
     """
 
     higher_is_better = None
+    # the reference is held in buffers: its parameter names (one state entry each) stand for it
+    fingerprint_exclude = DiagnosticMetric.fingerprint_exclude | {"reference"}
+    fingerprint_attributes = ("parameter_names",)
 
     drift_sq: Tensor
     drift_count: Tensor

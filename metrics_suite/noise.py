@@ -55,7 +55,7 @@ class NoiseStatistics(DiagnosticMetric):
 
     Args:
         dim: the (negative) feature dimension the norms run over, e.g. ``-1`` for ``[B, T, D]``.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``{stat}_stderr`` for every statistic).
 
     ``update(input, mean, noise, noise_mask=None)``: ``mean`` and ``noise`` have ``input``'s shape

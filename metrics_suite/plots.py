@@ -3,10 +3,10 @@
 matplotlib is an optional extra (``pip install 'metrics_suite[plots]'``); it is imported when a plot
 is made, never on ``import metrics_suite``.
 
-* :func:`plot_metric` — what ``metric.plot(val=None, ax=None)`` returns: ``(figure, axes)`` for the
+* [`plot_metric`][metrics_suite.plots.plot_metric] — what ``metric.plot(val=None, ax=None)`` returns: ``(figure, axes)`` for the
   current value, a given value, or a list of values (one per step or epoch).
-* :func:`plot_results` — a results file (``{"history": [{"stage", "epoch", "values"}, ...]}``, what
-  ``metrics-suite demo`` writes and :class:`~metrics_suite.integrations.lightning.DiagnosticsCallback`
+* [`plot_results`][metrics_suite.plots.plot_results] — a results file (``{"history": [{"stage", "epoch", "values"}, ...]}``, what
+  ``metrics-suite demo`` writes and [`DiagnosticsCallback`][metrics_suite.integrations.lightning.DiagnosticsCallback]
   records) rendered as one figure: per-epoch curves per metric and per-layer bars.
 """
 
@@ -36,7 +36,7 @@ PlotValue = Tensor | Mapping[str, Tensor]
 
 
 class PlottableMetric(Protocol):
-    """What :func:`plot_metric` reads of a metric (a :class:`~metrics_suite.base.DiagnosticMetric`).
+    """What [`plot_metric`][metrics_suite.plots.plot_metric] reads of a metric (a [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric]).
 
     A protocol rather than an import of ``base``: ``DiagnosticMetric.plot`` calls into this module,
     which therefore must not import the base class back.
@@ -225,16 +225,16 @@ def plot_results(
 
     Args:
         results: a dict with ``"history"`` — records ``{"stage", "epoch", "values": {key: float}}``
-            as :class:`~metrics_suite.integrations.lightning.DiagnosticsCallback` keeps them — or the
+            as [`DiagnosticsCallback`][metrics_suite.integrations.lightning.DiagnosticsCallback] keeps them — or the
             path of a JSON file holding one (``results.json`` of ``metrics-suite demo``).
         path: where to save the figure (PNG, SVG, PDF by extension); not saved when None.
         stage: the stage whose epochs are drawn solid and whose last epoch gives the bars.
 
     Returns:
-        The :class:`matplotlib.figure.Figure` (made without pyplot, so no GUI backend is needed).
+        The [`matplotlib.figure.Figure`](https://matplotlib.org/stable/api/_as_gen/matplotlib.figure.Figure.html) (made without pyplot, so no GUI backend is needed).
 
     Raises:
-        ValueError: the results are malformed (see :func:`load_results`), or hold records but
+        ValueError: the results are malformed (see [`load_results`][metrics_suite.plots.load_results]), or hold records but
             none of ``stage``.
 
     Examples:

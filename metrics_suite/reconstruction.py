@@ -57,7 +57,7 @@ class ReconstructionScore(DiagnosticMetric):
     Args:
         num_components: number of components (e.g. SAEs at different layers) scored at once.
         reduction: ``"ratio_of_sums"`` (default) or ``"itemwise_mean"``.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``validate_args``,
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``validate_args``,
             ``nan_strategy``, torchmetrics' own, and ``with_stderr``: only with
             ``reduction="itemwise_mean"``, as a ratio of sums has no per-item spread; it raises
             ``ValueError`` with ``"ratio_of_sums"``).
@@ -167,13 +167,13 @@ class ChangedTokenRate(DiagnosticMetric):
     Token ids are integers, so no item is ever skipped as non-finite.
 
     Args:
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options; with ``with_stderr=True`` the
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options; with ``with_stderr=True`` the
             output also holds ``sequence_mean_stderr`` and ``token_rate_stderr`` (the latter treats
             tokens as independent).
 
     ``update(input_ids, reconstructed_ids, noise_mask=None)`` takes integer ``[B, T]`` ids and a bool
     (or 0/1) mask that broadcasts to ``[B, T]``, e.g. ``[T]`` (as
-    :class:`~metrics_suite.noise.NoiseStatistics` takes it). ``compute()`` returns
+    [`NoiseStatistics`][metrics_suite.noise.NoiseStatistics] takes it). ``compute()`` returns
     ``{"sequence_mean", "token_rate"}``.
 
     Examples:
@@ -245,7 +245,7 @@ class ActivationReconstruction(DiagnosticMetric):
 
     Args:
         num_features: the size ``D`` of the last dimension.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``mse_stderr`` and ``cosine_similarity_stderr``).
 
     Examples:
@@ -322,18 +322,18 @@ class FeatureSparsity(DiagnosticMetric):
     ``dead_fraction@1e-06``, ``dead_fraction@1e-05`` by default) and ``density_histogram``, a ``[9]``
     vector of feature counts per firing density: bin 0 holds the features that never fired, bins
     1..8 one decade of $\log_{10}\nu_f$ each, ``[-8, -7)`` ... ``[-1, 0]`` (edges in
-    :attr:`density_edges_log10`; a density below 1e-8 goes to bin 1). A collection flattens it
+    [`density_edges_log10`][metrics_suite.reconstruction.FeatureSparsity.density_edges_log10]; a density below 1e-8 goes to bin 1). A collection flattens it
     to ``.../density_histogram/bin_{i}``.
 
     States: int64 per-feature firing counts ``[F]`` and a vector count (so a feature firing on only
     one rank is not dead), plus (n, Σ, Σ²) of the per-vector L0 and L1. The histogram is computed
     from the summed firing counts at ``compute()``, so it describes the densities over all data.
-    :meth:`firing_frequency` gives $\nu_f$ for plots. No data: NaN.
+    [`firing_frequency`][metrics_suite.reconstruction.FeatureSparsity.firing_frequency] gives $\nu_f$ for plots. No data: NaN.
 
     Args:
         num_features: the number of features ``F``.
         dead_thresholds: firing frequencies in ``[0, 1]`` at or below which a feature counts as dead.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``l0_stderr`` and ``l1_stderr``).
 
     Examples:

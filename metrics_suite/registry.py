@@ -1,7 +1,7 @@
 """The suite registry: which metric classes make up each suite, and how to build collections.
 
-Metric modules register their classes with :func:`register`; :func:`suite` and :func:`build`
-turn registry names plus per-metric overrides into one :class:`DiagnosticCollection`.
+Metric modules register their classes with [`register`][metrics_suite.registry.register]; [`suite`][metrics_suite.registry.suite] and [`build`][metrics_suite.registry.build]
+turn registry names plus per-metric overrides into one [`DiagnosticCollection`][metrics_suite.collection.DiagnosticCollection].
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def suite(*names: str, **overrides: Mapping[str, Any] | bool) -> DiagnosticColle
 
 
 def build(config: Any) -> DiagnosticCollection:
-    """Build a collection from a :class:`~metrics_suite.config.SuiteConfig`, a dict, or a
+    """Build a collection from a [`SuiteConfig`][metrics_suite.config.SuiteConfig], a dict, or a
     ``.json``/``.toml`` file path.
 
     Examples:

@@ -77,7 +77,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def count_collectives() -> Iterator[Counter[str]]:
-    """Count calls to the ``torch.distributed`` functions in :data:`COLLECTIVES` inside the block.
+    """Count calls to the ``torch.distributed`` functions in [`COLLECTIVES`][metrics_suite.testing.COLLECTIVES] inside the block.
 
     Counts calls made through the ``torch.distributed`` namespace (what metrics, torchmetrics and
     Lightning use); a call that torch makes internally (``all_gather_object`` gathering through
@@ -154,20 +154,29 @@ def _worker(
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300.0,
+    process_group_timeout: float | None = None,
+) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh gloo processes on loopback.
 
     ``fn`` must be importable (a module-level function) and its result picklable. Returns the
-    results ordered by rank. Raises :class:`DistributedError` with the failing ranks' tracebacks
+    results ordered by rank. Raises [`DistributedError`][metrics_suite.testing.DistributedError] with the failing ranks' tracebacks
     if any rank raises or the group does not finish within ``timeout`` seconds; every process
-    is terminated before this function returns, whatever happens.
+    is terminated before this function returns, whatever happens. ``process_group_timeout``
+    (seconds; default ``min(timeout, 120)``) is what ``init_process_group(timeout=...)`` gets: how
+    long a collective waits for a rank that never joins it.
     """
+    group_timeout = min(timeout, 120.0) if process_group_timeout is None else process_group_timeout
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(
-            target=_worker, args=(rank, world_size, port, fn, args, results, min(timeout, 120.0)), daemon=True
+            target=_worker, args=(rank, world_size, port, fn, args, results, group_timeout), daemon=True
         )
         for rank in range(world_size)
     ]

@@ -1,9 +1,9 @@
 """Utility suite: does the transformed model still do its job?
 
-* :class:`NextTokenDivergence` — how far the next-token distribution of the transformed ("noisy")
+* [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence] — how far the next-token distribution of the transformed ("noisy")
   model moves from the clean one (Jeffreys, Jensen-Shannon, total variation, squared Hellinger).
-* :class:`MaskedCrossEntropy` — token-mean cross-entropy and perplexity against target tokens.
-* :class:`PredictionChange` — how often an intervention changes predicted classes, per class.
+* [`MaskedCrossEntropy`][metrics_suite.utility.MaskedCrossEntropy] — token-mean cross-entropy and perplexity against target tokens.
+* [`PredictionChange`][metrics_suite.utility.PredictionChange] — how often an intervention changes predicted classes, per class.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class NextTokenDivergence(DiagnosticMetric):
 
     from the same pass (their sum is ``jeffreys``; SAELens reports KL(clean‖spliced), llama.cpp
     KL(ref‖eval), i.e. ``kl_clean_noisy``). ``top1_agreement`` is the share of attended tokens whose
-    clean and noisy argmax agree (the first largest logit, as :func:`torch.argmax`); it is a token
+    clean and noisy argmax agree (the first largest logit, as `torch.argmax`); it is a token
     share whatever ``reduction``.
 
     With ``num_logits=k`` both distributions are restricted to the union of the top-k sets of the
@@ -96,7 +96,7 @@ class NextTokenDivergence(DiagnosticMetric):
     tokens. Both are kept in the state, so the choice only matters at ``compute()``.
 
     With ``quantiles``, each divergence also reports ``{name}_p50`` ... (one key per level,
-    :func:`~metrics_suite.functional._sketch.quantile_key`) and ``{name}_max`` over attended tokens
+    `quantile_key`) and ``{name}_max`` over attended tokens
     (whatever ``reduction``), from a log-bucketed sketch per divergence kept as an int64 count state:
     each is within relative error ``relative_accuracy`` of the exact token quantile
     (``numpy.quantile(..., method="inverted_cdf")``) and of the maximum; values below about 1e-12
@@ -114,7 +114,7 @@ class NextTokenDivergence(DiagnosticMetric):
         quantiles: levels in [0, 1] of the per-token quantiles to report, e.g. ``(0.5, 0.9, 0.99)``;
             None (default) keeps the sketch off (no state, no extra outputs).
         relative_accuracy: α in (0, 1) of the sketch: 1845 counts per divergence at 0.01.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``<name>_stderr``: over sequences, or over tokens for ``"token"``).
 
     ``update(clean_logits, noisy_logits, attention_mask=None)`` takes logits ``[B, T, V]`` and a bool
@@ -154,6 +154,8 @@ class NextTokenDivergence(DiagnosticMetric):
     """
 
     higher_is_better = False
+    # chunk sizes bound memory only
+    fingerprint_exclude = DiagnosticMetric.fingerprint_exclude | {"max_batch_size", "max_sequence_length"}
 
     sequence_stats: Tensor
     token_stats: Tensor
@@ -256,18 +258,18 @@ class MaskedCrossEntropy(DiagnosticMetric):
     over the set $S$ of attended positions whose target is not ``ignore_index``.
     ``target_ids[b, t]`` is the token that ``logits[b, t]`` predicts: shift labels yourself
     (``logits[:, :-1]`` against ``input_ids[:, 1:]``). Computed in chunks like
-    :class:`NextTokenDivergence`.
+    [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence].
 
     Args:
         ignore_index: target id whose positions are left out (e.g. -100), or None.
-        max_batch_size: chunk limit, as in :class:`NextTokenDivergence`.
-        max_sequence_length: chunk limit, as in :class:`NextTokenDivergence`.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options (``with_stderr`` adds
+        max_batch_size: chunk limit, as in [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence].
+        max_sequence_length: chunk limit, as in [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence].
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``cross_entropy_stderr``, over tokens).
 
     ``update(logits, target_ids, attention_mask=None)``: logits ``[B, T, V]``, integer targets
     ``[B, T]`` (in ``[0, V)`` where counted), bool mask ``[B, T]``. An item is a sequence. As in
-    :func:`torch.nn.functional.cross_entropy`, −inf logits are valid and a target whose logit is
+    [`torch.nn.functional.cross_entropy`](https://docs.pytorch.org/docs/stable/generated/torch.nn.functional.cross_entropy.html), −inf logits are valid and a target whose logit is
     −inf has an infinite loss, which is counted (``cross_entropy`` becomes +inf, not skipped); only
     counted positions whose logits hold NaN or +inf, or are all −inf, are non-finite for
     ``nan_strategy``.
@@ -284,6 +286,8 @@ class MaskedCrossEntropy(DiagnosticMetric):
     """
 
     higher_is_better = False
+    # chunk sizes bound memory only
+    fingerprint_exclude = DiagnosticMetric.fingerprint_exclude | {"max_batch_size", "max_sequence_length"}
 
     cross_entropy_stats: Tensor
 
@@ -325,7 +329,7 @@ class MaskedCrossEntropy(DiagnosticMetric):
 # ---------------------------------------------------------------------------------------------- prediction change
 @dataclasses.dataclass(frozen=True)
 class ClassChange:
-    """Prediction changes of one class (see :class:`PredictionChange`).
+    """Prediction changes of one class (see [`PredictionChange`][metrics_suite.utility.PredictionChange]).
 
     Attributes:
         class_id: the class index.
@@ -355,6 +359,7 @@ class ClassChange:
 class PredictionChangeReport:
     """One result row of a prediction-change experiment, e.g. one intervention method and scale."""
 
+    #: Field names in CSV column order.
     CSV_FIELDS: ClassVar[tuple[str, ...]] = (
         "method",
         "intervention_scale",
@@ -375,11 +380,11 @@ class PredictionChangeReport:
 
     @classmethod
     def csv_header(cls) -> str:
-        """The CSV header line matching :meth:`to_csv_row` (no line terminator)."""
+        """The CSV header line matching [`to_csv_row`][metrics_suite.utility.PredictionChangeReport.to_csv_row] (no line terminator)."""
         return ",".join(cls.CSV_FIELDS)
 
     def to_csv_row(self) -> str:
-        """This record as one CSV line (no line terminator), fields in :attr:`CSV_FIELDS` order."""
+        """This record as one CSV line (no line terminator), fields in [`CSV_FIELDS`][metrics_suite.utility.PredictionChangeReport.CSV_FIELDS] order."""
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="").writerow([getattr(self, name) for name in self.CSV_FIELDS])
         return buffer.getvalue()
@@ -402,17 +407,17 @@ class PredictionChange(DiagnosticMetric):
     ``target_change_std`` / ``other_change_std``: population standard deviation over classes of
     $n^{chg}_c / n^{orig}_c$ and $n^{oth,chg}_c / n^{oth}_c$ (0.0 for a class without
     support). Summed over classes both ratios count every changed item, so ``other_change``
-    equals ``target_change`` when ``C > 1``; the per-class ratios (:meth:`class_results`) and their
+    equals ``target_change`` when ``C > 1``; the per-class ratios ([`class_results`][metrics_suite.utility.PredictionChange.class_results]) and their
     spread are where they differ. No data gives NaN.
 
     Args:
         num_classes: number of classes ``C``.
-        class_names: optional ``C`` distinct names for :meth:`class_results`.
-        kwargs: :class:`~metrics_suite.base.DiagnosticMetric` options.
+        class_names: optional ``C`` distinct names for [`class_results`][metrics_suite.utility.PredictionChange.class_results].
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options.
 
     ``update(original_preds, modified_preds, mask=None)`` takes integer class ids of equal shape
-    (any shape; use :func:`argmax_logits` on logits) and an optional bool mask of the same shape
-    (e.g. :func:`patch_label_mask`). Ids must be in ``[0, C)`` where selected.
+    (any shape; use [`argmax_logits`][metrics_suite.functional.utility.argmax_logits] on logits) and an optional bool mask of the same shape
+    (e.g. [`patch_label_mask`][metrics_suite.functional.utility.patch_label_mask]). Ids must be in ``[0, C)`` where selected.
 
     Examples:
         >>> import torch
@@ -468,7 +473,7 @@ class PredictionChange(DiagnosticMetric):
             return self.transition_counts.clone()
 
     def class_results(self) -> list[ClassChange]:
-        """One :class:`ClassChange` per class, from the counts of all ranks."""
+        """One [`ClassChange`][metrics_suite.utility.ClassChange] per class, from the counts of all ranks."""
         counts = self._global_counts()
         per_class = {k: v.tolist() for k, v in _prediction_change_per_class(counts).items()}
         rows = counts.tolist()
@@ -490,7 +495,7 @@ class PredictionChange(DiagnosticMetric):
         ]
 
     def report(self, method: str, intervention_scale: float) -> PredictionChangeReport:
-        """The aggregate result as a :class:`PredictionChangeReport` (one CSV row)."""
+        """The aggregate result as a [`PredictionChangeReport`][metrics_suite.utility.PredictionChangeReport] (one CSV row)."""
         counts = self._global_counts()
         values = {k: float(v) for k, v in _prediction_change_compute(counts).items()}
         return PredictionChangeReport(

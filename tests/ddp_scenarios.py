@@ -6,18 +6,22 @@ checks every registered metric and scenario at once.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torchmetrics.aggregation import SumMetric
 
+from metrics_suite.base import DiagnosticMetric, SyncFailedError, SyncMismatchError
 from metrics_suite.collection import DiagnosticCollection
+from metrics_suite.reconstruction import ReconstructionScore
 from metrics_suite.registry import registered
 from metrics_suite.testing import count_collectives
-from tests.helpers import compare, example_batches, flat, make_metric
+from tests.helpers import compare, example_batches, flat, make_metric, state_snapshot, states_equal
 
 N_BATCHES = 6
 
@@ -53,6 +57,18 @@ def _expected_collectives(calls: Any) -> list[str]:
     return [] if actual == expected else [f"collectives: {actual} (expected {expected})"]
 
 
+def _compare_states(metric: DiagnosticMetric, reference: DiagnosticMetric) -> list[str]:
+    """Differences between two metrics' raw states (float sums to float64 rounding, counts exact)."""
+    problems = []
+    for name, actual in metric.state_items():
+        expected = getattr(reference, name)
+        if actual.dtype != expected.dtype or not torch.allclose(
+            actual, expected, rtol=1e-9, atol=1e-12, equal_nan=True
+        ):
+            problems.append(f"state `{name}`: {actual.tolist()} != {expected.tolist()}")
+    return problems
+
+
 def conformance(rank: int, world_size: int) -> list[str]:
     """Per metric and scenario: synced compute == one process over all data, 2 collectives,
     local states restored (accumulation continues), and a whole collection (plus a torchmetrics
@@ -86,6 +102,11 @@ def conformance(rank: int, world_size: int) -> list[str]:
                 failures += [
                     f"{tag} {p}" for p in compare(flat(metric, value), expected, rtol=entry.example.rtol)
                 ]
+                if entry.example.shardable:  # the summed raw states, not only the values (a sync
+                    # that averaged float states would leave every ratio unchanged)
+                    metric.sync()
+                    failures += [f"{tag} synced states: {p}" for p in _compare_states(metric, reference)]
+                    metric.unsync()
                 # local states were restored: one more batch on rank 0 and a second compute still agree
                 if entry.example.shardable:
                     if rank == 0:
@@ -132,6 +153,11 @@ def conformance(rank: int, world_size: int) -> list[str]:
                     if (k == label or k.startswith(label + "/")) and not k.endswith("/nonfinite_count")
                 }
                 failures += [f"{tag} {label}{when}: {p}" for p in compare(actual, expected)]
+        with collection._synced():  # the collection's own sync sums the raw states too
+            for label, reference in references.items():
+                failures += [
+                    f"{tag} {label} synced states: {p}" for p in _compare_states(collection[label], reference)
+                ]
     return failures
 
 
@@ -192,8 +218,6 @@ def layout_mismatch(rank: int, world_size: int) -> list[str]:
 
     Scenario 1: rank 0 holds one metric more. Scenario 2: same metric, different size.
     """
-    from metrics_suite.reconstruction import ReconstructionScore
-
     extra = {"extra": ReconstructionScore()} if rank == 0 else {}
     scenarios = [
         DiagnosticCollection({"score": ReconstructionScore(), **extra}),
@@ -230,3 +254,212 @@ def without_layout_check(rank: int, world_size: int) -> dict[str, int]:
 def spawned_compute(rank: int, world_size: int, metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Metrics sent to a spawned process (torch.multiprocessing pickling) compute what they did at home."""
     return {name: flat(m, m.compute_on_current_states()) for name, m in metrics.items()}
+
+
+# ------------------------------------------------------------------ sync failures (issue 12)
+def _losses(rank: int, nan: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """ReconstructionScore inputs of one rank (rebuilt by every rank for the reference)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    clean = torch.rand(4, generator=g, dtype=torch.float64) + 1
+    spliced = clean + torch.rand(4, generator=g, dtype=torch.float64)
+    ablated = spliced + 1 + torch.rand(4, generator=g, dtype=torch.float64)
+    if nan:
+        spliced[0] = float("nan")
+    return clean, spliced, ablated
+
+
+def _all_ranks_score(world_size: int, nan_rank: int | None = None, ranks: Any = None) -> float:
+    """One process over the data of ``ranks`` (default all)."""
+    reference = ReconstructionScore(sync_on_compute=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for r in range(world_size) if ranks is None else ranks:
+            reference.update(*_losses(r, nan=r == nan_rank))
+        return float(reference.compute())
+
+
+class ExplodingScore(ReconstructionScore):
+    """A metric whose compute() raises after the sync (stands for any error in a compute)."""
+
+    def compute(self) -> Tensor:
+        raise ArithmeticError("compute failed on purpose")
+
+
+def _restored(tag: str, metric: DiagnosticMetric, before: dict[str, Tensor], count: int) -> list[str]:
+    problems = []
+    if not states_equal(state_snapshot(metric), before):
+        problems.append(f"{tag}: states not restored: {state_snapshot(metric)} vs {before}")
+    if metric._update_count != count:
+        problems.append(f"{tag}: update count {metric._update_count}, expected the local {count}")
+    if metric._is_synced:
+        problems.append(f"{tag}: still marked synced")
+    return problems
+
+
+def _raises_after_sync(rank: int, world_size: int) -> list[str]:
+    """Item 1: compute() raising after the sync (a warning turned error; an exception of the
+    metric's own compute) puts back the local states and count; the next compute is right."""
+    failures: list[str] = []
+    for kind in ("nan warning as error", "compute raises"):
+        tag = f"[world={world_size} rank={rank} {kind}]"
+        metric = ReconstructionScore() if kind.startswith("nan") else ExplodingScore()
+        metric.update(*_losses(rank, nan=rank == 0 and kind.startswith("nan")))
+        before, count = state_snapshot(metric), metric._update_count
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                metric.compute()
+            failures.append(f"{tag}: compute did not raise")
+        except (UserWarning, ArithmeticError):
+            pass
+        failures += _restored(tag, metric, before, count)
+        if kind.startswith("nan"):  # accumulation goes on: every rank's data counted once
+            metric.update(*_losses(rank))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                value = float(metric.compute())
+            reference = ReconstructionScore(sync_on_compute=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for r in range(world_size):
+                    reference.update(*_losses(r, nan=r == 0))
+                    reference.update(*_losses(r))
+                expected = float(reference.compute())
+            failures += [f"{tag} next compute: {p}" for p in compare({"v": value}, {"v": expected})]
+    return failures
+
+
+def _idle_rank_no_warning(rank: int, world_size: int) -> list[str]:
+    """Item 2: only rank 0 updates; with warnings as errors no rank raises and every rank gets the
+    global value. A metric no rank updated still warns (on the global count), after the sync."""
+    tag = f"[world={world_size} rank={rank} idle rank]"
+    failures: list[str] = []
+    metric = ReconstructionScore()
+    if rank == 0:
+        metric.update(*_losses(0))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            value = float(metric.compute())
+        failures += [f"{tag} {p}" for p in compare({"v": value}, {"v": _all_ranks_score(1)})]
+    except Exception as err:
+        failures.append(f"{tag}: raised {type(err).__name__}: {err}")
+    empty = ReconstructionScore()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        empty.compute()
+    if rank == 0 and not any("before the ``update``" in str(w.message) for w in caught):
+        failures.append(f"{tag}: a metric no rank updated gave no warning on rank 0")
+    return failures
+
+
+def _fingerprint_cases() -> list[tuple[type[DiagnosticMetric], dict[str, Any], dict[str, Any], str]]:
+    """(class, arguments on rank 0, arguments on the other ranks, the argument that differs)."""
+    from metrics_suite.credit import BridgeResidual, NudgingDelta, PerturbationCorrelation
+    from metrics_suite.noise import NoiseStatistics
+    from metrics_suite.reconstruction import FeatureSparsity
+    from metrics_suite.utility import MaskedCrossEntropy, NextTokenDivergence
+
+    return [
+        (NextTokenDivergence, {"num_logits": 2}, {}, "num_logits"),
+        (NextTokenDivergence, {"reduction": "token"}, {}, "reduction"),
+        (MaskedCrossEntropy, {"ignore_index": -100}, {}, "ignore_index"),
+        (PerturbationCorrelation, {"epsilon": 1e-2, "seed": 0}, {"seed": 0}, "epsilon"),
+        (PerturbationCorrelation, {"num_directions": 8, "seed": 0}, {"seed": 0}, "num_directions"),
+        (PerturbationCorrelation, {"difference": "central", "seed": 0}, {"seed": 0}, "difference"),
+        (PerturbationCorrelation, {"seed": 1}, {"seed": 0}, "seed"),
+        (NudgingDelta, {"eta": 0.1}, {}, "eta"),
+        (BridgeResidual, {"lam": 0.2}, {}, "lam"),
+        (NoiseStatistics, {"dim": -2}, {}, "dim"),
+        (
+            FeatureSparsity,
+            {"num_features": 4, "dead_thresholds": (0.5,)},
+            {"num_features": 4, "dead_thresholds": (0.0,)},
+            "dead_thresholds",
+        ),
+        (ReconstructionScore, {"reduction": "itemwise_mean"}, {}, "reduction"),
+        (ReconstructionScore, {"num_components": 2}, {}, "num_components"),
+    ]
+
+
+def _expect_mismatch(tag: str, call: Callable[[], Any], *needles: str) -> list[str]:
+    try:
+        call()
+    except SyncMismatchError as err:
+        missing = [n for n in needles if n not in str(err)]
+        return [f"{tag}: message lacks {missing}: {err}"] if missing else []
+    except Exception as err:
+        return [f"{tag}: raised {type(err).__name__} instead of SyncMismatchError: {err}"]
+    return [f"{tag}: no error"]
+
+
+def _fingerprint_mismatches(rank: int, world_size: int) -> list[str]:
+    """Item 3: ranks whose metrics differ in a non-size argument, or in the number of synced
+    computes, raise on every rank naming the metric and what differs (standalone and collection)."""
+    failures: list[str] = []
+    for cls, kwargs0, kwargs, arg in _fingerprint_cases():
+        mine = kwargs0 if rank == 0 else kwargs
+        tag = f"[world={world_size} rank={rank} {cls.__name__} {arg}]"
+        failures += _expect_mismatch(tag, cls(**mine).compute, cls.__name__, f"argument `{arg}`")
+        collection = DiagnosticCollection({"suite/metric": cls(**mine)})
+        failures += _expect_mismatch(f"{tag} collection", collection.compute, "'suite/metric'", f"`{arg}`")
+    # one rank computes once more than its peers: its extra sync would pair with their next epoch's
+    for kind in ("metric", "collection"):
+        tag = f"[world={world_size} rank={rank} extra compute ({kind})]"
+        metric = ReconstructionScore()
+        target: Any = metric if kind == "metric" else DiagnosticCollection({"score": metric})
+        metric.update(*_losses(rank))
+        target.compute()
+        if rank == 0:
+            needles = ("number of synced compute() calls since reset() differs (this rank: 1)",)
+            failures += _expect_mismatch(tag, target.compute, *needles)
+        else:  # next epoch
+            target.reset()
+            metric.update(*_losses(rank))
+            failures += _expect_mismatch(tag, target.compute, "synced compute() calls", "this rank: 0")
+        # after a reset on every rank the ranks agree again
+        target.reset()
+        metric.update(*_losses(rank))
+        result = target.compute()
+        value = float(result if kind == "metric" else result["score"])
+        failures += [
+            f"{tag} after reset: {p}" for p in compare({"v": value}, {"v": _all_ranks_score(world_size)})
+        ]
+    return failures
+
+
+def sync_failures(rank: int, world_size: int) -> list[str]:
+    """Issue 12 items 1-3 in one group: every scenario leaves all ranks in step for the next."""
+    return (
+        _raises_after_sync(rank, world_size)
+        + _idle_rank_no_warning(rank, world_size)
+        + _fingerprint_mismatches(rank, world_size)
+    )
+
+
+def rank_skips_compute(rank: int, world_size: int, group_timeout: float) -> list[str]:
+    """Item 5: rank 1 never calls compute(); rank 0's sync fails after the process-group timeout
+    with a message naming what was syncing and the likely cause (metric, then collection)."""
+    if rank != 0:
+        time.sleep(2 * group_timeout + 4)  # outlives both of rank 0's waits
+        return []
+    failures = []
+    targets = {
+        "ReconstructionScore.compute()": ReconstructionScore(),
+        "DiagnosticCollection.compute() of 1 metrics (reconstruction/score)": DiagnosticCollection(
+            {"reconstruction/score": ReconstructionScore()}
+        ),
+    }
+    for label, target in targets.items():
+        start = time.monotonic()
+        try:
+            target.compute()
+            failures.append(f"{label}: no error")
+        except SyncFailedError as err:
+            needles = [label, "a rank did not call compute()", "init_process_group(timeout=...)"]
+            failures += [f"{label}: message lacks {n!r}: {err}" for n in needles if n not in str(err)]
+        except Exception as err:
+            failures.append(f"{label}: raised {type(err).__name__} instead of SyncFailedError: {err}")
+        if time.monotonic() - start > group_timeout + 10:
+            failures.append(f"{label}: waited {time.monotonic() - start:.0f} s")
+    return failures

@@ -91,6 +91,8 @@ def test_nonfinite_warning_fires_once_across_forward_calls_until_reset() -> None
 
 
 def test_merge_and_load_refuse_other_shapes_and_keep_dtypes() -> None:
+    from torchmetrics.aggregation import SumMetric
+
     two = ReconstructionScore(num_components=2)
     two.update(**score_losses(components=2))
     one = ReconstructionScore()
@@ -100,6 +102,12 @@ def test_merge_and_load_refuse_other_shapes_and_keep_dtypes() -> None:
         one.merge_state(two)
     with pytest.raises(ValueError, match=r"`loss_sums` must have shape \[1, 3\], got \[2, 3\]"):
         one.load_state_dict(two.state_dict())
+    with pytest.raises(ValueError, match=r"`incoming_state` must be a ReconstructionScore .*got SumMetric"):
+        one.merge_state(SumMetric())
+    with pytest.raises(
+        ValueError, match=r"`incoming_state` lacks the states \['nonfinite_count', 'ratio_stats'\]"
+    ):
+        one.merge_state({"loss_sums": before["loss_sums"]})
     assert states_equal(state_snapshot(one), before)
 
     resumed = ReconstructionScore()

@@ -278,13 +278,9 @@ def test_keyed_directions_depend_only_on_the_item_and_seed() -> None:
     perm = torch.tensor([4, 2, 0, 5, 1, 3])
     torch.testing.assert_close(_keyed_directions(hidden[perm], 3, 5), v[perm], rtol=0, atol=0)
     torch.testing.assert_close(_keyed_directions(hidden[2:4], 3, 5), v[2:4], rtol=0, atol=0)
-    # one direction per loss_fn call reads every item's stream in pieces: same directions, whether
-    # the streams are read at once (small inputs) or kept open between calls (large inputs)
-    torch.testing.assert_close(_keyed_directions(hidden, 3, 5, chunk_size=1), v, rtol=0, atol=0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("metrics_suite.functional.credit._STREAM_READ_ELEMENTS", 0)
-        for chunk_size in (1, 7, 15):
-            torch.testing.assert_close(_keyed_directions(hidden, 3, 5, chunk_size), v, rtol=0, atol=0)
+    # one direction per loss_fn call, or a few: each chunk computes its own part of every stream
+    for chunk_size in (1, 7, 15):
+        torch.testing.assert_close(_keyed_directions(hidden, 3, 5, chunk_size), v, rtol=0, atol=0)
     torch.testing.assert_close(v[5], v[1], rtol=0, atol=0)
     assert not torch.allclose(v[0], v[2])  # distinct items, distinct directions
     assert not torch.allclose(_keyed_directions(hidden, 4, 5), v)  # another seed
@@ -309,13 +305,90 @@ def test_keyed_directions_are_uniform_on_the_sphere() -> None:
         assert scipy.stats.kstest(v[:, k], "uniform", args=(-1, 2)).pvalue > 1e-3
     # isotropic: E[v vᵀ] = I/3; each entry's standard error is at most 0.0034 over 8000 directions
     np.testing.assert_allclose(v.T @ v / len(v), np.eye(d) / d, atol=0.02)
-    # the normals behind them: the seed-independent mapping is a standard normal up to a scale
-    from metrics_suite.functional.credit import _ItemStreams
+    # the normals behind them, in both working precisions (24 or 32 bits for the radius)
+    keys = credit_functional._item_keys(hidden[:500], seed=0)
+    for dtype in (torch.float32, F64):
+        z = torch.empty(4, 500, 16, dtype=dtype)
+        credit_functional._keyed_normals_(z, keys, first=0)
+        assert scipy.stats.kstest(z.double().numpy().ravel(), "norm").pvalue > 1e-3
 
-    z = _ItemStreams(hidden[:500], seed=0, rows_per_item=4).next(
-        4, 16, torch.float64
-    ).numpy().ravel() * np.sqrt(2)
-    assert scipy.stats.kstest(z, "norm").pvalue > 1e-3
+
+_U64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _mix64_reference(z: int) -> int:
+    """SplitMix64's output function on a Python int, as published (Steele, Lea & Flood 2014)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
+def _keyed_normals_reference(row: np.ndarray, seed: int, num_directions: int) -> tuple[int, np.ndarray]:
+    """The key and the ``[M, D]`` normals of one float64 item, slowly, in Python ints and floats."""
+    pieces = [int(p) for p in np.frombuffer(row.astype("<f8").tobytes(), dtype="<i2")]
+    weights = credit_functional._key_weights(len(pieces)).long().tolist()  # the fixed hash constants
+    key = _mix64_reference((seed + _GAMMA) & _U64)
+    for c in range(4):  # one block of pieces: four exact dot products
+        dot = sum(p * w[c] for p, w in zip(pieces, weights))
+        key = _mix64_reference(((key ^ (dot & _U64)) + _GAMMA) & _U64)
+    dim = len(row)
+    half = (dim + 1) // 2
+    z = np.zeros((num_directions, 2 * half))
+    for m in range(num_directions):
+        for p in range(half):
+            bits = _mix64_reference((key + (m * half + p + 1) * _GAMMA) & _U64)
+            radius = math.sqrt(-2.0 * math.log(1.0 - (bits & 0xFFFFFFFF) / 2**32))
+            angle = float(bits - (1 << 64) if bits >> 63 else bits) * (math.pi * 2.0**-63)
+            z[m, p], z[m, half + p] = radius * math.cos(angle), radius * math.sin(angle)
+    return key, z[:, :dim]
+
+
+@pytest.mark.parametrize("dim", [3, 4])
+def test_keyed_directions_match_a_slow_reference_of_the_hash(dim: int) -> None:
+    """Keys bit for bit, and normals and directions, against SplitMix64 written with Python ints."""
+    hidden = torch.randn(3, dim, generator=_gen(32), dtype=F64)
+    keys = credit_functional._item_keys(hidden, seed=2**64 + 5)  # the seed is taken modulo 2**64
+    z = torch.empty(4, 3, dim, dtype=F64)
+    credit_functional._keyed_normals_(z, keys, first=0)
+    v = _keyed_directions(hidden, seed=5, num_directions=4)
+    for i, row in enumerate(hidden.numpy()):
+        key, z_ref = _keyed_normals_reference(row, 5, 4)
+        assert int(keys[i].item()) & _U64 == key
+        np.testing.assert_allclose(z[:, i].numpy(), z_ref, rtol=1e-12, atol=1e-14)
+        v_ref = z_ref / np.linalg.norm(z_ref, axis=1, keepdims=True)
+        np.testing.assert_allclose(v[i].numpy(), v_ref, rtol=1e-9, atol=1e-12)
+    # a later chunk of directions continues the streams
+    tail = torch.empty(2, 3, dim, dtype=F64)
+    credit_functional._keyed_normals_(tail, keys, first=2)
+    torch.testing.assert_close(tail, z[2:], rtol=0, atol=0)
+
+
+def test_keyed_path_has_no_per_item_loop() -> None:
+    """The same torch ops, as many, for 2 items as for 40: nothing runs once per item."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def run(n: int) -> None:
+        hidden = torch.randn(n, 5, generator=_gen(33))
+        perturbation_pairs(hidden, hidden, lambda h: h.square().sum(-1), 1e-2, 6, "central", seed=1)
+
+    run(1)  # builds the cached hash weights of this width once
+    counts = []
+    for n in (2, 40):
+        with CountOps() as mode:
+            run(n)
+        counts.append(mode.ops)
+    assert counts[0] == counts[1]
+    assert not any("uniform" in op or "normal" in op or "random" in op for op in counts[0])
 
 
 def test_seed_and_generator_are_exclusive() -> None:

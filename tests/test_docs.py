@@ -48,7 +48,7 @@ def _states(want: str, got: str) -> bool:
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
 def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     text = page.read_text()
-    for extra in ("pytorch_lightning", "matplotlib"):  # pages showing the optional integrations
+    for extra in ("pytorch_lightning", "matplotlib", "transformers"):  # pages needing an optional extra
         if extra in text or (extra == "matplotlib" and ".plot(" in text):
             pytest.importorskip(extra)
     monkeypatch.chdir(tmp_path)

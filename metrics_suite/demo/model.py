@@ -21,9 +21,9 @@ class NoisyEmbedding(nn.Module):
 
     $\mu$ and $\log\sigma$ are learned per dimension, $\epsilon \sim N(0, I)$. The
     forward pass hands ``mean`` ($\mu$ broadcast to the input) and ``noise``
-    ($\sigma\epsilon$) to :func:`metrics_suite.capture.record`, so a
-    :class:`~metrics_suite.capture.ForwardCapture` collects exactly what
-    :class:`~metrics_suite.NoiseStatistics` takes.
+    ($\sigma\epsilon$) to [`metrics_suite.capture.record`][metrics_suite.capture.record], so a
+    [`ForwardCapture`][metrics_suite.capture.ForwardCapture] collects exactly what
+    [`NoiseStatistics`][metrics_suite.noise.NoiseStatistics] takes.
 
     Args:
         dim: embedding width.
@@ -80,12 +80,12 @@ class CausalBlock(nn.Module):
 
 
 class TinyCausalLM(nn.Module):
-    """Token embedding → :class:`NoisyEmbedding` → + positions → causal blocks → logits.
+    """Token embedding → [`NoisyEmbedding`][metrics_suite.demo.model.NoisyEmbedding] → + positions → causal blocks → logits.
 
     Args:
         vocab_size: number of tokens ``V``.
         dim: model width ``D``.
-        num_layers: number of :class:`CausalBlock`.
+        num_layers: number of [`CausalBlock`][metrics_suite.demo.model.CausalBlock].
         num_heads: attention heads per block.
         max_length: longest sequence (size of the learned position table).
         init_log_sigma: initial log noise scale of the transform.
@@ -142,10 +142,20 @@ class TinyCausalLM(nn.Module):
         return self.from_layer(self.residual_input(x), 0)
 
 
-def sequence_loss(logits_BTV: Tensor, target_ids_BT: Tensor) -> Tensor:
-    """Per-sequence mean next-token cross-entropy ``[B]`` (nats)."""
+def sequence_loss(logits_BTV: Tensor, target_ids_BT: Tensor, mask_BT: Tensor | None = None) -> Tensor:
+    """Per-sequence mean next-token cross-entropy ``[B]`` (nats), over the positions ``mask`` keeps.
+
+    Examples:
+        >>> logits = torch.zeros(1, 3, 4)  # uniform: every position costs log 4
+        >>> round(sequence_loss(logits, torch.tensor([[0, 1, 2]]), torch.tensor([[True, True, False]])).item(), 4)
+        1.3863
+    """
     ce = F.cross_entropy(logits_BTV.flatten(0, 1).float(), target_ids_BT.flatten(), reduction="none")
-    return ce.view(target_ids_BT.shape).mean(1)
+    ce = ce.view(target_ids_BT.shape)
+    if mask_BT is None:
+        return ce.mean(1)
+    weights = mask_BT.to(ce.dtype)
+    return (ce * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 def nearest_token_ids(embeddings_BTD: Tensor, table_VD: Tensor) -> Tensor:

@@ -1,32 +1,37 @@
 """The demo's LightningModule and run: train a noisy-embedding language model, evaluate all four suites.
 
-Every validation epoch the module feeds one :class:`~metrics_suite.DiagnosticCollection` (all four
-suites, synced with one collective) and a :class:`~metrics_suite.integrations.lightning.DiagnosticsCallback`
-computes, logs and resets it:
+Every validation epoch the module feeds one [`DiagnosticCollection`][metrics_suite.collection.DiagnosticCollection] (synced with
+one collective) and a [`DiagnosticsCallback`][metrics_suite.integrations.lightning.DiagnosticsCallback] computes,
+logs and resets it. Validation sequences have uneven lengths (a padding mask), and the transform is
+evaluated at several strengths: the learned noise scaled by each of ``noise_scales``.
 
-* **utility** — clean vs noisy logits (``next_token``), cross-entropy of the noisy model
-  (``cross_entropy``), argmax changes (``prediction_change``);
-* **noise** — the transform's input, mean and noise (:class:`~metrics_suite.NoiseStatistics`),
-  captured with :class:`~metrics_suite.capture.ForwardCapture`;
-* **reconstruction** — nearest-embedding inversion of the noisy embeddings (``changed_tokens``),
-  noisy vs clean embeddings (``activations``), and the reconstruction score with the transform
-  zero-ablated: clean loss, loss with the noisy embeddings as the "reconstruction", loss with the
-  embeddings zeroed;
-* **credit** — a toy linear-quadratic chain whose exact costates (:func:`~metrics_suite.lq_costates`)
-  are compared per layer with costates propagated through noisy feedback weights (``cosine``);
-  the backprop gradient at each transformer block's input as credit for ``perturbation_correlation``
-  and ``nudging``; the drift of a few weight matrices from initialisation (``feature_drift``).
+* **utility** and **reconstruction**, once per noise scale (keys ``{suite}/{metric}/sigma_{pct}pct/...``):
+  clean vs noisy logits (``next_token``), cross-entropy of the noisy model (``cross_entropy``),
+  argmax changes (``prediction_change``); nearest-embedding inversion of the noisy embeddings
+  (``changed_tokens``), noisy vs clean embeddings (``activations``), the reconstruction score with
+  the transform zero-ablated;
+* **noise** — the transform's input, mean and noise at the learned scale, captured with
+  [`ForwardCapture`][metrics_suite.capture.ForwardCapture];
+* **credit** — credit rules compared on a deep linear network trained by feedback alignment
+  ([`chain`][metrics_suite.demo.chain]): backprop, feedback alignment, the gradient plus noise, and
+  noise alone, each with ``cosine`` (vs the gradient), ``perturbation_correlation`` and ``nudging``
+  (keys ``credit/{metric}/{rule}/layer_{i}``); the drift of a few weight matrices of the language
+  model from initialisation (``feature_drift``).
+
+Adding a statistic: put its registry name and arguments in [`DemoConfig.metrics`][metrics_suite.demo.training.DemoConfig.metrics] (e.g.
+``{"next_token": {...}, "downstream": {}}``). The validation step offers every input it has
+(``spliced_logits`` and ``ablated_logits`` included); each metric takes the ones its ``update`` names.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
-import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +44,12 @@ from torch.utils.data import DataLoader
 import metrics_suite as ms
 from metrics_suite.capture import ForwardCapture
 from metrics_suite.collection import DiagnosticCollection
+from metrics_suite.demo.chain import CREDIT_RULES, FeedbackAlignmentChain, rule_credit
 from metrics_suite.demo.data import markov_dataset
 from metrics_suite.demo.model import TinyCausalLM, nearest_token_ids, sequence_loss
-from metrics_suite.functional.credit import lq_costates, lq_forward
 from metrics_suite.integrations.lightning import DiagnosticsCallback, StageDiagnostics
 
-__all__ = ["DemoConfig", "DemoModule", "ResultsWriter", "build_diagnostics", "run_demo"]
+__all__ = ["DemoConfig", "DemoModule", "ResultsWriter", "build_diagnostics", "run_demo", "scale_tag"]
 
 
 @dataclass
@@ -60,6 +65,8 @@ class DemoConfig:
     num_layers: int = 2
     num_heads: int = 2
     seq_len: int = 16
+    #: validation sequences keep a random length in [min_val_length, seq_len] (the rest is padding)
+    min_val_length: int = 4
     train_sequences: int = 1024
     val_sequences: int = 256
     batch_size: int = 32
@@ -67,65 +74,117 @@ class DemoConfig:
     #: weight of the reward for a larger noise scale: loss = CE − noise_reward · mean(log σ)
     noise_reward: float = 0.3
     init_log_sigma: float = 0.5
-    lq_layers: int = 4
-    lq_dim: int = 8
-    #: relative size of the error in the feedback weights of the toy chain at the start
-    lq_feedback_noise: float = 1.0
-    #: share of the feedback error removed after each training epoch (feedback alignment)
-    lq_alignment_rate: float = 0.3
+    #: the learned noise is evaluated scaled by each of these (utility and reconstruction suites)
+    noise_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+    #: credit testbed: a linear chain of chain_layers matrices, trained by feedback alignment
+    chain_dim: int = 32
+    chain_layers: int = 4
+    chain_outputs: int = 4
+    chain_lr: float = 0.02
+    #: feedback-alignment steps before each validation (batch of 64)
+    chain_steps: int = 25
+    credit_rules: tuple[str, ...] = CREDIT_RULES
     num_directions: int = 16
+    #: extra or changed metrics, by registry name: constructor arguments, or False to leave one out
+    metrics: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
 
 
+def scale_tag(scale: float) -> str:
+    """The key part of a noise scale: ``0.5`` → ``"sigma_050pct"`` (no ``.``: keys name submodules;
+    zero-padded, so keys sort by scale)."""
+    return f"sigma_{round(100 * scale):03d}pct"
+
+
+def _suite_of() -> dict[str, str]:
+    return {entry.name: entry.suite for entry in ms.registered()}
+
+
 def build_diagnostics(model: TinyCausalLM, config: DemoConfig) -> DiagnosticCollection:
-    """All four suites, configured for the demo model."""
-    reference = {
-        name: p.detach()
-        for name, p in model.named_parameters()
-        if name in _drift_parameters(config.num_layers)
-    }
-    return ms.suite(
-        activations={"num_features": config.dim},
-        prediction_change={"num_classes": config.vocab_size},
-        cosine={"num_layers": config.lq_layers},
+    """The validation collection: utility and reconstruction per noise scale, noise, credit per rule.
+
+    ``config.metrics`` overrides (or adds) metrics by registry name, in every group of its suite.
+    """
+    suite_of = _suite_of()
+    unknown = sorted(set(config.metrics) - set(suite_of))
+    if unknown:
+        raise ValueError(f"DemoConfig.metrics: unknown metric(s) {unknown}; registered: {sorted(suite_of)}")
+
+    def group(suite: str, **defaults: Any) -> DiagnosticCollection:
+        extra = {name: value for name, value in config.metrics.items() if suite_of[name] == suite}
+        return ms.suite(suite, **{**defaults, **extra})
+
+    metrics: dict[str, Any] = {}
+    for scale in config.noise_scales:
+        tag = scale_tag(scale)
+        for suite, defaults in [
+            ("utility", {"prediction_change": {"num_classes": config.vocab_size}}),
+            ("reconstruction", {"activations": {"num_features": config.dim}}),
+        ]:
+            metrics.update((f"{name}/{tag}", metric) for name, metric in group(suite, **defaults).items())
+    metrics.update(group("noise").items())
+    layers = config.chain_layers - 1
+    credit = group(
+        "credit",
+        cosine={"num_layers": layers},
         perturbation_correlation={
-            "num_layers": config.num_layers,
+            "num_layers": layers,
             "num_directions": config.num_directions,
             "epsilon": 1e-2,
             "difference": "central",
             "seed": config.seed,
         },
-        nudging={"num_layers": config.num_layers, "eta": 0.05},
-        bridge_residual=False,  # no value function in this model
-        feature_drift={"reference": reference},
+        nudging={"num_layers": layers, "eta": 0.05},
+        bridge_residual=False,  # no value function here
+        feature_drift=False,
     )
+    for rule in config.credit_rules:
+        metrics.update((f"{name}/{rule}", metric.clone()) for name, metric in credit.items())
+    credit_names = ["cosine", "perturbation_correlation", "nudging", "bridge_residual"]
+    reference = {
+        name: p.detach()
+        for name, p in model.named_parameters()
+        if name in _drift_parameters(config.num_layers)
+    }
+    drift = ms.suite(
+        "credit", feature_drift={"reference": reference}, **{name: False for name in credit_names}
+    )
+    metrics.update(drift.items())
+    return DiagnosticCollection(metrics)
 
 
 def _drift_parameters(num_layers: int) -> list[str]:
     return ["embed.weight", *(f"blocks.{i}.qkv.weight" for i in range(num_layers)), "head.weight"]
 
 
-class _LossFromLayer:
-    """Per-sequence loss of the model run from block ``layer`` on (``[R, T, D]`` → ``[R]``)."""
+def _accepted_inputs(metric: Any) -> set[str]:
+    return set(inspect.signature(metric.update).parameters)
 
-    def __init__(self, model: TinyCausalLM, layer: int, target_ids: Tensor) -> None:
-        self.model, self.layer, self.target_ids = model, layer, target_ids
 
-    def __call__(self, h: Tensor) -> Tensor:
-        targets = self.target_ids.repeat(h.shape[0] // self.target_ids.shape[0], 1)
-        return sequence_loss(self.model.from_layer(h, self.layer), targets)
+def _update_group(collection: DiagnosticCollection, suffix: str, inputs: dict[str, Any]) -> None:
+    """Update the metrics named ``*/{suffix}`` with the inputs their ``update`` names."""
+    for name, metric in collection.items(keep_base=True):
+        if name.endswith(f"/{suffix}"):
+            accepted = _accepted_inputs(metric)
+            metric.update(**{k: v for k, v in inputs.items() if k in accepted})
+
+
+def length_mask(num_sequences: int, length: int, min_length: int, seed: int) -> Tensor:
+    """``[N, length]`` bool: each sequence keeps a random length in ``[min_length, length]``
+    (deterministic per ``seed``), False on the padding after it."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_length, length + 1, (num_sequences,), generator=g)
+    return torch.arange(length) < lengths[:, None]
 
 
 class DemoModule(pl.LightningModule):
-    """Trains :class:`~metrics_suite.demo.model.TinyCausalLM` with a noise transform; diagnoses it.
+    """Trains [`TinyCausalLM`][metrics_suite.demo.model.TinyCausalLM] with a noise transform; diagnoses it.
 
     Training loss: cross-entropy of the noisy model minus ``noise_reward · mean(log σ)``, so the
-    transform learns as much noise as the task tolerates.
+    transform learns as much noise as the task tolerates. Before each validation the credit testbed
+    ([`FeedbackAlignmentChain`][metrics_suite.demo.chain.FeedbackAlignmentChain]) takes ``chain_steps`` feedback-alignment
+    steps, the same on every rank.
     """
-
-    lq_weights: Tensor
-    lq_feedback: Tensor
-    lq_cost: Tensor
 
     def __init__(self, config: DemoConfig) -> None:
         super().__init__()
@@ -142,15 +201,9 @@ class DemoModule(pl.LightningModule):
         self.diagnostics = StageDiagnostics(
             train=ms.suite("utility", next_token=False), val=build_diagnostics(self.model, config)
         )
-        # toy linear-quadratic chain: weights A_l, feedback weights A_l + noise, terminal cost Q
-        g = torch.Generator().manual_seed(config.seed + 1)
-        d, L = config.lq_dim, config.lq_layers
-        weights = torch.linalg.qr(torch.randn(L, d, d, generator=g)).Q * 1.1
-        feedback = weights + config.lq_feedback_noise * torch.randn(L, d, d, generator=g) / math.sqrt(d)
-        spd = torch.randn(d, d, generator=g)
-        self.register_buffer("lq_weights", weights, persistent=False)
-        self.register_buffer("lq_feedback", feedback)
-        self.register_buffer("lq_cost", spd @ spd.T / d + torch.eye(d), persistent=False)
+        self.chain = FeedbackAlignmentChain(
+            config.chain_dim, config.chain_layers, config.chain_outputs, config.seed + 1
+        )
         self.train_data = markov_dataset(
             config.vocab_size, config.train_sequences, config.seq_len, config.seed, 0
         )
@@ -172,12 +225,12 @@ class DemoModule(pl.LightningModule):
         return DataLoader(self.val_data, batch_size=self.config.batch_size)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.config.lr, weight_decay=0.0)
+        return torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=0.0)
 
-    def on_train_epoch_end(self) -> None:
-        # the toy chain's feedback weights move towards the forward weights (a Kolen-Pollack-like decay
-        # of their difference), so the credit they carry aligns with the exact costates epoch by epoch
-        self.lq_feedback.lerp_(self.lq_weights, self.config.lq_alignment_rate)
+    def on_validation_epoch_start(self) -> None:
+        # the same generator on every rank: the replicas of the chain stay identical
+        g = torch.Generator().manual_seed(self.config.seed * 1009 + self.current_epoch)
+        self.chain.train_steps(self.config.chain_steps, self.config.chain_lr, 64, g)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
@@ -189,66 +242,77 @@ class DemoModule(pl.LightningModule):
         self.log("loss", ce, prog_bar=True, on_step=True, on_epoch=False)
         return ce - self.config.noise_reward * self.model.noise.log_sigma.mean()
 
+    def _batch_seed(self, batch_idx: int) -> int:
+        return self.config.seed * 7919 + batch_idx * self.trainer.world_size + self.global_rank
+
     def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
         ids = batch[0]
         input_ids, target_ids = ids[:, :-1], ids[:, 1:]
+        mask = length_mask(
+            len(ids), target_ids.shape[1], self.config.min_val_length, self._batch_seed(batch_idx)
+        )
         model, diagnostics = self.model, self.diagnostics["val"]
 
         embeddings = model.embed(input_ids)
         with ForwardCapture(model.noise, inputs={"input": "x"}, names=("input", "mean", "noise")) as capture:
-            noisy = model.noise(embeddings)
+            model.noise(embeddings)
+        parts = capture.pop()
+        diagnostics["noise/noise"].update(**parts, noise_mask=mask)
+
         clean_logits = model.from_layer(model.residual_input(embeddings), 0)
-        noisy_logits = model.from_layer(model.residual_input(noisy), 0)
         zero_logits = model.from_layer(model.residual_input(torch.zeros_like(embeddings)), 0)
-        diagnostics.update(
-            # utility
-            clean_logits=clean_logits,
-            noisy_logits=noisy_logits,
-            logits=noisy_logits,
-            target_ids=target_ids,
-            original_preds=clean_logits.argmax(-1),
-            modified_preds=noisy_logits.argmax(-1),
-            # noise
-            **capture.pop(),
-            # reconstruction
-            input_ids=input_ids,
-            reconstructed_ids=nearest_token_ids(noisy, model.embed.weight),
-            reconstruction=noisy,
-            target=embeddings,
-            source_model_loss=sequence_loss(clean_logits, target_ids),
-            source_model_loss_with_reconstruction=sequence_loss(noisy_logits, target_ids),
-            source_model_loss_with_zero_ablation=sequence_loss(zero_logits, target_ids),
-        )
-        self._credit_updates(diagnostics, noisy, target_ids, batch_idx)
-        diagnostics.update(params=model)
+        clean_loss = sequence_loss(clean_logits, target_ids, mask)
+        zero_loss = sequence_loss(zero_logits, target_ids, mask)
+        for scale in self.config.noise_scales:
+            noisy = embeddings + parts["mean"] + scale * parts["noise"]  # the same draw at every scale
+            noisy_logits = model.from_layer(model.residual_input(noisy), 0)
+            inputs = {
+                "clean_logits": clean_logits,
+                "noisy_logits": noisy_logits,
+                "spliced_logits": noisy_logits,
+                "ablated_logits": zero_logits,
+                "logits": noisy_logits,
+                "target_ids": target_ids,
+                "attention_mask": mask,
+                "original_preds": clean_logits.argmax(-1),
+                "modified_preds": noisy_logits.argmax(-1),
+                "mask": mask,
+                "input_ids": input_ids,
+                "reconstructed_ids": nearest_token_ids(noisy, model.embed.weight),
+                "noise_mask": mask,
+                "reconstruction": noisy,
+                "target": embeddings,
+                "source_model_loss": clean_loss,
+                "source_model_loss_with_reconstruction": sequence_loss(noisy_logits, target_ids, mask),
+                "source_model_loss_with_zero_ablation": zero_loss,
+            }
+            _update_group(diagnostics, scale_tag(scale), inputs)
+        self._credit_updates(diagnostics, batch_idx)
+        diagnostics["credit/feature_drift"].update(params=model)
 
-    def _credit_updates(
-        self, diagnostics: DiagnosticCollection, noisy: Tensor, target_ids: Tensor, batch_idx: int
-    ) -> None:
-        # toy LQ chain: exact costates vs costates sent back through noisy feedback weights
-        g = torch.Generator().manual_seed(self.config.seed * 7919 + batch_idx * 2 + self.global_rank)
-        h0 = torch.randn(target_ids.shape[0], self.config.lq_dim, generator=g).to(self.device)
-        weights = list(self.lq_weights)
-        exact = lq_costates(weights, self.lq_cost, h0)
-        approx = [lq_forward(weights, h0)[-1] @ self.lq_cost]
-        for B in reversed(self.lq_feedback):
-            approx.insert(0, approx[0] @ B)
-        for layer in range(self.config.lq_layers):
-            diagnostics.update(credit=approx[layer], reference=exact[layer], layer=layer)
-
-        # transformer blocks: the backprop gradient at each block's input is the credit
-        with torch.enable_grad():
-            states = [h.detach().requires_grad_(True) for h in self.model.hidden_states(noisy.detach())]
-            for layer, h in enumerate(states):
-                loss_fn = _LossFromLayer(self.model, layer, target_ids)
-                (credit,) = torch.autograd.grad(loss_fn(h).sum(), h)
-                diagnostics.update(hidden=h.detach(), credit=credit, loss_fn=loss_fn, layer=layer)
+    def _credit_updates(self, diagnostics: DiagnosticCollection, batch_idx: int) -> None:
+        """Every credit rule on the chain's hidden layers: cosine with the gradient, perturbation
+        correlation and nudging."""
+        g = torch.Generator().manual_seed(self._batch_seed(batch_idx))
+        x, y = self.chain.sample(self.config.batch_size, g)
+        hidden, exact, aligned = self.chain.credits(x, y)
+        for rule in self.config.credit_rules:
+            for layer, h in enumerate(hidden):
+                credit = rule_credit(rule, exact[layer], aligned[layer], g)
+                inputs = {
+                    "credit": credit,
+                    "reference": exact[layer],
+                    "hidden": h,
+                    "loss_fn": self.chain.loss_from(layer + 1, y),
+                    "layer": layer,
+                }
+                _update_group(diagnostics, rule, inputs)
 
 
 class ResultsWriter(pl.Callback):
     """Rank 0 writes ``results.json`` after every training epoch (the diagnostics history so far).
 
-    Add it after a :class:`~metrics_suite.integrations.lightning.DiagnosticsCallback`, whose
+    Add it after a [`DiagnosticsCallback`][metrics_suite.integrations.lightning.DiagnosticsCallback], whose
     ``history`` it writes with ``extra`` (e.g. the config).
     """
 

@@ -1,7 +1,7 @@
 """Conformance examples of the reconstruction suite: losses, token ids, activation vectors, feature activations.
 
-Each ``UPPER_CASE`` constant is the :class:`~metrics_suite.conformance.ConformanceExample` that
-:mod:`metrics_suite.reconstruction` registers with the metric of that registry name; the conformance kit
+Each ``UPPER_CASE`` constant is the [`ConformanceExample`][metrics_suite.conformance.ConformanceExample] that
+[`metrics_suite.reconstruction`][metrics_suite.reconstruction] registers with the metric of that registry name; the conformance kit
 (``tests/test_conformance.py``) builds random batches and invalid inputs from it.
 """
 

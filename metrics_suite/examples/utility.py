@@ -1,7 +1,7 @@
 """Conformance examples of the utility suite: next-token logits with attention masks, targets, class predictions.
 
-Each ``UPPER_CASE`` constant is the :class:`~metrics_suite.conformance.ConformanceExample` that
-:mod:`metrics_suite.utility` registers with the metric of that registry name; the conformance kit
+Each ``UPPER_CASE`` constant is the [`ConformanceExample`][metrics_suite.conformance.ConformanceExample] that
+[`metrics_suite.utility`][metrics_suite.utility] registers with the metric of that registry name; the conformance kit
 (``tests/test_conformance.py``) builds random batches and invalid inputs from it.
 """
 

@@ -39,7 +39,7 @@ class RowGather:
 
     def span(self, start: int, end: int, out: Tensor) -> Tensor:
         """Positions ``start`` to ``end`` (exclusive) into ``out``: one converting copy of a slice
-        when the input has a flat view, else as :meth:`__call__`."""
+        when the input has a flat view, else as `__call__`."""
         if self.flat is not None:
             return out.copy_(self.flat[start:end])
         return self(torch.arange(start, end, device=self.logits.device), out)

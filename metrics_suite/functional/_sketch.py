@@ -74,9 +74,9 @@ def _check_finite_float(owner: str, name: str, value: object, accepted: str) -> 
 class SketchSpec:
     r"""The fixed layout of a quantile sketch: relative accuracy and value range.
 
-    Bucket positions in a count vector of length :attr:`num_buckets`: 0 is the underflow/zero
-    bucket ($x \le \gamma^{i_{\min} - 1}$), ``1 .. num_buckets - 2`` are $i = $ :attr:`min_index` ..
-    :attr:`max_index`, the last is the overflow bucket ($x > \gamma^{i_{\max}}$, $+\infty$, NaN).
+    Bucket positions in a count vector of length `num_buckets`: 0 is the underflow/zero
+    bucket ($x \le \gamma^{i_{\min} - 1}$), ``1 .. num_buckets - 2`` are $i = $ `min_index` ..
+    `max_index`, the last is the overflow bucket ($x > \gamma^{i_{\max}}$, $+\infty$, NaN).
 
     The default range suits per-token divergences of next-token distributions (natural log):
 
@@ -92,7 +92,7 @@ class SketchSpec:
       $\gamma^{-1382} \approx 0.990\cdot10^{-12}$ are reported as 0 (absolute error below 1e-12).
 
     Each decade costs $\ln 10 / \ln\gamma \approx 115$ buckets at $\alpha = 0.01$; the default
-    16 decades make :attr:`num_buckets` = 1845 counts per sketch (7380 for the four divergences).
+    16 decades make `num_buckets` = 1845 counts per sketch (7380 for the four divergences).
 
     Args:
         relative_accuracy: $\alpha \in (0, 1)$; every reported quantile is within relative
@@ -221,7 +221,7 @@ def sketch_update(
 ) -> Tensor:
     r"""Counts per bucket of ``values``: the sketch of one batch, to be added to a sum state.
 
-    Value $x$ goes to bucket $\lceil \log_\gamma x \rceil$ (see :class:`SketchSpec`), one
+    Value $x$ goes to bucket $\lceil \log_\gamma x \rceil$ (see `SketchSpec`), one
     vectorised ``scatter_add`` on the values' device. The first ``batch_dims`` dimensions index
     separate sketches (e.g. one per divergence); all other dimensions are items pooled into
     each sketch. Adding the results of two batches gives exactly the result of their union.
@@ -334,7 +334,7 @@ def sketch_quantile(counts: Tensor, q: float | Sequence[float], spec: SketchSpec
 
     Args:
         counts: ``[..., spec.num_buckets]`` (int or float counts, e.g. a sum of
-            :func:`sketch_update` results).
+            `sketch_update` results).
         q: one level in [0, 1] or a sequence of levels.
         spec: the layout the counts were built with.
 

@@ -24,8 +24,8 @@ def safe_div(num: Tensor, den: Tensor | float) -> Tensor:
 def mean_stats(values: Tensor, weights: Tensor | None = None, dim: int | tuple[int, ...] = 0) -> Tensor:
     """Sum statistics ``[..., 3]`` = (Σw, Σw·x, Σw·x²) of ``values`` over ``dim``, in float64.
 
-    Add these to a state created with :meth:`~metrics_suite.base.DiagnosticMetric.add_mean_state`; read the mean and
-    its standard error back with :func:`mean_and_stderr`.
+    Add these to a state created with [`add_mean_state`][metrics_suite.base.DiagnosticMetric.add_mean_state]; read the mean and
+    its standard error back with `mean_and_stderr`.
     """
     x = values.to(torch.float64)
     w = torch.ones_like(x) if weights is None else weights.to(torch.float64).expand_as(x)

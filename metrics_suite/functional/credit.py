@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -44,7 +43,7 @@ LossFn = Callable[[Tensor], Tensor]
 Difference = Literal["forward", "central"]
 #: Perturbed rows per ``loss_fn`` call are capped at this many elements by default (16 MB in float32).
 DEFAULT_CHUNK_ELEMENTS = CHUNK_ELEMENTS
-#: Added to the per-item RMS of the credit in :func:`nudging_delta`.
+#: Added to the per-item RMS of the credit in [`nudging_delta`][metrics_suite.functional.credit.nudging_delta].
 RMS_EPS = 1e-6
 
 
@@ -254,105 +253,110 @@ def _fill_gaussian(out: Tensor, generator: torch.Generator | None) -> None:
         out.copy_(torch.randn(out.shape, generator=generator, dtype=out.dtype, device=device))
 
 
+def _int64(value: int) -> int:
+    """The int64 with the same 64 bits as the unsigned ``value`` (two's complement)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+#: SplitMix64 (Steele, Lea & Flood 2014): the state advances by the golden-ratio increment γ and each
+#: output is the state through three xorshift-multiply rounds (right shift, multiplier)
+_SPLITMIX_GAMMA = _int64(0x9E3779B97F4A7C15)
+_SPLITMIX_ROUNDS = ((30, _int64(0xBF58476D1CE4E5B9)), (27, _int64(0x94D049BB133111EB)), (31, 1))
+
+
+def _mix64_(state: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """In place: the SplitMix64 output for the (already advanced) int64 ``state``, a bijection of 64 bits.
+
+    Computed with int64 tensor ops on the state's device: addition and multiplication wrap modulo
+    2**64 as on uint64, and each logical right shift is torch's arithmetic one with the copied sign
+    bits masked off, so the bits equal the uint64 reference on every device. ``scratch`` (a tensor
+    like ``state``) holds the shifted copies.
+    """
+    shifted = torch.empty_like(state) if scratch is None else scratch
+    for shift, multiplier in _SPLITMIX_ROUNDS:
+        torch.bitwise_right_shift(state, shift, out=shifted)
+        state ^= shifted.bitwise_and_((1 << (64 - shift)) - 1)
+        if multiplier != 1:
+            state *= multiplier
+    return state
+
+
 #: 16-bit pieces of an item hashed per exact float64 dot product: weights < 2**20 keep every
 #: partial sum an integer below 2**53, so the key does not depend on the BLAS summation order
 _KEY_PIECES = 1 << 17
 _KEY_WEIGHT_BITS = 20
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser on uint64 (wrapping) arrays: a bijection that spreads every input bit."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+#: Dot products per block of pieces: distinct blocks agree on all of them with probability <= 2**-80
+_KEY_SUMS = 4
 
 
 @functools.lru_cache(maxsize=8)
 def _key_weights(width: int) -> Tensor:
-    """The fixed random hash weights ``[width, 2]`` of :func:`_item_keys` (CPU; callers only read them)."""
+    """The fixed random hash weights ``[width, 4]`` of `_item_keys` (CPU; callers only read them)."""
     generator = torch.Generator().manual_seed(0x6B657965)
-    return torch.randint(1 << _KEY_WEIGHT_BITS, (width, 2), generator=generator, dtype=torch.float64)
+    shape = (width, _KEY_SUMS)
+    return torch.randint(1 << _KEY_WEIGHT_BITS, shape, generator=generator, dtype=torch.float64)
 
 
-def _item_keys(flat_ND: Tensor, seed: int) -> list[int]:
-    """One 32-bit key per row of ``flat_ND`` from ``seed`` and the row's values (its bits).
+def _item_keys(flat_ND: Tensor, seed: int) -> Tensor:
+    """One 64-bit key per row of ``flat_ND`` (int64 ``[N]`` on its device) from ``seed`` and the row's bits.
 
-    Equal rows get equal keys wherever they come from; distinct rows collide with probability about
-    ``2**-32`` (the width of a CPU generator's seed). Each row's 16-bit pieces are hashed by two exact
-    integer dot products with fixed random weights (in float64: every sum is an integer below 2**53,
-    so the result is the same for any batch size or BLAS), then mixed with ``seed``.
+    Each row's 16-bit pieces are hashed by four exact integer dot products per block of ``2**17``
+    pieces with fixed random 20-bit weights (in float64: every sum is an integer below 2**53, so the
+    sums are the same for any batch size, BLAS or device); SplitMix64 folds the sums into ``seed``:
+    ``key = mix(seed + γ)``, then ``key = mix((key ^ sum) + γ)`` per sum. Equal rows get equal keys
+    wherever they come from. For two distinct rows, each of the four sums of a block where they differ
+    agrees with probability at most ``2**-20`` (over the weights), so their keys collide with
+    probability about ``2**-64`` (the key's width).
     """
     n_items, width = flat_ND.shape[0], flat_ND.shape[1] * flat_ND.element_size() // 2
     pieces = (flat_ND + 0.0).contiguous().view(torch.int16).reshape(n_items, width)  # + 0.0: -0.0 -> 0.0
     weights = _key_weights(width).to(flat_ND.device)
     rows_per_block = max(1, DEFAULT_CHUNK_ELEMENTS // max(width, 1))
     col_blocks = range(0, width, _KEY_PIECES)
-    sums = torch.empty(n_items, 2 * len(col_blocks), dtype=torch.float64, device=flat_ND.device)
+    sums = torch.empty(n_items, _KEY_SUMS * len(col_blocks), dtype=torch.float64, device=flat_ND.device)
     for r in range(0, n_items, rows_per_block):  # blocks of rows bound the float64 copy
         for b, c in enumerate(col_blocks):
             block = pieces[r : r + rows_per_block, c : c + _KEY_PIECES].double()
-            sums[r : r + rows_per_block, 2 * b : 2 * b + 2] = block @ weights[c : c + _KEY_PIECES]
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the mixer intends
-        key = _mix64(np.full(n_items, seed % 2**64, dtype=np.uint64))
-        for column in sums.cpu().numpy().astype(np.int64).view(np.uint64).T:
-            key = _mix64(key ^ column)
-        key32 = (key ^ (key >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
-    return key32.tolist()  # type: ignore[no-any-return]
+            sums[r : r + rows_per_block, _KEY_SUMS * b : _KEY_SUMS * (b + 1)] = (
+                block @ weights[c : c + _KEY_PIECES]
+            )
+    key = torch.full(
+        (n_items,), _int64((seed + _SPLITMIX_GAMMA) % 2**64), dtype=torch.int64, device=flat_ND.device
+    )
+    key = _mix64_(key)
+    for column in sums.long().T:  # one pass per sum, over all items
+        key = _mix64_(key.bitwise_xor_(column).add_(_SPLITMIX_GAMMA))
+    return key
 
 
-#: Keyed draws up to this many elements are read at once (one re-seeded generator), not per chunk
-_STREAM_READ_ELEMENTS = DEFAULT_CHUNK_ELEMENTS
+def _keyed_normals_(out_mND: Tensor, keys_N: Tensor, first: int) -> None:
+    """Fill ``out_mND`` with directions ``first, ..., first + m - 1`` of every item's keyed normals.
 
-
-class _ItemStreams:
-    """Standard normal draws from one random stream per item, keyed by ``seed`` and the item's values.
-
-    An item's draws depend only on the seed, its values and how many were read before, so they are
-    the same whichever batch, position or rank the item comes in. Each stream is read as uniforms (a
-    serial draw: reading it in pieces gives the same numbers as at once) mapped through the inverse
-    normal CDF, so :meth:`next` calls for successive chunks of directions continue every stream
-    exactly. When all draws fit in about one chunk's memory they are read at once, re-seeding one
-    generator per item; otherwise each item keeps a generator of its own between chunks.
+    Item ``i`` reads the SplitMix64 stream seeded with its key, ``z_s = mix(key_i + (s + 1)·γ)``. Output
+    ``s = m·P + p`` (``P = ⌈D/2⌉``) gives coordinates ``p`` and ``P + p`` of direction ``m`` by
+    Box-Muller: ``r cos θ`` and ``r sin θ`` with ``r = sqrt(-2 log(1 - k·2^-b))``, ``k`` the low ``b``
+    bits of ``z_s`` (``b`` = 24 in float32, 32 in float64, so ``1 - k·2^-b`` is exact and never 0),
+    and ``θ = π·2^-63·t``, ``t`` all of ``z_s`` read as a signed integer (rounded to the float type).
+    Each value depends on (seed, item, direction, coordinate) alone and is computed elementwise with
+    tensor ops on ``out_mND``'s device, so any chunk of directions, batch, position or rank reads the
+    same normals.
     """
-
-    def __init__(self, flat_ND: Tensor, seed: int, rows_per_item: int) -> None:
-        self.keys = _item_keys(flat_ND, seed)
-        self.rows_per_item, self.rows_read = rows_per_item, 0
-        self.generators: list[torch.Generator] = []
-        self.drawn_NMD: Tensor | None = None
-
-    def next(self, m: int, dim: int, dtype: torch.dtype) -> Tensor:
-        """The next ``m`` rows of ``dim`` normals from every item's stream, as a CPU ``[m, N, dim]`` view."""
-        n_items = len(self.keys)
-        all_at_once = max(_STREAM_READ_ELEMENTS, n_items * m * dim)
-        if self.rows_read == 0 and n_items * self.rows_per_item * dim <= all_at_once:
-            self.drawn_NMD = self._read(self.rows_per_item, dim, dtype)
-        if self.drawn_NMD is not None:
-            out_NmD = self.drawn_NMD[:, self.rows_read : self.rows_read + m]
-        else:
-            if not self.generators:
-                self.generators = [torch.Generator().manual_seed(key) for key in self.keys]
-            out_NmD = self._read(m, dim, dtype, self.generators)
-        self.rows_read += m
-        return out_NmD.transpose(0, 1)
-
-    def _read(
-        self, m: int, dim: int, dtype: torch.dtype, generators: list[torch.Generator] | None = None
-    ) -> Tensor:
-        """``[N, m, dim]`` normals: the next draws of ``generators``, or the first of freshly seeded streams."""
-        out_NmD = torch.empty(len(self.keys), m, dim, dtype=dtype)
-        if generators is None:  # one generator, re-seeded for each item in turn
-            shared = torch.Generator()
-            streams: Iterable[torch.Generator] = (shared.manual_seed(key) for key in self.keys)
-        else:
-            streams = generators
-        for generator, rows in zip(streams, out_NmD):
-            rows.uniform_(generator=generator)
-        # u = k·2^-p on [0, 1) maps to the symmetric grid 2u - 1 + 2^-p on (-1, 1); erfinv of it is a
-        # normal draw over sqrt(2), a factor the normalisation of the direction removes
-        half_step = torch.finfo(dtype).eps / 2
-        return out_NmD.mul_(2.0).sub_(1.0 - half_step).erfinv_()
+    m, n_items, dim = out_mND.shape
+    half = (dim + 1) // 2
+    device, dtype = out_mND.device, out_mND.dtype
+    steps = torch.arange(first * half + 1, (first + m) * half + 1, dtype=torch.int64, device=device)
+    bits = torch.add(keys_N.view(1, n_items, 1), steps.mul_(_SPLITMIX_GAMMA).view(m, 1, half))
+    scratch = torch.empty_like(bits)  # one int64 buffer for the shifts and the radius bits
+    _mix64_(bits, scratch)
+    b = 24 if dtype == torch.float32 else 32  # a float32 significand holds 24 bits
+    radius = torch.bitwise_and(bits, (1 << b) - 1, out=scratch).to(dtype)
+    radius = torch.rsub(radius, 1.0, alpha=2.0**-b).log_().mul_(-2.0).sqrt_()
+    angle = bits.to(dtype).mul_(math.pi * 2.0**-63)
+    pairs = out_mND.view(m, n_items, 2, half) if dim % 2 == 0 else out_mND.new_empty(m, n_items, 2, half)
+    torch.cos(angle, out=pairs[:, :, 0]).mul_(radius)
+    torch.mul(angle.sin_(), radius, out=pairs[:, :, 1])
+    if dim % 2:
+        out_mND.copy_(pairs.view(m, n_items, 2 * half)[..., :dim])
 
 
 def perturbation_pairs(
@@ -366,7 +370,7 @@ def perturbation_pairs(
     chunk_size: int | None = None,
     seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""Predicted and true loss changes along random directions, the pairs behind :func:`perturbation_correlation`.
+    r"""Predicted and true loss changes along random directions, the pairs behind [`perturbation_correlation`][metrics_suite.functional.credit.perturbation_correlation].
 
     For each item $i$ and each of $M$ directions $v_{im}$ drawn uniformly on the unit
     sphere of the flattened item:
@@ -404,12 +408,13 @@ def perturbation_pairs(
         chunk_size: maximum rows per ``loss_fn`` call (at least one direction's rows are sent);
             default ``2**22 // D``.
         seed: key the directions by item instead of drawing them from ``generator``: item $i$'s
-            directions come from its own CPU stream, seeded from ``seed`` and the values of $h_i$
-            (what :class:`~metrics_suite.PerturbationCorrelation` uses). An item then gets the same
-            directions in any batch, at any position, on any rank and for any ``chunk_size``, so
-            pairs, and sums of them, do not depend on how the data is split. Items with equal values
-            share directions; distinct items share them with probability about ``2**-32``. Costs one
-            generator per item (a few microseconds each on CPU). Exclusive with ``generator``.
+            directions are a counter-based hash of (``seed``, the values of $h_i$, direction,
+            coordinate) mapped to normals by Box-Muller, computed with tensor ops on ``hidden``'s
+            device (what [`PerturbationCorrelation`][metrics_suite.credit.PerturbationCorrelation] uses). An item then gets
+            the same directions in any batch, at any position, on any rank and for any
+            ``chunk_size``, so pairs, and sums of them, do not depend on how the data is split.
+            Items with equal values share directions; distinct items share them with probability
+            about ``2**-64`` (their 64-bit keys collide). Exclusive with ``generator``.
 
     Returns:
         ``(predicted, true)``, each float64 ``[N, M]``.
@@ -452,7 +457,7 @@ def _perturbation_pairs(
     chunk_size: int | None,
     seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`perturbation_pairs` without the input checks."""
+    """[`perturbation_pairs`][metrics_suite.functional.credit.perturbation_pairs] without the input checks."""
     n_items, features = hidden.shape[0], tuple(hidden.shape[1:])
     dim = math.prod(features)
     dtype = compute_dtype(hidden)
@@ -467,7 +472,7 @@ def _perturbation_pairs(
     slot_rows = 2 * n_items if central else n_items
     max_rows = chunk_size if chunk_size is not None else DEFAULT_CHUNK_ELEMENTS // max(dim, 1)
     slots_per_call = max(1, max_rows // slot_rows)
-    streams = _ItemStreams(h, seed, num_directions) if seed is not None else None
+    keys_N = _item_keys(h, seed) if seed is not None else None
     predicted_MN, true_MN = [], []
     base: Tensor | None = None
     start = 0
@@ -482,25 +487,24 @@ def _perturbation_pairs(
                 2 * m if central else base_rows + m, n_items, dim, dtype=dtype, device=h.device
             )
             dirs_mND = rows[:m] if central else rows[base_rows:]
-            # a direction is a normalised Gaussian (uniform on the sphere); the normalisation and the
-            # step are folded into one scale
-            if streams is not None:
-                gauss_mND = streams.next(m, dim, dtype).to(h.device)
-            else:  # drawn straight into the loss_fn input buffer, then shifted by h
-                gauss_mND = dirs_mND
+            # a direction is a normalised Gaussian (uniform on the sphere), drawn straight into the
+            # loss_fn input buffer; the normalisation and the step are folded into one scale
+            if keys_N is not None:
+                _keyed_normals_(dirs_mND, keys_N, start)
+            else:
                 _fill_gaussian(dirs_mND, generator)
-            step_mN1 = epsilon / gauss_mND.norm(dim=-1, keepdim=True)
+            step_mN1 = epsilon / dirs_mND.norm(dim=-1, keepdim=True)
             # the predicted change uses the step actually taken (h + εv rounded, minus h: exact in
             # floating point), so an exact gradient of a linear loss scores 1 even in float32
             if central:
-                torch.addcmul(h, gauss_mND, step_mN1, value=-1.0, out=rows[m:])
-                torch.addcmul(h, gauss_mND, step_mN1, out=dirs_mND)
+                torch.addcmul(h, dirs_mND, step_mN1, value=-1.0, out=rows[m:])
+                torch.addcmul(h, dirs_mND, step_mN1, out=dirs_mND)
                 predicted_MN.append(0.5 * torch.linalg.vecdot(rows[:m] - rows[m:], a).double())
                 plus, minus = _evaluate(loss_fn, rows.view(-1, *features)).view(2, m, n_items)
                 true_MN.append(0.5 * (plus - minus))
             else:
                 rows[:base_rows] = h
-                torch.addcmul(h, gauss_mND, step_mN1, out=dirs_mND)
+                torch.addcmul(h, dirs_mND, step_mN1, out=dirs_mND)
                 predicted_MN.append(torch.linalg.vecdot(dirs_mND - h, a).double())
                 losses = _evaluate(loss_fn, rows.view(-1, *features)).view(base_rows + m, n_items)
                 if base is None:
@@ -542,7 +546,7 @@ def perturbation_correlation(
     \rho = \frac{n\sum xy - \sum x \sum y}{\sqrt{n\sum x^2 - (\sum x)^2}\,\sqrt{n\sum y^2 - (\sum y)^2}}
     $$
 
-    with the pairs of :func:`perturbation_pairs` (``generator`` or ``seed`` picks the directions).
+    with the pairs of [`perturbation_pairs`][metrics_suite.functional.credit.perturbation_pairs] (``generator`` or ``seed`` picks the directions).
     1 means the credit predicts the loss change along every direction; about 0 means it carries no
     information. NaN without pairs or when either side has zero variance.
 
@@ -599,7 +603,7 @@ def nudging_delta(hidden: Tensor, credit: Tensor, loss_fn: LossFn, eta: float = 
 
 
 def _nudging_delta(hidden: Tensor, credit: Tensor, loss_fn: LossFn, eta: float) -> Tensor:
-    """:func:`nudging_delta` without the input checks."""
+    """[`nudging_delta`][metrics_suite.functional.credit.nudging_delta] without the input checks."""
     n_items, features = hidden.shape[0], tuple(hidden.shape[1:])
     if n_items == 0:
         return torch.zeros(0, dtype=torch.float64, device=hidden.device)
@@ -670,7 +674,7 @@ def bridge_target(next_values: Tensor, lam: float = 0.1) -> Tensor:
 
 
 def _bridge_target(next_values: Tensor, lam: float) -> Tensor:
-    """:func:`bridge_target` without the input checks."""
+    """[`bridge_target`][metrics_suite.functional.credit.bridge_target] without the input checks."""
     v = next_values.to(torch.float64)
     return -lam * torch.logsumexp(-v / lam, dim=1) + lam * math.log(v.shape[1])
 
@@ -683,7 +687,7 @@ def _bridge_residuals(value: Tensor, next_values: Tensor, lam: float) -> Tensor:
 def bridge_residual(value: Tensor, next_values: Tensor, lam: float = 0.1) -> Tensor:
     r"""Mean absolute residual of the soft Bellman (bridge) equation, $\operatorname{mean}_b |V_b - V^{target}_b|$.
 
-    See :func:`bridge_target` for $V^{target}$.
+    See [`bridge_target`][metrics_suite.functional.credit.bridge_target] for $V^{target}$.
 
     Args:
         value: ``[B]`` values of the current states.
@@ -726,7 +730,7 @@ def bridge_values(
     states: Tensor,
     next_states: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Evaluate a value network and a target network into the inputs of :class:`~metrics_suite.BridgeResidual`.
+    """Evaluate a value network and a target network into the inputs of [`BridgeResidual`][metrics_suite.credit.BridgeResidual].
 
     Runs under ``torch.no_grad()``; the target network sees all ``B·K`` next states in one call.
 

@@ -17,7 +17,7 @@ __all__ = ["noise_statistics"]
 #: launches. Either way the extra memory of an update is bounded, however many positions it holds.
 _CHUNK_ELEMENTS = 1 << 16
 
-#: Names of the per-position statistics, in the order of :func:`noise_statistics`.
+#: Names of the per-position statistics, in the order of [`noise_statistics`][metrics_suite.functional.noise.noise_statistics].
 NOISE_STATISTICS: tuple[str, ...] = (
     "input_norm",
     "mean_norm",
@@ -88,7 +88,7 @@ def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) ->
     ``_CHUNK_ELEMENTS``), so the float64 copies stay small.
 
     Returns:
-        ``values`` ``[10, *positions]`` (order of :data:`NOISE_STATISTICS`, NaN where a ratio or
+        ``values`` ``[10, *positions]`` (order of [`NOISE_STATISTICS`][metrics_suite.functional.noise.NOISE_STATISTICS], NaN where a ratio or
         cosine has a zero denominator) and ``defined`` ``[10, *positions]`` bool. A position with
         NaN/inf in any input has a non-finite norm among the first three values, which makes them
         the finiteness check.
@@ -127,7 +127,7 @@ def _noise_update(values: Tensor, defined: Tensor, selected: Tensor) -> Tensor:
     """Sum statistics ``[10, 3]`` (n, Σv, Σv²) of each statistic over the ``selected`` positions.
 
     Args:
-        values, defined: :func:`_noise_per_position` output ``[10, *positions]``.
+        values, defined: `_noise_per_position` output ``[10, *positions]``.
         selected: bool ``[*positions]``.
 
     A position enters a statistic only where that statistic is defined (non-zero denominator).

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from metrics_suite.functional._chunks import row_slices, rows_per_chunk
+from metrics_suite.functional._chunks import CHUNK_ELEMENTS, row_slices, rows_per_chunk
 from metrics_suite.functional._stats import mean_output, mean_stats, safe_div
 from metrics_suite.validation import (
     check_broadcast_mask,
@@ -144,7 +144,7 @@ def _component_index(
 def _reconstruction_score_compute(
     loss_sums: Tensor, ratio_stats: Tensor, reduction: ScoreReduction = "ratio_of_sums"
 ) -> Tensor:
-    """Score per component from the sums of :func:`_reconstruction_score_update`."""
+    """Score per component from the sums of `_reconstruction_score_update`."""
     if reduction == "ratio_of_sums":
         s, s_rec, s_zero = loss_sums.unbind(-1)
         return safe_div(s_zero - s_rec, s_zero - s)
@@ -197,6 +197,10 @@ def reconstruction_score(
 
 
 # ---------------------------------------------------------------------------------- shared helpers
+#: Chunk size of this module (a module constant, so tests can shrink it).
+_CHUNK_ELEMENTS = CHUNK_ELEMENTS
+
+
 def _selection(mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
     """``mask`` as a bool tensor (all True when ``None``); expects an already validated mask."""
     if mask is None:
@@ -305,7 +309,7 @@ def changed_token_rate(
     \text{token\_rate} = \frac{\sum_{b,t} m_{bt}\,[x_{bt} \neq \hat{x}_{bt}]}{\sum_{b,t} m_{bt}}
     $$
 
-    with $c_b$ from :func:`percentage_changed_ids`. Sequences without selected tokens are
+    with $c_b$ from [`percentage_changed_ids`][metrics_suite.functional.reconstruction.percentage_changed_ids]. Sequences without selected tokens are
     left out of ``sequence_mean``; no selected token at all gives NaN.
 
     Examples:
@@ -357,7 +361,7 @@ def _activation_vector_stats(reconstruction: Tensor, target: Tensor) -> Tensor:
     x_all = target.detach().reshape(-1, d)
     x_hat_all = reconstruction.detach().reshape(-1, d).to(x_all.device)
     parts = [x_all.new_zeros((4, 0), dtype=torch.float64)]
-    for rows in row_slices(x_all.shape[0], rows_per_chunk(d)):
+    for rows in row_slices(x_all.shape[0], rows_per_chunk(d, _CHUNK_ELEMENTS)):
         x = x_all[rows].to(torch.float64)
         x_hat = x_hat_all[rows].to(torch.float64)
         norms = [torch.linalg.vector_norm(v, dim=-1).square() for v in (x_hat - x, x, x_hat)]
@@ -373,13 +377,13 @@ def _activation_update(
     Args:
         reconstruction, target: ``[..., D]``.
         mask: bool over the leading shape (all True when ``None``).
-        vector_stats: :func:`_activation_vector_stats` of the inputs, if already computed.
+        vector_stats: `_activation_vector_stats` of the inputs, if already computed.
 
     Returns:
         ``mse_stats`` ``[3]`` and ``cosine_stats`` ``[3]`` (n, Σv, Σv²) of the per-vector mean
         squared error and cosine (the cosine only where both norms are non-zero);
         ``norm_sums`` ``[2]``: (Σ‖x̂ − x‖², Σ‖x‖²); ``target_sum`` ``[D]``: Σx. Rows are processed
-        in chunks, so the float64 copies never exceed a few :data:`~metrics_suite.functional._chunks.CHUNK_ELEMENTS`.
+        in chunks, so the float64 copies never exceed a few `CHUNK_ELEMENTS`.
     """
     d = target.shape[-1]
     if vector_stats is None:
@@ -392,7 +396,7 @@ def _activation_update(
     cosine = torch.where(has_cos, dot / torch.where(has_cos, cos_den, 1.0), 0.0)
     x_all = target.detach().reshape(-1, d)
     target_sum = torch.zeros(d, dtype=torch.float64, device=x_all.device)
-    for rows in row_slices(x_all.shape[0], rows_per_chunk(d)):
+    for rows in row_slices(x_all.shape[0], rows_per_chunk(d, _CHUNK_ELEMENTS)):
         target_sum += x_all[rows].to(torch.float64).masked_fill_(~selected[rows, None], 0.0).sum(0)
     norm_sums = torch.stack([sq_err.sum(), sq_norm.sum()])
     return mean_stats(sq_err / d, selected), mean_stats(cosine, has_cos), norm_sums, target_sum
@@ -405,7 +409,7 @@ _VARIANCE_RESOLUTION = 1e-12
 def _activation_compute(
     mse_stats: Tensor, cosine_stats: Tensor, norm_sums: Tensor, target_sum: Tensor
 ) -> dict[str, Tensor]:
-    """The four statistics from the sums of :func:`_activation_update`."""
+    """The four statistics from the sums of `_activation_update`."""
     n = mse_stats[0]
     sq_err, sq_norm = norm_sums.unbind(-1)
     # Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖²/n. A variance below float64 resolution of Σ‖x‖² is rounding
@@ -484,7 +488,7 @@ def _feature_l1(feature_activations: Tensor) -> Tensor:
     a_all = feature_activations.detach().reshape(-1, f)
     dtype = compute_dtype(a_all)
     parts = [a_all.new_zeros(0, dtype=torch.float64)]
-    for rows in row_slices(a_all.shape[0], rows_per_chunk(f)):
+    for rows in row_slices(a_all.shape[0], rows_per_chunk(f, _CHUNK_ELEMENTS)):
         parts.append(torch.linalg.vector_norm(a_all[rows], ord=1, dim=-1, dtype=dtype).to(torch.float64))
     return torch.cat(parts)
 
@@ -497,7 +501,7 @@ def _feature_sparsity_update(
     Args:
         feature_activations: ``[..., F]``.
         mask: bool over the leading shape (all True when ``None``).
-        l1: :func:`_feature_l1` of the activations, if already computed.
+        l1: `_feature_l1` of the activations, if already computed.
 
     Returns:
         ``firing_counts`` ``[F]`` int64 (vectors where each feature is non-zero), ``vector_count``
@@ -513,7 +517,7 @@ def _feature_sparsity_update(
     weights = selected.to(dtype)
     firing_counts = torch.zeros(f, dtype=torch.float64, device=a_all.device)
     l0_parts = [a_all.new_zeros(0, dtype=dtype)]
-    for rows in row_slices(a_all.shape[0], rows_per_chunk(f)):
+    for rows in row_slices(a_all.shape[0], rows_per_chunk(f, _CHUNK_ELEMENTS)):
         # 0/1 in float: row sums and the weighted column sum (a GEMV) are exact integers, as a
         # chunk holds far fewer than 2**24 rows and features
         fires = (a_all[rows] != 0).to(dtype)

@@ -79,7 +79,7 @@ def chunk_rows(
     """Number of positions (rows of ``V`` logits) processed at once.
 
     With neither limit set, a chunk is sized so that one ``[chunk, V]`` buffer of ``dtype`` takes
-    about :data:`DEFAULT_CHUNK_BYTES`, which keeps the working set in cache. With both set, a chunk
+    about [`DEFAULT_CHUNK_BYTES`][metrics_suite.functional.utility.DEFAULT_CHUNK_BYTES], which keeps the working set in cache. With both set, a chunk
     holds at most ``max_batch_size × max_sequence_length`` positions. With one set, the missing one
     means the full batch or sequence, but the chunk stays within the default size: ``max_batch_size=1``
     alone must not make a chunk of a whole 4096-token sequence at a 128k vocabulary (2 GiB per buffer).
@@ -108,10 +108,10 @@ def _row_finite(x: Tensor) -> Tensor:
 def _divergences_from_logits(
     clean: Tensor, noisy: Tensor, p: Tensor, q: Tensor, s1: Tensor, s2: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""The divergences ``[n, 6]`` (in :data:`DIVERGENCES` order) of the softmax distributions of logit rows ``[n, W]``.
+    r"""The divergences ``[n, 6]`` (in `DIVERGENCES` order) of the softmax distributions of logit rows ``[n, W]``.
 
     Also returns, from the row maxima it needs anyway, the finiteness of each row pair ``[n]`` (as
-    :func:`_row_finite`; values of non-finite rows are meaningless) and whether the two rows have
+    `_row_finite`; values of non-finite rows are meaningless) and whether the two rows have
     their (first) largest logit at the same index ``[n]``.
 
     Per entry, with $M = \max(p, q)$ and $\delta = |\log p - \log q|$, every term is
@@ -187,7 +187,7 @@ def _divergences_from_logits(
 def _kl_pair(
     log_ratio: Tensor, delta: Tensor, big: Tensor, e: Tensor, f_out: Tensor, g_out: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """KL(p‖q) and KL(q‖p) ``[n]`` from the per-entry terms of :func:`_divergences_from_logits`.
+    """KL(p‖q) and KL(q‖p) ``[n]`` from the per-entry terms of `_divergences_from_logits`.
 
     ``f_out`` and ``g_out`` are scratch; ``delta`` is clamped to the largest finite value in place
     (so that ``ρ·δ`` is 0, not NaN, where δ = inf) and ``log_ratio`` is overwritten.
@@ -215,9 +215,9 @@ def _top_k_mask(x: Tensor, k: int) -> Tensor:
 def _top_k_set(x: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     """Indices ``[n, w]`` that cover the top-k set of each row (``k < V``), and a mask of those outside it.
 
-    The set is that of :func:`_top_k_mask`. When ties make a set wider than a quarter of the
+    The set is that of `_top_k_mask`. When ties make a set wider than a quarter of the
     vocabulary (e.g. a row of equal logits), gathering would cost more than the whole row: then
-    None, and the caller masks whole rows with :func:`_top_k_mask` instead.
+    None, and the caller masks whole rows with `_top_k_mask` instead.
     """
     values, index = x.topk(k + 1, -1)
     kth = values[:, k - 1 : k]
@@ -277,7 +277,7 @@ def _divergence_rows(
 ) -> tuple[Tensor, Tensor]:
     """Per-token values ``[n, 7]`` (compute dtype) and row finiteness ``[n]``.
 
-    The values are the divergences in :data:`DIVERGENCES` order (NaN for non-finite rows), then the
+    The values are the divergences in `DIVERGENCES` order (NaN for non-finite rows), then the
     top-1 agreement (1.0 where both rows have their first largest logit at the same index, else 0.0).
     """
     vocab = clean_logits.shape[-1]
@@ -344,7 +344,7 @@ class TokenValues:
     """Per-token values of one batch of next-token logits, before ``nan_strategy`` is applied.
 
     Attributes:
-        values: ``[n, 7]`` for the ``n`` attended tokens (:data:`TOKEN_VALUES` order, compute dtype).
+        values: ``[n, 7]`` for the ``n`` attended tokens (`TOKEN_VALUES` order, compute dtype).
         finite: ``[n]`` bool, False where a token's logits hold NaN or +inf, or are all −inf.
         sequence: ``[n]`` int64, the sequence (batch row) of each token.
         batch: number of sequences ``B``.
@@ -447,7 +447,7 @@ def token_divergences(
     and ``kl_noisy_clean`` $= \mathrm{KL}(q\,\|\,p)$, whose sum is $J$.
 
     With ``num_logits=k`` both distributions are restricted to the union of the top-k sets of
-    both inputs at that position (:func:`top_k_support_mask`: ties at the k-th place included) and
+    both inputs at that position ([`top_k_support_mask`][metrics_suite.functional.utility.top_k_support_mask]: ties at the k-th place included) and
     renormalised on it. Computed in log space in at least float32, one chunk of positions at a time.
 
     A −inf logit (a banned token) is valid: a token that is −inf in both inputs contributes 0, one
@@ -540,11 +540,11 @@ def next_token_divergence(
 ) -> dict[str, Tensor]:
     r"""Mean next-token divergences between clean and noisy logits ``[B, T, V]``.
 
-    Per-token values as in :func:`token_divergences`. ``reduction="sequence"`` averages over the
+    Per-token values as in [`token_divergences`][metrics_suite.functional.utility.token_divergences]. ``reduction="sequence"`` averages over the
     attended tokens of each sequence, then over sequences (a sequence without attended tokens does
     not count); ``"token"`` averages over all attended tokens. ``top1_agreement`` is the share of
     attended tokens whose clean and noisy argmax agree, a token share for either reduction. No attended
-    token gives NaN, and so does a non-finite position (:class:`~metrics_suite.utility.NextTokenDivergence`
+    token gives NaN, and so does a non-finite position ([`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence]
     can skip such tokens instead). Not differentiable (the inputs are detached).
 
     Examples:
@@ -673,7 +673,7 @@ def masked_cross_entropy(
     over the set $S$ of attended positions whose target is not ``ignore_index``.
     ``target_ids[b, t]`` is the token that ``logits[b, t]`` predicts (shift labels yourself).
 
-    As in :func:`torch.nn.functional.cross_entropy`, −inf logits are valid and a target whose logit
+    As in [`torch.nn.functional.cross_entropy`](https://docs.pytorch.org/docs/stable/generated/torch.nn.functional.cross_entropy.html), −inf logits are valid and a target whose logit
     is −inf has an infinite loss (so the mean is +inf); a position whose logits hold NaN or +inf, or
     are all −inf, makes the result NaN. Not differentiable (the inputs are detached).
 
@@ -841,8 +841,8 @@ def _patch_majority_count(pixel_labels: Tensor) -> tuple[Tensor, Tensor]:
 def patch_label_mask(pixel_labels: Tensor, threshold: float) -> Tensor:
     """Bool ``[...]``: patches ``[..., P]`` where at least ``threshold`` of the pixels share one label.
 
-    Use it as the ``mask`` of :class:`~metrics_suite.utility.PredictionChange` to count only patches
-    with a clear label; :func:`patch_majority_label` gives that label.
+    Use it as the ``mask`` of [`PredictionChange`][metrics_suite.utility.PredictionChange] to count only patches
+    with a clear label; [`patch_majority_label`][metrics_suite.functional.utility.patch_majority_label] gives that label.
 
     Examples:
         >>> import torch

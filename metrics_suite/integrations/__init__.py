@@ -3,5 +3,5 @@
 Each submodule imports its framework lazily on import of that submodule only, so
 ``import metrics_suite`` never needs Lightning:
 
-* :mod:`metrics_suite.integrations.lightning` — PyTorch Lightning (``pip install 'metrics_suite[lightning]'``).
+* [`metrics_suite.integrations.lightning`][metrics_suite.integrations.lightning] — PyTorch Lightning (``pip install 'metrics_suite[lightning]'``).
 """

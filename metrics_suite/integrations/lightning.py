@@ -1,4 +1,4 @@
-"""PyTorch Lightning integration: log a :class:`~metrics_suite.collection.DiagnosticCollection` with one
+"""PyTorch Lightning integration: log a [`DiagnosticCollection`][metrics_suite.collection.DiagnosticCollection] with one
 collective per compute.
 
 The recommended pattern, written out by hand::
@@ -16,14 +16,14 @@ The recommended pattern, written out by hand::
 
 Three tools, from the most explicit to the most automatic:
 
-* :func:`log_diagnostics` does the epoch-end part: ``compute()`` (one fused ``all_reduce`` for the
+* [`log_diagnostics`][metrics_suite.integrations.lightning.log_diagnostics] does the epoch-end part: ``compute()`` (one fused ``all_reduce`` for the
   whole collection; every rank gets the global values), ``log_dict(..., sync_dist=False)`` (the
   values are already global, another reduction would only cost collectives) and ``reset()``.
-* :class:`DiagnosticsCallback` does it for every stage (train/val/test) of the collections a module
+* [`DiagnosticsCallback`][metrics_suite.integrations.lightning.DiagnosticsCallback] does it for every stage (train/val/test) of the collections a module
   keeps in ``self.diagnostics = StageDiagnostics(val=..., ...)``, resets each stage at epoch start
   (so states restored from a checkpoint never leak into a validation) and makes mid-epoch
   checkpoints exact under DDP.
-* :class:`LoggableDiagnostics` lets plain ``self.log_dict(x)`` take a collection: Lightning then
+* [`LoggableDiagnostics`][metrics_suite.integrations.lightning.LoggableDiagnostics] lets plain ``self.log_dict(x)`` take a collection: Lightning then
   computes and resets it itself. A bare collection does not work there: Lightning calls each
   metric's ``compute()`` on its own (one sync per metric) and needs a scalar tensor back, while
   multi-statistic metrics return dicts.
@@ -67,7 +67,7 @@ __all__ = [
     "output_keys",
 ]
 
-#: Stages of :class:`StageDiagnostics`, ended by :class:`DiagnosticsCallback` at ``on_{stage}_epoch_end``.
+#: Stages of [`StageDiagnostics`][metrics_suite.integrations.lightning.StageDiagnostics], ended by [`DiagnosticsCallback`][metrics_suite.integrations.lightning.DiagnosticsCallback] at ``on_{stage}_epoch_end``.
 STAGES = ("train", "val", "test")
 
 
@@ -132,7 +132,7 @@ def log_diagnostics(
 
 # ------------------------------------------------------------------------------------------- callback
 class StageDiagnostics(nn.Module):
-    """One :class:`~metrics_suite.collection.DiagnosticCollection` per stage, as submodules.
+    """One [`DiagnosticCollection`][metrics_suite.collection.DiagnosticCollection] per stage, as submodules.
 
     Indexed by stage name (``diagnostics["val"]``); the collections are registered as submodules
     ``{stage}_metrics`` (``nn.ModuleDict`` cannot hold a ``"train"`` key: it clashes with
@@ -217,7 +217,7 @@ class StageDiagnostics(nn.Module):
 def _state_entries(diagnostics: nn.Module, prefix: str = "") -> list[tuple[str, Tensor]]:
     """``(state_dict key, tensor)`` of every persistent metric state under ``diagnostics``.
 
-    With the update count a :class:`~metrics_suite.base.DiagnosticMetric` saves: summed over ranks
+    With the update count a [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] saves: summed over ranks
     like the states, so a metric only other ranks updated is not "never updated" after a resume.
     """
     entries: list[tuple[str, Tensor]] = []
@@ -238,7 +238,7 @@ def _distributed() -> bool:
 class DiagnosticsCallback(pl.Callback):
     """Reset every stage's diagnostics at the start of its epoch; compute, log and reset them at the end.
 
-    The LightningModule keeps its collections in a :class:`StageDiagnostics` (submodules, so they
+    The LightningModule keeps its collections in a [`StageDiagnostics`][metrics_suite.integrations.lightning.StageDiagnostics] (submodules, so they
     follow the module's device and their states are saved in checkpoints) and only updates them::
 
         class Model(pl.LightningModule):
@@ -252,7 +252,7 @@ class DiagnosticsCallback(pl.Callback):
         trainer = pl.Trainer(callbacks=[DiagnosticsCallback()])  # or the module's configure_callbacks()
 
     At ``on_train_epoch_end``, ``on_validation_epoch_end`` and ``on_test_epoch_end`` the callback
-    runs :func:`log_diagnostics` on the stage's collection (``"train"``, ``"val"``, ``"test"``) with
+    runs [`log_diagnostics`][metrics_suite.integrations.lightning.log_diagnostics] on the stage's collection (``"train"``, ``"val"``, ``"test"``) with
     the prefix ``"{stage}/"``: one collective per compute, global values logged with
     ``sync_dist=False``, reset afterwards. The sanity-check validation is computed and reset too,
     so it never leaks into epoch 0.
@@ -273,16 +273,16 @@ class DiagnosticsCallback(pl.Callback):
 
     Several val or test dataloaders feed the same collection, so its value covers all of them
     (the callback warns once per stage); for one value per dataloader keep one collection per
-    ``dataloader_idx`` and log it with :func:`log_diagnostics`.
+    ``dataloader_idx`` and log it with [`log_diagnostics`][metrics_suite.integrations.lightning.log_diagnostics].
 
     Args:
-        diagnostics: a :class:`StageDiagnostics` to attach to the module as ``attribute`` at
+        diagnostics: a [`StageDiagnostics`][metrics_suite.integrations.lightning.StageDiagnostics] to attach to the module as ``attribute`` at
             ``setup``, for modules that do not create their own; ``None`` (default) uses the
             module's. Attached collections are a plain attribute of the module, not a submodule:
             the callback moves them to the module's device, and saves their states in its own
-            checkpoint entry (:meth:`state_dict`), so the module's ``state_dict`` (and
+            checkpoint entry ([`state_dict`][metrics_suite.integrations.lightning.DiagnosticsCallback.state_dict]), so the module's ``state_dict`` (and
             ``Model.load_from_checkpoint``) stays as without the callback.
-        attribute: name of the module attribute holding the :class:`StageDiagnostics`.
+        attribute: name of the module attribute holding the [`StageDiagnostics`][metrics_suite.integrations.lightning.StageDiagnostics].
         prog_bar: also show the values in the progress bar.
         logger: send the values to the logger(s) (``None``: Lightning's default, yes).
 
@@ -321,7 +321,7 @@ class DiagnosticsCallback(pl.Callback):
         return self._generate_state_key(attribute=self.attribute)
 
     def stage_diagnostics(self, pl_module: pl.LightningModule) -> StageDiagnostics:
-        """The module's :class:`StageDiagnostics`."""
+        """The module's [`StageDiagnostics`][metrics_suite.integrations.lightning.StageDiagnostics]."""
         found = getattr(pl_module, self.attribute, None)
         if not isinstance(found, StageDiagnostics):
             raise TypeError(
@@ -471,7 +471,7 @@ class DiagnosticsCallback(pl.Callback):
 
 # ------------------------------------------------------------------------------------ log_dict adapter
 def output_keys(collection: DiagnosticCollection) -> list[str]:
-    """The keys ``collection.compute()`` returns (see :meth:`DiagnosticCollection.output_keys`)."""
+    """The keys ``collection.compute()`` returns (see [`DiagnosticCollection.output_keys`][metrics_suite.collection.DiagnosticCollection.output_keys])."""
     return collection.output_keys()
 
 
@@ -505,7 +505,7 @@ class _SharedCompute:
 
 
 class _KeyView(Metric):
-    """A scalar :class:`~torchmetrics.Metric` view of one output key of a collection (no own state).
+    """A scalar [`Metric`](https://lightning.ai/docs/torchmetrics/stable/references/metric.html) view of one output key of a collection (no own state).
 
     Lightning calls ``compute()`` and ``reset()`` on it; both go to the shared collection.
     """
