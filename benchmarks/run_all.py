@@ -20,7 +20,7 @@ from typing import Any
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-BENCHES = ["bench_sync", "bench_divergence", "bench_credit", "bench_step_overhead"]
+BENCHES = ["bench_sync", "bench_divergence", "bench_downstream", "bench_credit", "bench_step_overhead"]
 
 
 Row = tuple[str, str, str, str, str]  # case, what is compared, ratio, target, met

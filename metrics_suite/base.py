@@ -65,7 +65,7 @@ class MetricFingerprint:
         cls: class name.
         layout: names, shapes and dtypes of its states.
         syncs: synced ``compute()`` calls since the last ``reset()``.
-        config: constructor argument -> JSON of its value (:meth:`DiagnosticMetric.fingerprint_config`).
+        config: constructor argument -> JSON of its value ([`DiagnosticMetric.fingerprint_config`][metrics_suite.base.DiagnosticMetric.fingerprint_config]).
     """
 
     name: str
@@ -192,7 +192,7 @@ def _check_fingerprints(
     group: Any,
     label: str,
 ) -> None:
-    """Raise :class:`SyncMismatchError` on every rank when ranks disagree on any fingerprint.
+    """Raise [`SyncMismatchError`][metrics_suite.base.SyncMismatchError] on every rank when ranks disagree on any fingerprint.
 
     One small ``all_gather`` of a fixed-size vector per rank; every rank sees every vector, so all
     raise together, each naming the metrics and fields that differ (and its own values).
@@ -233,9 +233,9 @@ def fused_all_reduce(
     Integer counts travel as float64 (exact up to 2**53) and come back in their own dtype.
     With ``check_layout`` a small ``all_gather`` of each rank's fingerprint first verifies that
     every rank sends the same layout (and, given ``fingerprints``, the same metric configurations
-    and sync counts), so a mismatch is a :class:`SyncMismatchError` on every rank rather than a
+    and sync counts), so a mismatch is a [`SyncMismatchError`][metrics_suite.base.SyncMismatchError] on every rank rather than a
     hang or a silent sum of states that mean different things. A failing collective (e.g. a
-    timeout) raises :class:`SyncFailedError` naming ``label``.
+    timeout) raises [`SyncFailedError`][metrics_suite.base.SyncFailedError] naming ``label``.
 
     Returns the reduced tensors, in order, with their original shapes and dtypes.
     """
@@ -357,8 +357,8 @@ class DiagnosticMetric(Metric):
     * A distributed sync is one ``all_reduce(SUM)`` of all states (and the update count) flattened
       into one buffer, plus one small ``all_gather`` of a fingerprint (``check_layout=False`` skips
       it): the state layout, every constructor argument that changes what a state means
-      (:meth:`fingerprint_args`) and the number of synced ``compute()`` calls since ``reset()``.
-      Ranks that disagree raise :class:`SyncMismatchError` on every rank. ``compute()`` is never
+      ([`fingerprint_args`][metrics_suite.base.DiagnosticMetric.fingerprint_args]) and the number of synced ``compute()`` calls since ``reset()``.
+      Ranks that disagree raise [`SyncMismatchError`][metrics_suite.base.SyncMismatchError] on every rank. ``compute()`` is never
       cached (``compute_with_cache=True`` is refused), so every rank enters the same collectives on
       every call. After the sync the local states come back, also when ``compute()`` raises; the
       "called before update" warning looks at the update count of all ranks.
@@ -585,12 +585,12 @@ class DiagnosticMetric(Metric):
         """Arguments whose values must agree before states are summed, merged or loaded.
 
         Every constructor argument of the class and its bases (read back from the attribute of the
-        same name), minus :attr:`fingerprint_exclude`, plus :attr:`fingerprint_attributes`.
+        same name), minus [`fingerprint_exclude`][metrics_suite.base.DiagnosticMetric.fingerprint_exclude], plus [`fingerprint_attributes`][metrics_suite.base.DiagnosticMetric.fingerprint_attributes].
         """
         return _fingerprint_args(cls)
 
     def fingerprint_config(self) -> dict[str, str]:
-        """``{argument: JSON of its value}`` for every :meth:`fingerprint_args` entry.
+        """``{argument: JSON of its value}`` for every [`fingerprint_args`][metrics_suite.base.DiagnosticMetric.fingerprint_args] entry.
 
         Raises:
             TypeError: an argument is not stored under its own name (a metric class must store it,
@@ -652,7 +652,7 @@ class DiagnosticMetric(Metric):
         Raises:
             ValueError: a state has another shape than this metric's (e.g. a different
                 ``num_components``) or is missing, the other metric is of another class, or it was
-                built with another value of a fingerprint argument (:meth:`fingerprint_args`; checked
+                built with another value of a fingerprint argument ([`fingerprint_args`][metrics_suite.base.DiagnosticMetric.fingerprint_args]; checked
                 for a metric and for a ``state_dict()`` that carries its ``fingerprint``).
             TypeError: a state is not a tensor.
         """

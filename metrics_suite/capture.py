@@ -8,7 +8,7 @@ normal forward pass and handed to a collection afterwards::
         loss = model(batch)  # the layer calls record(self, "mean", mean), record(self, "noise", noise)
     collection.update(**capture.pop())
 
-:func:`replace_output` swaps a module's output for the duration of a ``with`` block (splice an
+[`replace_output`][metrics_suite.capture.replace_output] swaps a module's output for the duration of a ``with`` block (splice an
 autoencoder's reconstruction into a layer, zero-ablate it, intervene on its features).
 
 A tensor can come from three places:
@@ -72,7 +72,7 @@ def replace_output(module: nn.Module, replacement: Callable[[Tensor], Tensor]) -
     For a tuple or list output (e.g. a decoder layer returning ``(hidden_states, ...)``) only the
     first element is replaced. The rest of the model runs on the replacement, so this splices a
     reconstruction into a layer (``lambda h: sae(h)``), zero-ablates it (``torch.zeros_like``) or
-    applies an intervention. Hooks run in registration order: a :class:`ForwardCapture` attached to
+    applies an intervention. Hooks run in registration order: a [`ForwardCapture`][metrics_suite.capture.ForwardCapture] attached to
     ``module`` before the block sees the original output, one attached inside the block the replacement.
 
     Raises:

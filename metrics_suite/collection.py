@@ -74,7 +74,7 @@ class DiagnosticCollection(MetricCollection):
             sum-state metrics accepted by ``MetricCollection``.
         check_layout: verify before the sum that every rank holds the same metrics, with the same
             state layouts, fingerprint arguments and synced-compute counts (one small ``all_gather``);
-            a mismatch raises :class:`~metrics_suite.base.SyncMismatchError` on every rank, naming the
+            a mismatch raises [`SyncMismatchError`][metrics_suite.base.SyncMismatchError] on every rank, naming the
             metric and the argument, instead of hanging or summing states that mean different things.
         atomic_update: when one metric rejects its input, roll back the metrics already updated
             in that call, so a failed ``update`` or ``forward`` leaves the whole collection unchanged.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import torch
-from pydantic import Field, PositiveInt, validate_call
+from pydantic import Field, PositiveInt, StrictFloat, StrictInt, validate_call
 from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric, MetricOutput, safe_div
@@ -21,6 +21,9 @@ from metrics_suite.functional.reconstruction import (
     _changed_tokens_compute,
     _changed_tokens_stats,
     _changed_tokens_update,
+    _downstream_compute,
+    _downstream_stats,
+    _downstream_update,
     _feature_l1,
     _feature_sparsity_check,
     _feature_sparsity_compute,
@@ -33,7 +36,15 @@ from metrics_suite.functional.reconstruction import (
 )
 from metrics_suite.registry import register
 
-__all__ = ["ActivationReconstruction", "ChangedTokenRate", "FeatureSparsity", "ReconstructionScore"]
+__all__ = [
+    "ActivationReconstruction",
+    "ChangedTokenRate",
+    "DownstreamReconstruction",
+    "FeatureSparsity",
+    "ReconstructionScore",
+]
+
+StrictPositiveInt = Annotated[StrictInt, Field(gt=0)]
 
 
 @register("reconstruction", "reconstruction_score", example=examples.RECONSTRUCTION_SCORE)
@@ -243,6 +254,20 @@ class ActivationReconstruction(DiagnosticMetric):
     or zero target variance for ``explained_variance`` (a variance below 1e-12 of
     $\sum_i \lVert x_i \rVert^2$ is float64 rounding and counts as zero): NaN.
 
+    Norms (SAELens' ``l2_norm_in``, ``l2_norm_out``, ``l2_ratio`` and ``relative_reconstruction_bias``):
+
+    $$
+    \text{l2\_norm\_in} = \operatorname{mean}_i \lVert x_i \rVert,\quad
+    \text{l2\_norm\_out} = \operatorname{mean}_i \lVert \hat{x}_i \rVert,\quad
+    \text{l2\_ratio} = \operatorname{mean}_{i:\,x_i \neq 0} \frac{\lVert \hat{x}_i \rVert}{\lVert x_i \rVert},\quad
+    \text{relative\_reconstruction\_bias} = \frac{\sum_i \lVert \hat{x}_i \rVert^2}{\sum_i \langle x_i, \hat{x}_i \rangle}
+    $$
+
+    Vectors with $x_i = 0$ are left out of ``l2_ratio`` (not clamped to a tiny norm, which would
+    make one zero vector dominate the mean). ``relative_reconstruction_bias`` is Eq. 10 of
+    arXiv 2404.16014 over all selected vectors on all ranks (SAELens averages per-batch ratios):
+    below 1 a reconstruction shrinks its targets.
+
     Args:
         num_features: the size ``D`` of the last dimension.
         kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
@@ -254,8 +279,9 @@ class ActivationReconstruction(DiagnosticMetric):
         >>> metric = ActivationReconstruction(num_features=2)
         >>> target = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
         >>> metric.update(torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 1.0]]), target)
-        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}
-        {'mse': 0.3333, 'normalized_mse': 0.1333, 'explained_variance': 0.7, 'cosine_similarity': 0.9829}
+        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'mse': 0.3333, 'normalized_mse': 0.1333, 'explained_variance': 0.7, 'cosine_similarity': 0.9829,
+         'l2_norm_in': 2.0787, 'l2_norm_out': 1.4714, 'l2_ratio': 0.7664, 'relative_reconstruction_bias': 0.7}
     """
 
     higher_is_better = None
@@ -264,6 +290,9 @@ class ActivationReconstruction(DiagnosticMetric):
     cosine_stats: Tensor
     norm_sums: Tensor
     target_sum: Tensor
+    l2_stats: Tensor
+    bias_sums: Tensor
+    _activation_states = ("mse_stats", "cosine_stats", "norm_sums", "target_sum", "l2_stats", "bias_sums")
 
     @validate_call
     def __init__(self, num_features: PositiveInt, **kwargs: Any) -> None:
@@ -273,6 +302,8 @@ class ActivationReconstruction(DiagnosticMetric):
         self.add_mean_state("cosine_stats")
         self.add_sum_state("norm_sums", (2,))
         self.add_sum_state("target_sum", (num_features,))
+        self.add_mean_state("l2_stats", (3,))  # ‖x‖, ‖x̂‖, ‖x̂‖/‖x‖
+        self.add_sum_state("bias_sums", (2,))  # Σ‖x̂‖², Σ⟨x, x̂⟩
 
     def update(self, reconstruction: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
         """Add one batch of ``[..., num_features]`` vectors (``mask`` over the leading shape)."""
@@ -284,13 +315,13 @@ class ActivationReconstruction(DiagnosticMetric):
         keep, skipped = self.nonfinite_filter("reconstruction/target", finite | ~selected)
         sums = _activation_update(reconstruction, target, selected & keep, vector_stats)
         self.nonfinite_count += skipped
-        for name, value in zip(("mse_stats", "cosine_stats", "norm_sums", "target_sum"), sums):
+        for name, value in zip(self._activation_states, sums):
             state = getattr(self, name)
             state += value.to(state.device)
 
     def compute(self) -> MetricOutput:
-        """``mse``, ``normalized_mse``, ``explained_variance``, ``cosine_similarity``."""
-        out = _activation_compute(self.mse_stats, self.cosine_stats, self.norm_sums, self.target_sum)
+        """``mse``, ``normalized_mse``, ``explained_variance``, ``cosine_similarity`` and the four norm statistics."""
+        out = _activation_compute(*(getattr(self, name) for name in self._activation_states))
         if self.with_stderr:
             out |= self.mean_output(self.mse_stats, "mse") | self.mean_output(
                 self.cosine_stats, "cosine_similarity"
@@ -302,6 +333,7 @@ class ActivationReconstruction(DiagnosticMetric):
 
 
 DeadThreshold = Annotated[float, Field(ge=0.0, le=1.0)]
+FiringThreshold = Annotated[StrictFloat, Field(ge=0.0, allow_inf_nan=False)]
 
 
 @register("reconstruction", "feature_sparsity", example=examples.FEATURE_SPARSITY, needs_config=True)
@@ -312,9 +344,9 @@ class FeatureSparsity(DiagnosticMetric):
     firing frequency $\nu_f$ of feature $f$ over all vectors seen on all ranks:
 
     $$
-    \text{l0} = \frac{1}{n}\sum_i \lVert a_i \rVert_0,\qquad
+    \text{l0} = \frac{1}{n}\sum_i \sum_f [\,|a_{if}| > \theta\,],\qquad
     \text{l1} = \frac{1}{n}\sum_i \lVert a_i \rVert_1,\qquad
-    \nu_f = \frac{1}{n}\sum_i [a_{if} \neq 0],\qquad
+    \nu_f = \frac{1}{n}\sum_i [\,|a_{if}| > \theta\,],\qquad
     \text{dead\_fraction@}\tau = \frac{\#\{f : \nu_f \le \tau\}}{F}
     $$
 
@@ -333,6 +365,9 @@ class FeatureSparsity(DiagnosticMetric):
     Args:
         num_features: the number of features ``F``.
         dead_thresholds: firing frequencies in ``[0, 1]`` at or below which a feature counts as dead.
+        firing_threshold: $\theta$: a feature fires where $|a| > \theta$ (``l0``, densities, dead
+            features; ``l1`` sums all activations). 0 (default) counts every non-zero activation,
+            signed ones included, as SAELens does.
         kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``l0_stderr`` and ``l1_stderr``).
 
@@ -366,6 +401,7 @@ class FeatureSparsity(DiagnosticMetric):
         self,
         num_features: PositiveInt,
         dead_thresholds: tuple[DeadThreshold, ...] = (0.0, 1e-6, 1e-5),
+        firing_threshold: FiringThreshold = 0.0,
         **kwargs: Any,
     ) -> None:
         keys = [dead_fraction_key(t) for t in dead_thresholds]
@@ -374,6 +410,7 @@ class FeatureSparsity(DiagnosticMetric):
         super().__init__(**kwargs)
         self.num_features = num_features
         self.dead_thresholds = tuple(dead_thresholds)
+        self.firing_threshold = float(firing_threshold)
         self.add_count_state("firing_counts", (num_features,))
         self.add_count_state("vector_count")
         self.add_mean_state("l0_stats")
@@ -387,7 +424,7 @@ class FeatureSparsity(DiagnosticMetric):
         l1 = _feature_l1(feature_activations)
         finite = torch.isfinite(l1).reshape(selected.shape)
         keep, skipped = self.nonfinite_filter("feature_activations", finite | ~selected)
-        sums = _feature_sparsity_update(feature_activations, selected & keep, l1)
+        sums = _feature_sparsity_update(feature_activations, selected & keep, l1, self.firing_threshold)
         self.nonfinite_count += skipped
         for name, value in zip(("firing_counts", "vector_count", "l0_stats", "l1_stats"), sums):
             state = getattr(self, name)
@@ -417,3 +454,140 @@ class FeatureSparsity(DiagnosticMetric):
         ):
             counts = self.firing_counts.to(torch.float64)
             return safe_div(counts, self.vector_count.to(torch.float64).expand_as(counts))
+
+
+# ---------------------------------------------------------------------------------- DownstreamReconstruction
+
+
+@register("reconstruction", "downstream", example=examples.DOWNSTREAM)
+class DownstreamReconstruction(DiagnosticMetric):
+    r"""How much of the model's next-token behaviour survives splicing in a reconstruction (e.g. an SAE).
+
+    Takes logits ``[B, T, V]`` of the clean model, of the model with the reconstruction spliced in,
+    and of the model with the spliced activations zero-ablated. Per attended token $t$, with $p_t$,
+    $q^{spl}_t$, $q^{abl}_t$ their softmax distributions and the natural log:
+
+    $$
+    \text{kl\_spliced} = \frac{1}{|S|}\sum_{t \in S} \mathrm{KL}(p_t \,\|\, q^{spl}_t),\qquad
+    \text{kl\_score} = \frac{\sum_{t \in S} \mathrm{KL}(p_t \| q^{abl}_t) - \sum_{t \in S} \mathrm{KL}(p_t \| q^{spl}_t)}
+    {\sum_{t \in S} \mathrm{KL}(p_t \| q^{abl}_t)},
+    $$
+
+    $$
+    \text{ce\_score} = \frac{\sum_{t \in S'} \mathrm{CE}^{abl}_t - \sum_{t \in S'} \mathrm{CE}^{spl}_t}
+    {\sum_{t \in S'} \mathrm{CE}^{abl}_t - \sum_{t \in S'} \mathrm{CE}^{clean}_t},
+    $$
+
+    over the attended tokens $S$ of all updates on all ranks ($S'$: those whose target is not
+    ``ignore_index``), with ``kl_ablated``, ``ce_clean``, ``ce_spliced``, ``ce_ablated`` the token
+    means like ``kl_spliced`` and ``top1_agreement`` the share of tokens whose spliced argmax equals
+    the clean argmax. These are SAELens' ``kl_div_score`` and ``ce_loss_score``, but as ratios of
+    global sums: SAELens averages per-batch values, so batches with few tokens or a small gap weigh
+    as much as large ones. ``ce_score`` equals [`ReconstructionScore`][metrics_suite.reconstruction.ReconstructionScore] fed the per-token
+    cross-entropies of the three models. With ``num_logits=k`` each KL is taken on the union of the
+    top-k sets of its two logit rows, both renormalised on it (as in
+    [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence]); cross-entropy and argmax use the full
+    vocabulary.
+
+    The three inputs are read one chunk of attended positions at a time (log space, at least
+    float32): the extra memory is ``O(chunk × V)``, never a ``[B, T, V]`` intermediate. An item is a
+    token: with ``nan_strategy="skip"`` a position where any of the three logit rows holds NaN or
+    +inf, or is all −inf, is left out (of every output) and counted in ``nonfinite_count``; the other
+    tokens of its sequence still count. No token: NaN; the ``ce_*`` values are NaN until an update
+    with ``target_ids``.
+
+    Args:
+        num_logits: size of the top-k sets of the KL support, or None for the full vocabulary.
+        max_batch_size: chunk limit, as in [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence].
+        max_sequence_length: chunk limit, as in [`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence].
+        ignore_index: target id whose positions are left out of the cross-entropies, or None.
+        kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
+            ``kl_spliced_stderr``, ``kl_ablated_stderr`` and the ``ce_*_stderr`` of the three
+            token means).
+
+    ``update(clean_logits, spliced_logits, ablated_logits, target_ids=None, attention_mask=None)``:
+    logits ``[B, T, V]``, integer targets ``[B, T]`` (``target_ids[b, t]`` is the token that
+    ``logits[b, t]`` predicts), bool mask ``[B, T]``.
+
+    Examples:
+        Two batches, the first perfectly reconstructed (score 1), the second no better than ablation
+        (score 0): the scores are ratios of sums over both, not the mean 0.5 of per-batch scores.
+
+        >>> import torch
+        >>> from metrics_suite import DownstreamReconstruction
+        >>> metric = DownstreamReconstruction()
+        >>> clean, ablated = torch.tensor([[[3.0, 0.0, 0.0]]]), torch.zeros(1, 1, 3)
+        >>> metric.update(clean, clean, ablated, target_ids=torch.tensor([[0]]))
+        >>> clean = torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]])
+        >>> metric.update(clean, torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), target_ids=torch.tensor([[1, 0]]))
+        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'kl_spliced': 0.0822, 'kl_ablated': 0.3262, 'kl_score': 0.748, 'top1_agreement': 0.6667,
+         'ce_clean': 0.3993, 'ce_spliced': 0.764, 'ce_ablated': 1.0986, 'ce_score': 0.4784}
+
+        ``kl_score`` is 0.732 / (0.732 + 2 × 0.1233): the first batch's one token carries most of
+        the KL gap.
+    """
+
+    higher_is_better = None
+    fingerprint_exclude = DiagnosticMetric.fingerprint_exclude | {"max_batch_size", "max_sequence_length"}
+
+    kl_stats: Tensor
+    top1_count: Tensor
+    ce_stats: Tensor
+
+    @validate_call
+    def __init__(
+        self,
+        num_logits: StrictPositiveInt | None = None,
+        max_batch_size: StrictPositiveInt | None = None,
+        max_sequence_length: StrictPositiveInt | None = None,
+        ignore_index: StrictInt | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.num_logits = num_logits
+        self.max_batch_size = max_batch_size
+        self.max_sequence_length = max_sequence_length
+        self.ignore_index = ignore_index
+        # (n, Σx, Σx²) per token of KL_spliced, KL_ablated, and of CE clean/spliced/ablated
+        self.add_mean_state("kl_stats", (2,))
+        self.add_count_state("top1_count")
+        self.add_mean_state("ce_stats", (3,))
+
+    def update(
+        self,
+        clean_logits: Tensor,
+        spliced_logits: Tensor,
+        ablated_logits: Tensor,
+        target_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> None:
+        """Add one batch of the three models' logits ``[B, T, V]`` (and ``[B, T]`` targets and mask)."""
+        values, finite, counted = _downstream_update(
+            clean_logits,
+            spliced_logits,
+            ablated_logits,
+            target_ids,
+            attention_mask,
+            num_logits=self.num_logits,
+            ignore_index=self.ignore_index,
+            max_batch_size=self.max_batch_size,
+            max_sequence_length=self.max_sequence_length,
+            validate=self.validate_args,
+        )
+        keep, skipped = self.nonfinite_filter("clean_logits`/`spliced_logits`/`ablated_logits", finite)
+        sums = _downstream_stats(values, counted, keep)
+        self.nonfinite_count += skipped.to(self.nonfinite_count.device)
+        for name, value in zip(("kl_stats", "top1_count", "ce_stats"), sums):
+            state = getattr(self, name)
+            state += value.to(state.device)
+
+    def compute(self) -> MetricOutput:
+        """The eight outputs (plus the ``*_stderr`` of the token means with ``with_stderr=True``)."""
+        out = _downstream_compute(self.kl_stats, self.top1_count, self.ce_stats)
+        if self.with_stderr:
+            for name, stats in zip(("kl_spliced", "kl_ablated"), self.kl_stats):
+                out |= self.mean_output(stats, name)
+            for name, stats in zip(("ce_clean", "ce_spliced", "ce_ablated"), self.ce_stats):
+                out |= self.mean_output(stats, name)
+        return out

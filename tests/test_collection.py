@@ -178,9 +178,9 @@ def test_only_sum_state_metrics_can_join() -> None:
 
 
 def test_resumed_or_merged_collection_counts_the_saved_updates() -> None:
-    col = ms.suite("reconstruction", changed_tokens=False)
+    col = ms.suite("reconstruction", changed_tokens=False, downstream=False)
     col.update(**half_way_losses())
-    resumed = ms.suite("reconstruction", changed_tokens=False)
+    resumed = ms.suite("reconstruction", changed_tokens=False, downstream=False)
     resumed.load_state_dict(col.state_dict())
     merged = DiagnosticCollection({"r/s": ReconstructionScore()})
     merged["r/s"].merge_state(col["reconstruction/reconstruction_score"])

@@ -90,7 +90,11 @@ def train_inputs(batch: Any, epoch: int) -> dict[str, Any]:
 
 def val_collection() -> DiagnosticCollection:
     return ms.suite(
-        "reconstruction", "noise", changed_tokens=False, reconstruction_score={"num_components": 2}
+        "reconstruction",
+        "noise",
+        changed_tokens=False,
+        downstream=False,
+        reconstruction_score={"num_components": 2},
     )
 
 

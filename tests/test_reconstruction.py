@@ -183,6 +183,7 @@ def test_score_stderr_keeps_the_collection_key(num_components: int) -> None:
             "with_stderr": True,
         },
         changed_tokens=False,
+        downstream=False,
     )
     col.update(
         source_model_loss=clean,
@@ -414,6 +415,10 @@ def test_activations_hand_computed() -> None:
         "normalized_mse": 2 / 15,
         "explained_variance": 1 - 2 / (60 / 9),
         "cosine_similarity": (3 / math.sqrt(10) + 1 + 1) / 3,
+        "l2_norm_in": (math.sqrt(5) + 3 + 1) / 3,
+        "l2_norm_out": (math.sqrt(2) + 2 + 1) / 3,
+        "l2_ratio": (math.sqrt(2 / 5) + 2 / 3 + 1) / 3,
+        "relative_reconstruction_bias": (2 + 4 + 1) / (3 + 6 + 1),
     }
     metric = ActivationReconstruction(num_features=2)
     metric.update(rec, target)
@@ -671,3 +676,73 @@ def test_sparsity_constructor_and_bad_input() -> None:
     metric.update(torch.tensor([[float("inf"), 0.0, 0.0, 0.0]]))
     assert metric.nonfinite_count.item() == 1
     assert metric.vector_count.item() == 3
+
+
+# ---------------------------------------------------------------------------------- norms and firing threshold
+def test_activation_norm_statistics_vs_numpy_and_sharding() -> None:
+    g = torch.Generator().manual_seed(11)
+    target = torch.randn(40, 6, generator=g, dtype=torch.float64) * 2.0 + 0.3
+    target[3] = 0.0  # a zero target: left out of l2_ratio only
+    reconstruction = 0.8 * target + 0.3 * torch.randn(40, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(40, generator=g) < 0.8
+    mask[3] = True
+    x, x_hat = target[mask].numpy(), reconstruction[mask].numpy()
+    n_in, n_out = np.linalg.norm(x, axis=1), np.linalg.norm(x_hat, axis=1)
+    nz = n_in > 0
+    expected = {
+        "l2_norm_in": n_in.mean(),
+        "l2_norm_out": n_out.mean(),
+        "l2_ratio": (n_out[nz] / n_in[nz]).mean(),
+        "relative_reconstruction_bias": (n_out**2).sum() / (x * x_hat).sum(),
+    }
+    assert np.isfinite(expected["l2_ratio"]) and nz.sum() == len(nz) - 1
+    metric = ActivationReconstruction(num_features=6)
+    for rows in _split(40, [7, 20, 13]):
+        metric.update(reconstruction[rows], target[rows], mask[rows])
+    out = metric.compute()
+    for key, value in expected.items():
+        assert out[key].item() == pytest.approx(value, rel=1e-12), key
+    # the bias is a ratio of global sums, not the mean of per-batch ratios
+    halves = [slice(0, 5), slice(5, 40)]
+    per_batch = [
+        functional_reconstruction.activation_reconstruction(reconstruction[h], target[h], mask[h])[
+            "relative_reconstruction_bias"
+        ].item()
+        for h in halves
+    ]
+    assert abs(np.mean(per_batch) - expected["relative_reconstruction_bias"]) > 1e-4
+
+
+def test_activation_norms_of_zero_targets_only_are_nan_ratio() -> None:
+    metric = ActivationReconstruction(num_features=2)
+    metric.update(torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2))
+    out = metric.compute()
+    assert out["l2_norm_in"].item() == 0.0 and out["l2_norm_out"].item() == 1.0
+    assert math.isnan(out["l2_ratio"].item()) and math.isnan(out["relative_reconstruction_bias"].item())
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_firing_threshold_vs_numpy(threshold: float) -> None:
+    g = torch.Generator().manual_seed(12)
+    acts = torch.randn(30, 9, generator=g) * (torch.rand(30, 9, generator=g) < 0.4)
+    acts[0, 0] = 0.5  # exactly at the threshold: does not fire
+    acts[1, 1] = -0.7  # a signed activation fires on |a|
+    metric = FeatureSparsity(num_features=9, dead_thresholds=(0.0, 0.1), firing_threshold=threshold)
+    for rows in _split(30, [11, 19]):
+        metric.update(acts[rows])
+    a = acts.numpy()
+    fires = np.abs(a) > threshold
+    frequency = fires.mean(0)
+    out = metric.compute()
+    assert out["l0"].item() == pytest.approx(fires.sum(1).mean(), rel=1e-12)
+    assert out["l1"].item() == pytest.approx(np.abs(a).sum(1).mean(), rel=1e-6)
+    assert out["dead_fraction@0.1"].item() == pytest.approx((frequency <= 0.1).mean(), rel=1e-12)
+    assert metric.firing_frequency().numpy() == pytest.approx(frequency, rel=1e-12)
+    functional = functional_reconstruction.feature_sparsity(acts, firing_threshold=threshold)
+    assert functional["l0"].item() == pytest.approx(fires.sum(1).mean(), rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.inf, math.nan, "0.5", True])
+def test_firing_threshold_rejects_bad_values(bad: object) -> None:
+    with pytest.raises(ValueError, match="firing_threshold"):
+        FeatureSparsity(num_features=3, firing_threshold=bad)

@@ -94,6 +94,38 @@ def _sparsity_bad(g: torch.Generator) -> list[dict[str, Any]]:
     ]
 
 
+def _downstream_batch(g: torch.Generator, n: int) -> dict[str, Any]:
+    clean_logits = torch.randn(n, 5, 11, generator=g) * 2.0
+    spliced_logits = clean_logits + 0.5 * torch.randn(n, 5, 11, generator=g)
+    ablated_logits = 0.3 * clean_logits + torch.randn(n, 5, 11, generator=g)
+    target_ids = torch.randint(0, 11, (n, 5), generator=g)
+    target_ids[torch.rand(n, 5, generator=g) < 0.2] = -100
+    attention_mask = torch.rand(n, 5, generator=g) < 0.8
+    return {
+        "clean_logits": clean_logits,
+        "spliced_logits": spliced_logits,
+        "ablated_logits": ablated_logits,
+        "target_ids": target_ids,
+        "attention_mask": attention_mask,
+    }
+
+
+def _downstream_bad(g: torch.Generator) -> list[dict[str, Any]]:
+    good = _downstream_batch(g, 3)
+    out_of_range = good["target_ids"].clone()
+    out_of_range[good["attention_mask"]] = 11
+    return [
+        {**good, "spliced_logits": good["spliced_logits"][..., :10]},  # V mismatch
+        {**good, "ablated_logits": good["ablated_logits"][:, :4]},  # T mismatch
+        {**good, "clean_logits": good["clean_logits"].long()},  # dtype
+        {**good, "target_ids": good["target_ids"].float()},  # target dtype
+        {**good, "target_ids": good["target_ids"][:, :4]},  # target shape
+        {**good, "target_ids": out_of_range},  # target id outside the vocabulary
+        {**good, "attention_mask": good["attention_mask"][:, :4]},  # mask shape
+        {k: v[0] for k, v in good.items()},  # 2-d logits
+    ]
+
+
 RECONSTRUCTION_SCORE = ConformanceExample(
     make_batch=_score_batch, bad_inputs=_score_bad, init_kwargs={"num_components": 2}
 )
@@ -108,4 +140,10 @@ FEATURE_SPARSITY = ConformanceExample(
     make_batch=_sparsity_batch,
     bad_inputs=_sparsity_bad,
     init_kwargs={"num_features": 12, "dead_thresholds": (0.0, 0.01, 0.1)},
+)
+
+DOWNSTREAM = ConformanceExample(
+    make_batch=_downstream_batch,
+    bad_inputs=_downstream_bad,
+    init_kwargs={"num_logits": 4, "ignore_index": -100, "max_sequence_length": 2},
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -9,10 +11,13 @@ import torch
 from torch import Tensor
 
 from metrics_suite.functional._chunks import CHUNK_ELEMENTS, row_slices, rows_per_chunk
+from metrics_suite.functional._rows import RowGather
 from metrics_suite.functional._stats import mean_output, mean_stats, safe_div
+from metrics_suite.functional.utility import _top_k_mask, chunk_rows
 from metrics_suite.validation import (
     check_broadcast_mask,
     check_float,
+    check_ids_in_range,
     check_integer,
     check_mask,
     check_ndim,
@@ -25,6 +30,7 @@ ScoreReduction = Literal["ratio_of_sums", "itemwise_mean"]
 __all__ = [
     "activation_reconstruction",
     "changed_token_rate",
+    "downstream_reconstruction",
     "feature_sparsity",
     "percentage_changed_ids",
     "reconstruction_score",
@@ -371,7 +377,7 @@ def _activation_vector_stats(reconstruction: Tensor, target: Tensor) -> Tensor:
 
 def _activation_update(
     reconstruction: Tensor, target: Tensor, mask: Tensor | None = None, vector_stats: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sum statistics of one batch of ``[..., D]`` vectors (only vectors where ``mask`` is True).
 
     Args:
@@ -382,7 +388,9 @@ def _activation_update(
     Returns:
         ``mse_stats`` ``[3]`` and ``cosine_stats`` ``[3]`` (n, Σv, Σv²) of the per-vector mean
         squared error and cosine (the cosine only where both norms are non-zero);
-        ``norm_sums`` ``[2]``: (Σ‖x̂ − x‖², Σ‖x‖²); ``target_sum`` ``[D]``: Σx. Rows are processed
+        ``norm_sums`` ``[2]``: (Σ‖x̂ − x‖², Σ‖x‖²); ``target_sum`` ``[D]``: Σx; ``l2_stats``
+        ``[3, 3]``: (n, Σv, Σv²) of ‖x‖, ‖x̂‖ and ‖x̂‖/‖x‖ (the ratio where ‖x‖ > 0);
+        ``bias_sums`` ``[2]``: (Σ‖x̂‖², Σ⟨x, x̂⟩). Rows are processed
         in chunks, so the float64 copies never exceed a few `CHUNK_ELEMENTS`.
     """
     d = target.shape[-1]
@@ -399,7 +407,22 @@ def _activation_update(
     for rows in row_slices(x_all.shape[0], rows_per_chunk(d, _CHUNK_ELEMENTS)):
         target_sum += x_all[rows].to(torch.float64).masked_fill_(~selected[rows, None], 0.0).sum(0)
     norm_sums = torch.stack([sq_err.sum(), sq_norm.sum()])
-    return mean_stats(sq_err / d, selected), mean_stats(cosine, has_cos), norm_sums, target_sum
+    norm_in, norm_out = sq_norm.sqrt(), sq_norm_hat.sqrt()
+    # a zero target vector has no ratio: left out, not clamped into a huge value
+    has_norm = selected & (sq_norm > 0)
+    ratio = torch.where(has_norm, norm_out / torch.where(has_norm, norm_in, 1.0), 0.0)
+    l2_stats = mean_stats(
+        torch.stack([norm_in, norm_out, ratio], dim=-1), torch.stack([selected, selected, has_norm], dim=-1)
+    )
+    bias_sums = torch.stack([sq_norm_hat.sum(), dot.sum()])
+    return (
+        mean_stats(sq_err / d, selected),
+        mean_stats(cosine, has_cos),
+        norm_sums,
+        target_sum,
+        l2_stats,
+        bias_sums,
+    )
 
 
 #: Relative resolution below which Σ‖x − x̄‖² counts as zero (float64 eps is 2.2e-16).
@@ -407,9 +430,14 @@ _VARIANCE_RESOLUTION = 1e-12
 
 
 def _activation_compute(
-    mse_stats: Tensor, cosine_stats: Tensor, norm_sums: Tensor, target_sum: Tensor
+    mse_stats: Tensor,
+    cosine_stats: Tensor,
+    norm_sums: Tensor,
+    target_sum: Tensor,
+    l2_stats: Tensor,
+    bias_sums: Tensor,
 ) -> dict[str, Tensor]:
-    """The four statistics from the sums of `_activation_update`."""
+    """The eight statistics from the sums of `_activation_update`."""
     n = mse_stats[0]
     sq_err, sq_norm = norm_sums.unbind(-1)
     # Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖²/n. A variance below float64 resolution of Σ‖x‖² is rounding
@@ -421,6 +449,10 @@ def _activation_compute(
         "normalized_mse": safe_div(sq_err, sq_norm),
         "explained_variance": 1.0 - safe_div(sq_err, total_variance),
         "cosine_similarity": safe_div(cosine_stats[1], cosine_stats[0]),
+        "l2_norm_in": safe_div(l2_stats[0, 1], l2_stats[0, 0]),
+        "l2_norm_out": safe_div(l2_stats[1, 1], l2_stats[1, 0]),
+        "l2_ratio": safe_div(l2_stats[2, 1], l2_stats[2, 0]),
+        "relative_reconstruction_bias": safe_div(bias_sums[0], bias_sums[1]),
     }
 
 
@@ -442,7 +474,10 @@ def activation_reconstruction(
     $$
 
     with $\bar{x}$ the mean vector of the selected targets, and the cosine averaged over
-    the $n'$ vectors where both norms are non-zero.
+    the $n'$ vectors where both norms are non-zero. Also ``l2_norm_in`` (mean $\lVert x_i \rVert$),
+    ``l2_norm_out`` (mean $\lVert \hat{x}_i \rVert$), ``l2_ratio`` (mean of
+    $\lVert \hat{x}_i \rVert / \lVert x_i \rVert$ over vectors with $x_i \neq 0$) and
+    ``relative_reconstruction_bias`` $= \sum_i \lVert \hat{x}_i \rVert^2 / \sum_i \langle x_i, \hat{x}_i \rangle$.
 
     Args:
         reconstruction: ``[..., D]`` (e.g. SAE output).
@@ -451,14 +486,16 @@ def activation_reconstruction(
 
     Returns:
         dict of float64 scalars ``mse``, ``normalized_mse``, ``explained_variance``,
-        ``cosine_similarity`` (NaN where undefined, e.g. no vectors).
+        ``cosine_similarity``, ``l2_norm_in``, ``l2_norm_out``, ``l2_ratio``,
+        ``relative_reconstruction_bias`` (NaN where undefined, e.g. no vectors).
 
     Examples:
         >>> import torch
         >>> target = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
         >>> rec = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 1.0]])
-        >>> {k: round(v.item(), 4) for k, v in activation_reconstruction(rec, target).items()}
-        {'mse': 0.3333, 'normalized_mse': 0.1333, 'explained_variance': 0.7, 'cosine_similarity': 0.9829}
+        >>> {k: round(v.item(), 4) for k, v in activation_reconstruction(rec, target).items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'mse': 0.3333, 'normalized_mse': 0.1333, 'explained_variance': 0.7, 'cosine_similarity': 0.9829,
+         'l2_norm_in': 2.0787, 'l2_norm_out': 1.4714, 'l2_ratio': 0.7664, 'relative_reconstruction_bias': 0.7}
     """
     _activation_check(reconstruction, target, mask, None)
     return _activation_compute(*_activation_update(reconstruction, target, mask))
@@ -494,7 +531,10 @@ def _feature_l1(feature_activations: Tensor) -> Tensor:
 
 
 def _feature_sparsity_update(
-    feature_activations: Tensor, mask: Tensor | None = None, l1: Tensor | None = None
+    feature_activations: Tensor,
+    mask: Tensor | None = None,
+    l1: Tensor | None = None,
+    firing_threshold: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sum statistics of one batch of ``[..., F]`` feature activations (vectors where ``mask``).
 
@@ -502,9 +542,10 @@ def _feature_sparsity_update(
         feature_activations: ``[..., F]``.
         mask: bool over the leading shape (all True when ``None``).
         l1: `_feature_l1` of the activations, if already computed.
+        firing_threshold: a feature fires where ``|a| > firing_threshold`` (``a != 0`` for 0).
 
     Returns:
-        ``firing_counts`` ``[F]`` int64 (vectors where each feature is non-zero), ``vector_count``
+        ``firing_counts`` ``[F]`` int64 (vectors where each feature fires), ``vector_count``
         (int64 scalar), and ``l0_stats``, ``l1_stats`` ``[3]`` (n, Σv, Σv²) of the per-vector
         non-zero count and L1 norm.
     """
@@ -520,7 +561,8 @@ def _feature_sparsity_update(
     for rows in row_slices(a_all.shape[0], rows_per_chunk(f, _CHUNK_ELEMENTS)):
         # 0/1 in float: row sums and the weighted column sum (a GEMV) are exact integers, as a
         # chunk holds far fewer than 2**24 rows and features
-        fires = (a_all[rows] != 0).to(dtype)
+        a = a_all[rows]
+        fires = (a != 0 if firing_threshold == 0.0 else a.abs() > firing_threshold).to(dtype)
         l0_parts.append(fires.sum(-1))
         firing_counts += (weights[rows] @ fires).to(torch.float64)
     # where, not a product: masked-out or skipped vectors may hold NaN
@@ -584,6 +626,7 @@ def feature_sparsity(
     feature_activations: Tensor,
     mask: Tensor | None = None,
     dead_thresholds: Sequence[float] = (0.0, 1e-6, 1e-5),
+    firing_threshold: float = 0.0,
 ) -> dict[str, Tensor]:
     r"""Sparsity of feature activations ``[..., F]`` over the selected vectors.
 
@@ -591,7 +634,7 @@ def feature_sparsity(
     \text{l0} = \frac{1}{n}\sum_i \lVert a_i \rVert_0,\quad
     \text{l1} = \frac{1}{n}\sum_i \lVert a_i \rVert_1,\quad
     \text{dead\_fraction@}\tau = \frac{1}{F}\,\#\{f : \nu_f \le \tau\},\quad
-    \nu_f = \frac{1}{n}\sum_i [a_{if} \neq 0]
+    \nu_f = \frac{1}{n}\sum_i [|a_{if}| > \theta]
     $$
 
     ``density_histogram`` ``[9]`` counts features per firing density $\nu_f$: bin 0 holds
@@ -602,6 +645,8 @@ def feature_sparsity(
         feature_activations: ``[..., F]`` (e.g. SAE feature activations).
         mask: bool over the leading shape ``[...]``, True for vectors to include (default: all).
         dead_thresholds: firing frequencies at or below which a feature counts as dead.
+        firing_threshold: a feature fires where ``|a| > firing_threshold``; 0 (default) counts every
+            non-zero activation, signed ones included.
 
     Examples:
         >>> import torch
@@ -613,4 +658,248 @@ def feature_sparsity(
         [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]
     """
     _feature_sparsity_check(feature_activations, mask, None)
-    return _feature_sparsity_compute(*_feature_sparsity_update(feature_activations, mask), dead_thresholds)
+    sums = _feature_sparsity_update(feature_activations, mask, firing_threshold=firing_threshold)
+    return _feature_sparsity_compute(*sums, dead_thresholds)
+
+
+# ---------------------------------------------------------------------------------- downstream reconstruction
+_DOWNSTREAM_LOGITS = ("clean_logits", "spliced_logits", "ablated_logits")
+#: Columns of the per-token values of `_downstream_rows`.
+DOWNSTREAM_COLUMNS = ("kl_spliced", "kl_ablated", "top1_agreement", "ce_clean", "ce_spliced", "ce_ablated")
+
+
+def _downstream_check(
+    clean_logits: Tensor,
+    spliced_logits: Tensor,
+    ablated_logits: Tensor,
+    target_ids: Tensor | None,
+    attention_mask: Tensor | None,
+    ignore_index: int | None,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` unless three equal ``[B, T, V]`` logits, ``[B, T]`` targets and mask."""
+    logits = (clean_logits, spliced_logits, ablated_logits)
+    for name, x in zip(_DOWNSTREAM_LOGITS, logits):
+        check_float(name, x)
+        check_ndim(name, x, 3)
+        check_same_shape(name, x, "clean_logits", clean_logits)
+    batch, seq, vocab = clean_logits.shape
+    if vocab == 0:
+        raise ValueError(f"`clean_logits` must be [B, T, V] with V >= 1, got {shape_str(clean_logits.shape)}")
+    if attention_mask is not None:
+        check_mask("attention_mask", attention_mask, (batch, seq))
+    if target_ids is not None:
+        check_integer("target_ids", target_ids)
+        if tuple(target_ids.shape) != (batch, seq):
+            raise ValueError(
+                f"`target_ids` must have shape {shape_str((batch, seq))} (the [B, T] of `clean_logits` "
+                f"{shape_str(clean_logits.shape)}), got {shape_str(target_ids.shape)}"
+            )
+        attended = _selection(attention_mask, target_ids.shape, target_ids.device)
+        counted = _downstream_ce_mask(target_ids, attended, ignore_index)
+        check_ids_in_range(
+            "target_ids",
+            target_ids[counted],
+            vocab,
+            "token ids",
+            "the vocabulary of the logits) at counted positions",
+        )
+
+
+def _downstream_ce_mask(target_ids: Tensor, attended: Tensor, ignore_index: int | None = None) -> Tensor:
+    """Positions whose cross-entropy counts: attended and not ``ignore_index``."""
+    return attended if ignore_index is None else attended & (target_ids != ignore_index)
+
+
+def _kl_rows(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Row KL(p‖q) ``[n]`` from ``p`` and both log-probabilities ``[n, W]``; ``log_q`` is used as scratch.
+
+    An entry with p = 0 contributes 0 (its ``0·(−inf)`` and ``0·NaN`` products are the only NaN
+    of a finite row, so ``nansum`` drops exactly those); p > 0 with q = 0 gives +inf.
+    """
+    return torch.sub(log_p, log_q, out=log_q).mul_(p).nansum(-1)
+
+
+def _downstream_rows(
+    logits: tuple[Tensor, Tensor, Tensor],
+    positions: Tensor,
+    targets: Tensor | None,
+    num_logits: int | None,
+    rows: int,
+) -> tuple[Tensor, Tensor]:
+    """Per-token values ``[n, 6]`` (columns `DOWNSTREAM_COLUMNS`, float64) and finiteness ``[n]``.
+
+    ``positions`` are flat indices into the ``[B, T]`` grid; ``targets`` ``[n]`` (or None: the
+    cross-entropy columns are 0). Reads ``rows`` positions of each input at a time into reused
+    ``[rows, V]`` buffers: the extra memory is seven such buffers, whatever ``B`` and ``T``.
+    """
+    clean_logits = logits[0]
+    vocab = clean_logits.shape[-1]
+    dtype = functools.reduce(torch.promote_types, (compute_dtype(x) for x in logits))
+    device = clean_logits.device
+    n_rows = positions.numel()
+    values = torch.zeros(n_rows, len(DOWNSTREAM_COLUMNS), dtype=torch.float64, device=device)
+    finite = torch.ones(n_rows, dtype=torch.bool, device=device)
+    if n_rows == 0:
+        return values, finite
+    rows = min(rows, n_rows)
+    top_k = num_logits if num_logits is not None and num_logits < vocab else None
+    gathers = [RowGather(x.to(device), dtype, rows) for x in logits]
+    raw = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in logits]
+    log_p, p, log_q = (torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(3))
+    support = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(2)] if top_k else []
+    for part in row_slices(n_rows, rows):
+        chunk = positions[part]
+        n = chunk.numel()
+        xs = [gather(chunk, buffer[:n]) for gather, buffer in zip(gathers, raw)]
+        out = values[part]
+        # one pass gives each row's maximum (NaN, +inf or -inf exactly for a row that is not a
+        # distribution, as in the utility suite) and, for clean and spliced, its argmax
+        (clean_max, clean_arg), (spliced_max, spliced_arg) = xs[0].max(-1), xs[1].max(-1)
+        finite[part] = (
+            torch.isfinite(clean_max) & torch.isfinite(spliced_max) & torch.isfinite(xs[2].amax(-1))
+        )
+        out[:, 2] = clean_arg == spliced_arg
+        lp = torch.log_softmax(xs[0], -1, out=log_p[:n])
+        if targets is not None:
+            t = targets[part, None]
+            out[:, 3] = lp.gather(-1, t).squeeze(-1).neg()
+            for column, x in ((4, xs[1]), (5, xs[2])):
+                out[:, column] = torch.log_softmax(x, -1, out=log_q[:n]).gather(-1, t).squeeze(-1).neg()
+        if top_k is None:
+            pr = torch.exp(lp, out=p[:n])
+            for column, x in ((0, xs[1]), (1, xs[2])):
+                out[:, column] = _kl_rows(pr, lp, torch.log_softmax(x, -1, out=log_q[:n]))
+            continue
+        clean_mask = _top_k_mask(xs[0], top_k)
+        for column, x in ((0, xs[1]), (1, xs[2])):
+            # both distributions renormalised on the union of the two top-k sets, as NextTokenDivergence
+            outside = ~(clean_mask | _top_k_mask(x, top_k))
+            c = support[0][:n].copy_(xs[0]).masked_fill_(outside, -math.inf)
+            o = support[1][:n].copy_(x).masked_fill_(outside, -math.inf)
+            lp_k = torch.log_softmax(c, -1, out=log_p[:n])
+            out[:, column] = _kl_rows(
+                torch.exp(lp_k, out=p[:n]), lp_k, torch.log_softmax(o, -1, out=log_q[:n])
+            )
+    return values, finite
+
+
+def _downstream_update(
+    clean_logits: Tensor,
+    spliced_logits: Tensor,
+    ablated_logits: Tensor,
+    target_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    num_logits: int | None = None,
+    ignore_index: int | None = None,
+    max_batch_size: int | None = None,
+    max_sequence_length: int | None = None,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token values of one batch at its attended positions.
+
+    Returns:
+        ``values`` ``[n, 6]`` float64 (`DOWNSTREAM_COLUMNS`), ``finite`` ``[n]`` (all three
+        logit rows define a distribution) and ``counted`` ``[n]`` (the cross-entropy counts: targets
+        given, not ``ignore_index``).
+    """
+    if validate:
+        _downstream_check(
+            clean_logits, spliced_logits, ablated_logits, target_ids, attention_mask, ignore_index
+        )
+    batch, seq, vocab = clean_logits.shape
+    device = clean_logits.device
+    attended = _selection(attention_mask, torch.Size((batch, seq)), device)
+    positions = attended.reshape(-1).nonzero().squeeze(-1)
+    logits = (clean_logits, spliced_logits, ablated_logits)
+    dtype = functools.reduce(torch.promote_types, (compute_dtype(x) for x in logits))
+    rows = chunk_rows(vocab, dtype, batch, seq, max_batch_size, max_sequence_length)
+    if target_ids is None:
+        targets, counted = None, torch.zeros(positions.numel(), dtype=torch.bool, device=device)
+    else:
+        flat_targets = target_ids.to(device).reshape(-1)[positions]
+        counted = _downstream_ce_mask(
+            flat_targets, torch.ones_like(flat_targets, dtype=torch.bool), ignore_index
+        )
+        # ignored positions gather a valid index; their value is never counted
+        targets = torch.where(counted, flat_targets, 0).to(torch.long)
+    values, finite = _downstream_rows(logits, positions, targets, num_logits, rows)
+    return values, finite, counted
+
+
+def _downstream_stats(values: Tensor, counted: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sum statistics of the kept tokens.
+
+    Returns:
+        ``kl_stats`` ``[2, 3]`` (n, Σ, Σ²) of KL_spliced and KL_ablated, ``top1_count`` (int64: tokens
+        whose argmax agree) and ``ce_stats`` ``[3, 3]`` of the three cross-entropies over counted tokens.
+    """
+    # where, not a weight: a skipped token's values may be NaN
+    kl = torch.where(keep[:, None], values[:, :3], 0.0)
+    ce_kept = keep & counted
+    ce = torch.where(ce_kept[:, None], values[:, 3:], 0.0)
+    kl_stats = mean_stats(kl[:, :2], keep[:, None].expand(-1, 2))
+    top1_count = kl[:, 2].nan_to_num(0.0).sum().round().to(torch.int64)
+    ce_stats = mean_stats(ce, ce_kept[:, None].expand(-1, 3))
+    return kl_stats, top1_count, ce_stats
+
+
+def _downstream_compute(kl_stats: Tensor, top1_count: Tensor, ce_stats: Tensor) -> dict[str, Tensor]:
+    """The eight outputs from the summed statistics (ratios of global sums, NaN where undefined)."""
+    n_tokens, kl_sums = kl_stats[0, 0], kl_stats[:, 1]
+    ce_sums = ce_stats[:, 1]
+    return {
+        "kl_spliced": safe_div(kl_sums[0], n_tokens),
+        "kl_ablated": safe_div(kl_sums[1], n_tokens),
+        "kl_score": safe_div(kl_sums[1] - kl_sums[0], kl_sums[1]),
+        "top1_agreement": safe_div(top1_count, n_tokens),
+        "ce_clean": safe_div(ce_sums[0], ce_stats[0, 0]),
+        "ce_spliced": safe_div(ce_sums[1], ce_stats[1, 0]),
+        "ce_ablated": safe_div(ce_sums[2], ce_stats[2, 0]),
+        "ce_score": safe_div(ce_sums[2] - ce_sums[1], ce_sums[2] - ce_sums[0]),
+    }
+
+
+def downstream_reconstruction(
+    clean_logits: Tensor,
+    spliced_logits: Tensor,
+    ablated_logits: Tensor,
+    target_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    num_logits: int | None = None,
+    ignore_index: int | None = None,
+) -> dict[str, Tensor]:
+    r"""How much of the model's next-token behaviour a spliced-in reconstruction keeps.
+
+    Per attended token $t$, with $p$, $q^{spl}$, $q^{abl}$ the softmax of the clean, spliced
+    and ablated logits and natural logs, and over the attended tokens $S$ (for cross-entropy
+    those whose target is not ``ignore_index``):
+
+    $$
+    \text{kl\_score} = \frac{\sum_{t \in S} \mathrm{KL}(p_t\|q^{abl}_t) - \sum_{t \in S} \mathrm{KL}(p_t\|q^{spl}_t)}
+    {\sum_{t \in S} \mathrm{KL}(p_t\|q^{abl}_t)},\qquad
+    \text{ce\_score} = \frac{\sum_t \mathrm{CE}^{abl}_t - \sum_t \mathrm{CE}^{spl}_t}{\sum_t \mathrm{CE}^{abl}_t - \sum_t \mathrm{CE}_t}
+    $$
+
+    plus the token means ``kl_spliced``, ``kl_ablated``, ``ce_clean``, ``ce_spliced``, ``ce_ablated``
+    and ``top1_agreement`` (share of tokens whose spliced argmax is the clean one). Without
+    ``target_ids`` the ``ce_*`` values are NaN. With ``num_logits=k`` each KL is taken on the union of
+    the top-k sets of its two logit rows, both renormalised on it (cross-entropy and argmax always use
+    the full vocabulary). Read in chunks of positions: extra memory ``O(chunk × V)``.
+
+    Examples:
+        >>> import torch
+        >>> clean = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+        >>> spliced = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]])
+        >>> ablated = torch.zeros(1, 2, 3)
+        >>> out = downstream_reconstruction(clean, spliced, ablated, target_ids=torch.tensor([[0, 1]]))
+        >>> {k: round(v.item(), 4) for k, v in out.items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'kl_spliced': 0.0987, 'kl_ablated': 0.2782, 'kl_score': 0.645, 'top1_agreement': 1.0,
+         'ce_clean': 0.3955, 'ce_spliced': 0.7067, 'ce_ablated': 1.0986, 'ce_score': 0.5574}
+    """
+    values, finite, counted = _downstream_update(
+        clean_logits, spliced_logits, ablated_logits, target_ids, attention_mask, num_logits, ignore_index
+    )
+    # a non-finite token makes the results NaN (the metric class can skip it instead)
+    values = torch.where(finite[:, None], values, math.nan)
+    keep = torch.ones_like(finite)
+    return _downstream_compute(*_downstream_stats(values, counted, keep))

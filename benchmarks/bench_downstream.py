@@ -1,0 +1,204 @@
+"""Benchmark of DownstreamReconstruction.update against the SAELens-style computation: speed and memory.
+
+Prints one JSON document. For each case (three logits ``[B, T, V]``, 200 of 256 positions attended per
+sequence, with targets):
+
+* ``update_ms``: median wall time of ``DownstreamReconstruction.update``.
+* ``reference_ms``: the SAELens-style computation: three full ``log_softmax`` tensors, ``F.kl_div`` of
+  clean against spliced and against ablated, ``F.cross_entropy`` of the three models, masked means.
+* ``speedup`` = reference / update, median of the per-repetition ratios (target >= 5).
+
+Memory: ``extra_peak_mib`` is the growth of the process's peak resident set (Linux ``VmHWM``) during
+one call, in a fresh process per case: inputs are built and a tiny warm-up runs first, freed memory
+goes back to the OS (``malloc_trim``), the peak is reset (``/proc/self/clear_refs``) and read after
+the call. It counts every page touched (tensors, allocator overhead, thread stacks). With
+``--device cuda`` it is ``torch.cuda.max_memory_allocated`` growth instead. Target: <= 64 MiB, flat in
+B and T (the reference needs several ``[B, T, V]`` tensors).
+
+Usage: ``python benchmarks/bench_downstream.py [--reps 3] [--device cpu] [--no-memory]``.
+Timings on a loaded machine are noisy: the per-repetition ratios and the load average are recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from metrics_suite import DownstreamReconstruction
+
+ATTENDED = 200
+SEQ = 256
+CASES = [(4, 32000), (1, 128256)]  # (batch, vocab)
+MEMORY_CASES = [(1, 256, 32000), (4, 256, 32000), (4, 1024, 32000), (1, 256, 128256)]  # (B, T, V)
+
+
+def make_inputs(batch: int, seq: int, vocab: int, device: str) -> tuple[Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(batch, seq, vocab, generator=g) * 3.0
+    spliced = clean + torch.randn(batch, seq, vocab, generator=g)
+    ablated = torch.randn(batch, seq, vocab, generator=g) * 3.0
+    targets = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.zeros(batch, seq, dtype=torch.bool)
+    mask[:, : min(ATTENDED, seq)] = True
+    return tuple(x.to(device) for x in (clean, spliced, ablated, targets, mask))
+
+
+def reference(
+    clean: Tensor, spliced: Tensor, ablated: Tensor, targets: Tensor, mask: Tensor
+) -> dict[str, float]:
+    """SAELens-style: full log-probability tensors, F.kl_div, F.cross_entropy, masked token means."""
+    lp, ls, la = (F.log_softmax(x, -1) for x in (clean, spliced, ablated))
+    kl_spliced = F.kl_div(ls, lp, log_target=True, reduction="none").sum(-1)[mask]
+    kl_ablated = F.kl_div(la, lp, log_target=True, reduction="none").sum(-1)[mask]
+    ce = [
+        F.cross_entropy(x.transpose(1, 2), targets, reduction="none")[mask] for x in (clean, spliced, ablated)
+    ]
+    return {
+        "kl_score": float((kl_ablated.sum() - kl_spliced.sum()) / kl_ablated.sum()),
+        "ce_score": float((ce[2].sum() - ce[1].sum()) / (ce[2].sum() - ce[0].sum())),
+    }
+
+
+def _seconds(fn: Callable[[], Any], device: str) -> float:
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_case(batch: int, vocab: int, reps: int, device: str) -> dict[str, Any]:
+    inputs = make_inputs(batch, SEQ, vocab, device)
+    metric = DownstreamReconstruction().to(device)
+    metric.update(*(x[:1, :4] for x in inputs))  # warm-up
+    times: dict[str, list[float]] = {"update": [], "reference": []}
+    for _ in range(reps):
+        times["reference"].append(_seconds(lambda: reference(*inputs), device))
+        times["update"].append(_seconds(lambda: metric.update(*inputs), device))
+    check = DownstreamReconstruction().to(device)
+    check.update(*inputs)
+    ours = check.compute()
+    ref = reference(*inputs)
+    return {
+        "batch": batch,
+        "sequence": SEQ,
+        "vocab": vocab,
+        "attended_per_sequence": ATTENDED,
+        "update_ms": round(1e3 * statistics.median(times["update"]), 1),
+        "reference_ms": round(1e3 * statistics.median(times["reference"]), 1),
+        "speedup": round(statistics.median(r / u for r, u in zip(times["reference"], times["update"])), 2),
+        "per_rep_speedup": [round(r / u, 2) for r, u in zip(times["reference"], times["update"])],
+        "abs_diff_vs_reference": {k: abs(float(ours[k]) - v) for k, v in ref.items()},
+    }
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_worker(batch: int, seq: int, vocab: int, device: str, ref: bool) -> dict[str, Any]:
+    """Run in a fresh process: peak memory growth during one update (or one reference evaluation)."""
+    inputs = make_inputs(batch, seq, vocab, device)
+    metric = DownstreamReconstruction().to(device)
+    clean, spliced, ablated, targets, mask = (x[:1, :2] for x in inputs)
+    metric.update(
+        clean[..., :64].clone(), spliced[..., :64].clone(), ablated[..., :64].clone(), targets % 64, mask
+    )
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        before = _status_kib("VmRSS") * 1024
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # reset VmHWM to the current RSS
+    if ref:
+        reference(*inputs)
+    else:
+        metric.update(*inputs)
+    peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
+    return {
+        "implementation": "reference" if ref else "update",
+        "batch": batch,
+        "sequence": seq,
+        "vocab": vocab,
+        "input_mib": round(3 * inputs[0].numel() * 4 / 2**20, 1),
+        "extra_peak_mib": round((peak - before) / 2**20, 1),
+    }
+
+
+def measure_memory(batch: int, seq: int, vocab: int, device: str, ref: bool = False) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
+    }
+    args = json.dumps([batch, seq, vocab, device, ref])
+    done = subprocess.run(
+        [sys.executable, __file__, "--memory-worker", args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return json.loads(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of update and reference (median)")
+    parser.add_argument("--device", default="cpu", help="torch device of the inputs (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_worker:
+        print(json.dumps(memory_worker(*json.loads(args.memory_worker))))
+        return
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    timing = [time_case(batch, vocab, args.reps, args.device) for batch, vocab in CASES]
+    memory = [] if args.no_memory else [measure_memory(b, t, v, args.device) for b, t, v in MEMORY_CASES]
+    ref_memory = [] if args.no_memory else [measure_memory(*MEMORY_CASES[1], args.device, ref=True)]
+    report = {
+        "environment": {
+            "torch": torch.__version__,
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
+            "memory_method": "cuda max_memory_allocated"
+            if args.device.startswith("cuda")
+            else "process peak RSS (VmHWM) growth, fresh process per case",
+        },
+        "timing": timing,
+        "min_speedup": min(t["speedup"] for t in timing),
+        "meets_speed_target_5x": all(t["speedup"] >= 5 for t in timing),
+        "memory": memory,
+        "memory_reference": ref_memory,
+        "memory_max_extra_peak_mib": max((m["extra_peak_mib"] for m in memory), default=None),
+        "meets_memory_target_64mib": all(m["extra_peak_mib"] <= 64 for m in memory) if memory else None,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
