@@ -3,13 +3,21 @@
 Prints one JSON document. For each case (logits ``[B, T, V]``, 200 of 256 positions attended per
 sequence, full vocabulary and ``num_logits=64``):
 
-* ``update_ms``: median wall time of ``NextTokenDivergence.update``.
+* ``update_ms``: median wall time of ``NextTokenDivergence.update`` with every output (the six
+  divergences and top-1 agreement), sketch off; ``update_sketch_ms``: the same with
+  ``quantiles=(0.5, 0.9, 0.99)`` (one quantile sketch per divergence).
 * ``naive_ms``: four separate functions (Jeffreys, JS, TV, squared Hellinger), each with its own
   ``log_softmax`` of both inputs over the whole ``[B, T, V]`` tensor, then masked sequence means.
-* ``floor_ms``: only ``log_softmax`` of both inputs, over the attended rows, chunked like ``update``
-  (rows gathered with ``index_select`` into preallocated buffers): no divergence math at all.
-* ``speedup_vs_naive`` = naive / update (target >= 10) and ``ratio_to_floor`` = update / floor
-  (target <= 4), medians of the per-repetition ratios: every repetition runs the three back to back,
+* ``floor_ms``: the fastest pass found that only computes ``log_softmax`` of both inputs (no
+  divergence math at all): the attended rows gathered with ``index_select`` into reused buffers and
+  ``log_softmax(out=)`` in chunks of each of :data:`FLOOR_CHUNK_ROWS` rows, and one ``log_softmax``
+  of each whole ``[B, T, V]`` tensor (masked rows included). Every round times every candidate;
+  ``floor_ms`` is the median over rounds of the fastest candidate of the round, and
+  ``floor_candidates_ms`` the median of each, so the chosen chunk size is visible. A floor chunked
+  like ``update`` would flatter ``update``.
+* ``speedup_vs_naive`` = naive / update (target >= 10) and ``ratio_to_floor`` = update / floor,
+  ``ratio_to_floor_sketch`` = update with sketch / floor (target <= 4): medians of the per-round
+  ratios. A round runs the floor candidates and both updates back to back (interleaved, one process),
   so load from other processes hits them alike.
 
 Memory: ``extra_peak_mib`` is the growth of the process's peak resident set (Linux ``VmHWM``) during
@@ -22,7 +30,7 @@ sees full-size intermediates. Target: <= 64 MiB, independent of B and T.
 
 Usage: ``python benchmarks/bench_divergence.py [--reps 5] [--naive-reps 2] [--threads N] [--no-memory]
 [--device cpu]``
-(about 1.5 minutes on 2 idle cores). Timings on a shared machine are noisy: compare the per-repetition
+(about 2.5 minutes on 2 idle cores). Timings on a shared machine are noisy: compare the per-repetition
 ratios and the recorded load average.
 """
 
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import math
 import os
@@ -38,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,6 +60,9 @@ from metrics_suite.functional.utility import DEFAULT_CHUNK_BYTES, chunk_rows, to
 LN2 = math.log(2.0)
 ATTENDED = 200
 SEQ = 256
+#: Row counts per chunk tried for the floor (the default chunk of ``update`` is 16 rows at V = 32000).
+FLOOR_CHUNK_ROWS = (4, 8, 16, 32, 64, 128)
+QUANTILES = (0.5, 0.9, 0.99)
 CASES = [  # (batch, vocab)
     (4, 32000),
     (1, 128256),
@@ -127,13 +140,10 @@ def naive_update(clean: Tensor, noisy: Tensor, mask: Tensor, num_logits: int | N
 
 
 # ---------------------------------------------------------------------------------------------- floor
-def floor_pass(clean: Tensor, noisy: Tensor, mask: Tensor) -> None:
-    """log_softmax of both inputs over attended rows, chunked like update, into preallocated buffers."""
+def floor_chunked(clean: Tensor, noisy: Tensor, positions: Tensor, rows: int, buffers: list[Tensor]) -> None:
+    """log_softmax of both inputs over the attended rows, ``rows`` at a time, into reused buffers."""
     vocab = clean.shape[-1]
-    rows = chunk_rows(vocab, torch.float32, clean.shape[0], clean.shape[1])
-    positions = mask.reshape(-1).nonzero().squeeze(-1)
-    rows = min(rows, positions.numel())
-    gathered, log_probs = (torch.empty(rows, vocab, device=clean.device) for _ in range(2))
+    gathered, log_probs = buffers
     flat_clean, flat_noisy = clean.view(-1, vocab), noisy.view(-1, vocab)
     for start in range(0, positions.numel(), rows):
         chunk = positions[start : start + rows]
@@ -142,18 +152,48 @@ def floor_pass(clean: Tensor, noisy: Tensor, mask: Tensor) -> None:
             torch.log_softmax(torch.index_select(flat, 0, chunk, out=gathered[:n]), -1, out=log_probs[:n])
 
 
+def floor_whole(clean: Tensor, noisy: Tensor) -> None:
+    """One log_softmax of each whole tensor (masked rows included, no gather, full-size outputs)."""
+    torch.log_softmax(clean, -1)
+    torch.log_softmax(noisy, -1)
+
+
+def floor_candidates(clean: Tensor, noisy: Tensor, mask: Tensor) -> dict[str, Callable[[], None]]:
+    """Every log_softmax-only pass tried as the floor, by name."""
+    vocab = clean.shape[-1]
+    positions = mask.reshape(-1).nonzero().squeeze(-1)
+    candidates: dict[str, Callable[[], None]] = {"whole": lambda: floor_whole(clean, noisy)}
+    for rows in FLOOR_CHUNK_ROWS:
+        buffers = [torch.empty(rows, vocab, device=clean.device) for _ in range(2)]
+        candidates[f"chunk_{rows}"] = functools.partial(floor_chunked, clean, noisy, positions, rows, buffers)
+    return candidates
+
+
 # ---------------------------------------------------------------------------------------------- timing
+def _ms(seconds: list[float]) -> float:
+    return round(1e3 * statistics.median(seconds), 2)
+
+
 def time_case(
     batch: int, vocab: int, num_logits: int | None, reps: int, naive_reps: int, device: torch.device
 ) -> dict[str, Any]:
     clean, noisy, mask = (t.to(device) for t in make_inputs(batch, SEQ, vocab))
     metric = NextTokenDivergence(num_logits=num_logits).to(device)
-    metric.update(clean[:1, :4], noisy[:1, :4], mask[:1, :4])  # warm-up
+    sketched = NextTokenDivergence(num_logits=num_logits, quantiles=QUANTILES).to(device)
+    floors = floor_candidates(clean, noisy, mask)
+    for warm in (metric, sketched):
+        warm.update(clean[:1, :4], noisy[:1, :4], mask[:1, :4])
+    for fn in floors.values():
+        fn()
     naive_reps = max(1, min(naive_reps, reps))
-    times: dict[str, list[float]] = {"update": [], "floor": [], "naive": []}
+    candidate_times: dict[str, list[float]] = {name: [] for name in floors}
+    times: dict[str, list[float]] = {"update": [], "update_sketch": [], "floor": [], "naive": []}
     for rep in range(reps):
-        times["floor"].append(timed(lambda: floor_pass(clean, noisy, mask), device))
+        for name, fn in floors.items():
+            candidate_times[name].append(timed(fn, device))
+        times["floor"].append(min(t[-1] for t in candidate_times.values()))
         times["update"].append(timed(lambda: metric.update(clean, noisy, mask), device))
+        times["update_sketch"].append(timed(lambda: sketched.update(clean, noisy, mask), device))
         if rep < naive_reps:
             times["naive"].append(timed(lambda: naive_update(clean, noisy, mask, num_logits), device))
     # agreement with the naive implementation (float32 math on both sides)
@@ -163,20 +203,28 @@ def time_case(
     naive = naive_update(clean, noisy, mask, num_logits)
     speedups = [n / u for n, u in zip(times["naive"], times["update"])]
     floor_ratios = [u / f for u, f in zip(times["update"], times["floor"])]
+    sketch_ratios = [u / f for u, f in zip(times["update_sketch"], times["floor"])]
+    candidates_ms = {name: _ms(t) for name, t in candidate_times.items()}
     return {
         "batch": batch,
         "sequence": SEQ,
         "vocab": vocab,
         "attended_per_sequence": ATTENDED,
         "num_logits": num_logits,
-        "update_ms": round(1e3 * statistics.median(times["update"]), 2),
-        "floor_ms": round(1e3 * statistics.median(times["floor"]), 2),
-        "naive_ms": round(1e3 * statistics.median(times["naive"]), 2),
+        "update_ms": _ms(times["update"]),
+        "update_sketch_ms": _ms(times["update_sketch"]),
+        "floor_ms": _ms(times["floor"]),
+        "floor_best_candidate": min(candidates_ms, key=candidates_ms.__getitem__),
+        "floor_candidates_ms": candidates_ms,
+        "naive_ms": _ms(times["naive"]),
         "speedup_vs_naive": round(statistics.median(speedups), 2),
         "ratio_to_floor": round(statistics.median(floor_ratios), 2),
+        "ratio_to_floor_sketch": round(statistics.median(sketch_ratios), 2),
         "ratio_to_floor_all": [round(r, 2) for r in floor_ratios],
+        "ratio_to_floor_sketch_all": [round(r, 2) for r in sketch_ratios],
+        "sketch_cost": round(statistics.median(sketch_ratios) / statistics.median(floor_ratios) - 1.0, 3),
         "meets_speedup_target_10x": statistics.median(speedups) >= 10,
-        "meets_floor_target_4x": statistics.median(floor_ratios) <= 4,
+        "meets_floor_target_4x": statistics.median(sketch_ratios) <= 4,
         "max_rel_diff_vs_naive": max(abs(ours[k] - naive[k]) / abs(naive[k]) for k in naive),
         "values": {k: round(v, 6) for k, v in ours.items()},
     }

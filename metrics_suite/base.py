@@ -24,6 +24,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
+from metrics_suite.functional._sketch import SketchSpec, sketch_state_shape
 from metrics_suite.functional._stats import mean_and_stderr, mean_output, mean_stats, safe_div
 from metrics_suite.validation import check_devices, shape_str, unknown_names
 
@@ -772,6 +773,14 @@ class DiagnosticMetric(Metric):
     def add_mean_state(self, name: str, shape: Sequence[int] = ()) -> None:
         """Register a ``[*shape, 3]`` float64 state of (Σw, Σwx, Σwx²); see `mean_stats`."""
         self.add_sum_state(name, (*tuple(shape), 3))
+
+    def add_sketch_state(self, name: str, spec: SketchSpec, batch_shape: Sequence[int] = ()) -> None:
+        """Register an int64 ``[*batch_shape, spec.num_buckets]`` quantile-sketch state.
+
+        Fill it with `sketch_update` (counts add up, so the
+        sketch merges exactly under any sharding) and read it with ``sketch_quantile``/``sketch_max``.
+        """
+        self.add_count_state(name, sketch_state_shape(spec, batch_shape))
 
     def state_items(self) -> list[tuple[str, Tensor]]:
         """All states as ``(name, tensor)`` pairs, in registration order."""

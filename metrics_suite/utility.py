@@ -13,20 +13,23 @@ import dataclasses
 import io
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import StrictInt
+from pydantic import Field, StrictFloat, StrictInt
 from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric
 from metrics_suite.examples import utility as examples
+from metrics_suite.functional._sketch import SketchSpec, check_quantiles, sketch_outputs
 from metrics_suite.functional.utility import (
     DIVERGENCES,
+    TOKEN_VALUES,
     DivergenceReduction,
     _cross_entropy_compute,
     _cross_entropy_stats,
     _cross_entropy_update,
     _next_token_compute,
+    _next_token_sketch,
     _next_token_stats,
     _next_token_update,
     _prediction_change_compute,
@@ -74,8 +77,18 @@ class NextTokenDivergence(DiagnosticMetric):
 
     $$
     \text{total\_variation} = \tfrac12 \sum_v |p_v - q_v|, \qquad
-    \text{squared\_hellinger} = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v}.
+    \text{squared\_hellinger} = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v},
     $$
+
+    $$
+    \text{kl\_clean\_noisy} = \mathrm{KL}(p\,\|\,q) = \sum_v p_v (\log p_v - \log q_v), \qquad
+    \text{kl\_noisy\_clean} = \mathrm{KL}(q\,\|\,p) = \sum_v q_v (\log q_v - \log p_v),
+    $$
+
+    from the same pass (their sum is ``jeffreys``; SAELens reports KL(clean‖spliced), llama.cpp
+    KL(ref‖eval), i.e. ``kl_clean_noisy``). ``top1_agreement`` is the share of attended tokens whose
+    clean and noisy argmax agree (the first largest logit, as `torch.argmax`); it is a token
+    share whatever ``reduction``.
 
     With ``num_logits=k`` both distributions are restricted to the union of the top-k sets of the
     clean and of the noisy logits at that position, and renormalised on it. A top-k set holds every
@@ -86,6 +99,13 @@ class NextTokenDivergence(DiagnosticMetric):
     sequences (sequences without attended tokens do not count); ``"token"`` averages over all attended
     tokens. Both are kept in the state, so the choice only matters at ``compute()``.
 
+    With ``quantiles``, each divergence also reports ``{name}_p50`` ... (one key per level,
+    `quantile_key`) and ``{name}_max`` over attended tokens
+    (whatever ``reduction``), from a log-bucketed sketch per divergence kept as an int64 count state:
+    each is within relative error ``relative_accuracy`` of the exact token quantile
+    (``numpy.quantile(..., method="inverted_cdf")``) and of the maximum; values below about 1e-12
+    are reported as 0, values above about 1e4 (and +inf) as +inf.
+
     The logits are read one chunk of attended positions at a time (log space, at least float32):
     the extra memory is ``O(chunk × V)``, never ``O(B × T × V)``, and masked positions are not computed.
 
@@ -95,18 +115,22 @@ class NextTokenDivergence(DiagnosticMetric):
         max_sequence_length: at most this many positions per sequence per chunk. With neither limit,
             a chunk is sized so that one ``[chunk, V]`` float32 buffer is about 2 MiB.
         reduction: ``"sequence"`` or ``"token"``.
+        quantiles: levels in [0, 1] of the per-token quantiles to report, e.g. ``(0.5, 0.9, 0.99)``;
+            None (default) keeps the sketch off (no state, no extra outputs).
+        relative_accuracy: α in (0, 1) of the sketch: 1845 counts per divergence at 0.01.
         kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``<name>_stderr``: over sequences, or over tokens for ``"token"``).
 
     ``update(clean_logits, noisy_logits, attention_mask=None)`` takes logits ``[B, T, V]`` and a bool
     mask ``[B, T]``. A −inf logit (a banned token) is valid: a token that is −inf in both inputs
     contributes 0, one that is −inf in only one makes that position's Jeffreys +inf (the other
-    three stay finite). An item is a sequence: with ``nan_strategy="skip"`` a sequence with an attended
-    position whose logits hold NaN or +inf, or are all −inf, is left out and counted in
-    ``nonfinite_count``.
+    three stay finite; so does the KL direction with the −inf on its first side). An item is a token:
+    with ``nan_strategy="skip"`` an attended position whose logits hold NaN or +inf, or are all −inf, is
+    left out and counted in ``nonfinite_count``; its sequence keeps its other tokens.
 
-    ``compute()`` returns ``{"jeffreys", "jensen_shannon", "total_variation", "squared_hellinger"}``
-    (NaN when no token was attended).
+    ``compute()`` returns ``{"jeffreys", "jensen_shannon", "total_variation", "squared_hellinger",
+    "kl_clean_noisy", "kl_noisy_clean", "top1_agreement"}`` (NaN when no token was attended), then the
+    quantile outputs.
 
     Examples:
         >>> import torch
@@ -116,8 +140,21 @@ class NextTokenDivergence(DiagnosticMetric):
         >>> mask = torch.tensor([[True, True], [True, False]])
         >>> metric = NextTokenDivergence()
         >>> metric.update(clean, noisy, mask)
-        >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}
+        >>> out = {k: round(v.item(), 4) for k, v in metric.compute().items()}
+        >>> {k: out[k] for k in ("jeffreys", "jensen_shannon", "total_variation", "squared_hellinger")}
         {'jeffreys': 1.3803, 'jensen_shannon': 0.1488, 'total_variation': 0.3629, 'squared_hellinger': 0.1596}
+        >>> out["top1_agreement"]  # token (1, 0) moves its top token from 0 to 2; (0, 0) and (0, 1) keep it
+        0.6667
+
+        KL both ways tell the directions apart: p = (¼, ¾), q = (½, ½) gives
+        KL(p‖q) = ¼ln½ + ¾ln(3/2) = 0.1308 and KL(q‖p) = ½ln2 + ½ln(2/3) = 0.1438.
+
+        >>> import math
+        >>> kl = NextTokenDivergence(quantiles=(0.5, 0.9))
+        >>> kl.update(torch.tensor([[[0.0, math.log(3.0)]]]), torch.zeros(1, 1, 2))
+        >>> out = {k: round(v.item(), 4) for k, v in kl.compute().items()}
+        >>> out["kl_clean_noisy"], out["kl_noisy_clean"], out["kl_clean_noisy_p50"]  # p50 within 1%
+        (0.1308, 0.1438, 0.1313)
     """
 
     higher_is_better = False
@@ -126,6 +163,7 @@ class NextTokenDivergence(DiagnosticMetric):
 
     sequence_stats: Tensor
     token_stats: Tensor
+    divergence_sketch: Tensor
 
     @validated
     def __init__(
@@ -134,6 +172,8 @@ class NextTokenDivergence(DiagnosticMetric):
         max_batch_size: Size | None = None,
         max_sequence_length: Size | None = None,
         reduction: DivergenceReduction = "sequence",
+        quantiles: Sequence[Any] | None = None,  # checked by check_quantiles: pydantic would take True as 1.0
+        relative_accuracy: Annotated[StrictFloat, Field(gt=0.0, lt=1.0)] = 0.01,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -141,15 +181,20 @@ class NextTokenDivergence(DiagnosticMetric):
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
         self.reduction = reduction
-        # per divergence: (n, Σx, Σx²) over sequences of per-sequence means, and over tokens
+        self.quantiles = None if quantiles is None else check_quantiles(quantiles, type(self).__name__)
+        self.relative_accuracy = relative_accuracy
+        # per divergence: (n, Σx, Σx²) over sequences of per-sequence means; over tokens, also top-1
         self.add_mean_state("sequence_stats", (len(DIVERGENCES),))
-        self.add_mean_state("token_stats", (len(DIVERGENCES),))
+        self.add_mean_state("token_stats", (len(TOKEN_VALUES),))
+        self.sketch_spec = None if quantiles is None else SketchSpec(relative_accuracy=relative_accuracy)
+        if self.sketch_spec is not None:
+            self.add_sketch_state("divergence_sketch", self.sketch_spec, (len(DIVERGENCES),))
 
     def update(
         self, clean_logits: Tensor, noisy_logits: Tensor, attention_mask: Tensor | None = None
     ) -> None:
         """Add one batch of clean and noisy logits ``[B, T, V]`` (and a bool ``[B, T]`` mask)."""
-        sums, squares, counts, finite = _next_token_update(
+        tokens = _next_token_update(
             clean_logits,
             noisy_logits,
             attention_mask,
@@ -158,8 +203,11 @@ class NextTokenDivergence(DiagnosticMetric):
             max_sequence_length=self.max_sequence_length,
             validate=self.validate_args,
         )
-        keep, skipped = self.nonfinite_filter("clean_logits`/`noisy_logits", finite)
-        sequence_stats, token_stats = _next_token_stats(sums, squares, counts, keep)
+        keep, skipped = self.nonfinite_filter("clean_logits`/`noisy_logits", tokens.finite)
+        sequence_stats, token_stats = _next_token_stats(tokens, keep)
+        if self.sketch_spec is not None:
+            sketch = _next_token_sketch(tokens, keep, self.sketch_spec)
+            self.divergence_sketch += sketch.to(self.divergence_sketch.device)
         self.nonfinite_count += skipped.to(self.nonfinite_count.device)
         self.sequence_stats += sequence_stats.to(self.sequence_stats.device)
         self.token_stats += token_stats.to(self.token_stats.device)
@@ -193,9 +241,12 @@ class NextTokenDivergence(DiagnosticMetric):
         self.update(logits[:half], logits[half:], attention_mask)
 
     def compute(self) -> dict[str, Tensor]:
-        """Mean of each divergence (plus ``*_stderr`` with ``with_stderr=True``)."""
-        stats = self.sequence_stats if self.reduction == "sequence" else self.token_stats
-        return _next_token_compute(stats, self.with_stderr)
+        """Mean of each divergence and ``top1_agreement`` (plus ``*_stderr``, and quantiles when enabled)."""
+        stats = self.sequence_stats if self.reduction == "sequence" else self.token_stats[: len(DIVERGENCES)]
+        out = _next_token_compute(stats, self.token_stats, self.with_stderr)
+        if self.sketch_spec is not None and self.quantiles is not None:
+            out.update(sketch_outputs(self.divergence_sketch, self.sketch_spec, self.quantiles, DIVERGENCES))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- cross-entropy
@@ -260,7 +311,7 @@ class MaskedCrossEntropy(DiagnosticMetric):
 
     def update(self, logits: Tensor, target_ids: Tensor, attention_mask: Tensor | None = None) -> None:
         """Add one batch of logits ``[B, T, V]`` and targets ``[B, T]``."""
-        sums, squares, counts, finite = _cross_entropy_update(
+        nats, finite = _cross_entropy_update(
             logits,
             target_ids,
             attention_mask,
@@ -270,7 +321,7 @@ class MaskedCrossEntropy(DiagnosticMetric):
             validate=self.validate_args,
         )
         keep, skipped = self.nonfinite_filter("logits", finite)
-        stats = _cross_entropy_stats(sums, squares, counts, keep)
+        stats = _cross_entropy_stats(nats, keep)
         self.nonfinite_count += skipped.to(self.nonfinite_count.device)
         self.cross_entropy_stats += stats.to(self.cross_entropy_stats.device)
 

@@ -39,7 +39,9 @@ from metrics_suite.functional.utility import (
 from metrics_suite.registry import registered
 from tests.helpers import state_snapshot, states_equal
 
-NAMES = ("jeffreys", "jensen_shannon", "total_variation", "squared_hellinger")
+# written out here (not imported) so that a change of the output keys or their order fails a test
+FIRST_FOUR = ("jeffreys", "jensen_shannon", "total_variation", "squared_hellinger")
+NAMES = (*FIRST_FOUR, "kl_clean_noisy", "kl_noisy_clean")
 LN2 = math.log(2.0)
 
 
@@ -61,7 +63,17 @@ def ref_token(clean: Any, noisy: Any, support: Any = None) -> dict[str, float]:
         "jensen_shannon": float(jensenshannon(p, q) ** 2),  # natural log: squared JS distance
         "total_variation": float(0.5 * np.abs(p - q).sum()),
         "squared_hellinger": float(0.5 * np.sum((np.sqrt(p) - np.sqrt(q)) ** 2)),
+        "kl_clean_noisy": ref_kl(lp, lq),
+        "kl_noisy_clean": ref_kl(lq, lp),
     }
+
+
+def ref_kl(lp: np.ndarray, lq: np.ndarray) -> float:
+    """KL(p‖q) = Σ p (log p − log q) from float64 log-probabilities (exp(lp) may underflow to 0 where
+    the log-ratio is finite, so the logs, not ``rel_entr`` of rounded probabilities, decide)."""
+    with np.errstate(invalid="ignore"):
+        terms = np.where(np.isneginf(lp), 0.0, np.exp(lp) * (lp - lq))
+    return float(np.nan_to_num(terms, nan=math.inf).sum())
 
 
 def hand_top_k(row: np.ndarray, k: int) -> set[int]:
@@ -73,12 +85,15 @@ def hand_top_k(row: np.ndarray, k: int) -> set[int]:
 def ref_metric(
     clean: torch.Tensor, noisy: torch.Tensor, mask: torch.Tensor | None, num_logits: int | None = None
 ) -> tuple[dict[str, float], dict[str, float], dict[str, list[float]], dict[str, list[float]]]:
-    """Slow loop: (sequence means, token means, per-sequence means, per-token values)."""
+    """Slow loop: (sequence means, token means, per-sequence means, per-token values).
+
+    ``top1_agreement`` (first argmax of clean == first argmax of noisy) is a token mean in both means.
+    """
     c, n = clean.double().numpy(), noisy.double().numpy()
     batch, seq, _ = c.shape
     m = np.ones((batch, seq), dtype=bool) if mask is None else mask.numpy()
     per_seq: dict[str, list[float]] = {k: [] for k in NAMES}
-    per_tok: dict[str, list[float]] = {k: [] for k in NAMES}
+    per_tok: dict[str, list[float]] = {k: [] for k in (*NAMES, "top1_agreement")}
     for b in range(batch):
         values: dict[str, list[float]] = {k: [] for k in NAMES}
         for t in range(seq):
@@ -90,11 +105,13 @@ def ref_metric(
             for k, v in ref_token(c[b, t], n[b, t], support).items():
                 values[k].append(v)
                 per_tok[k].append(v)
+            per_tok["top1_agreement"].append(float(np.argmax(c[b, t]) == np.argmax(n[b, t])))
         if values[NAMES[0]]:
             for k in NAMES:
                 per_seq[k].append(float(np.mean(values[k])))
-    seq_mean = {k: float(np.mean(v)) if v else math.nan for k, v in per_seq.items()}
     tok_mean = {k: float(np.mean(v)) if v else math.nan for k, v in per_tok.items()}
+    seq_mean = {k: float(np.mean(v)) if v else math.nan for k, v in per_seq.items()}
+    seq_mean["top1_agreement"] = tok_mean["top1_agreement"]
     return seq_mean, tok_mean, per_seq, per_tok
 
 
@@ -165,10 +182,15 @@ def test_metric_reductions_match_slow_loop(reduction: DivergenceReduction) -> No
     samples = per_seq if reduction == "sequence" else per_tok
     for k in NAMES:
         expected[f"{k}_stderr"] = float(np.std(samples[k], ddof=1) / math.sqrt(len(samples[k])))
+    # top-1 agreement is a token share whatever the reduction
+    top1 = per_tok["top1_agreement"]
+    expected["top1_agreement_stderr"] = float(np.std(top1, ddof=1) / math.sqrt(len(top1)))
+    assert 0.0 < expected["top1_agreement"] < 1.0  # the data tells a token share from other shares
     assert_close(out, {k: expected[k] for k in out}, rtol=1e-4, atol=1e-8)
+    assert len(out) == 2 * (len(NAMES) + 1)
     assert len(per_seq[NAMES[0]]) == 3  # the fully masked sequences do not count
     functional = as_floats(next_token_divergence(clean, noisy, mask, reduction=reduction))
-    assert_close(functional, {k: expected[k] for k in NAMES}, rtol=1e-4, atol=1e-8)
+    assert_close(functional, {k: expected[k] for k in (*NAMES, "top1_agreement")}, rtol=1e-4, atol=1e-8)
 
 
 def test_top_k_matches_hand_built_support() -> None:
@@ -356,6 +378,7 @@ def test_fully_masked_batch_gives_nan_and_single_token_its_value() -> None:
     one = torch.zeros(2, 3, dtype=torch.bool)
     one[1, 2] = True
     expected = ref_token(clean[1, 2], noisy[1, 2])
+    expected["top1_agreement"] = float(clean[1, 2].argmax() == noisy[1, 2].argmax())
     for reduction in ("sequence", "token"):
         metric = NextTokenDivergence(reduction=reduction)
         metric.update(clean, noisy, one)
@@ -371,7 +394,12 @@ def test_half_precision_inputs(dtype: torch.dtype) -> None:
     metric.update(clean, noisy, mask)
     # reference from the same (rounded) half-precision values, in float64
     _, expected, _, _ = ref_metric(clean.float(), noisy.float(), mask)
-    assert_close(as_floats(metric.compute()), expected, rtol=1e-4, atol=1e-7)
+    out = as_floats(metric.compute())
+    # the KL directions carry the absolute float32 rounding of the logit difference at the 6e4 logit
+    # (ulp 0.004) undamped, where Jeffreys' larger mean hides it
+    kl = ("kl_clean_noisy", "kl_noisy_clean")
+    assert_close({k: out.pop(k) for k in kl}, {k: expected.pop(k) for k in kl}, rtol=1e-3)
+    assert_close(out, expected, rtol=1e-4, atol=1e-7)
     out = token_divergences(clean, noisy)
     assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in out.values())
 
@@ -391,21 +419,57 @@ def test_non_contiguous_logits() -> None:
     assert_close(as_floats(ce_a.compute()), as_floats(ce_b.compute()), rtol=1e-6)
 
 
-def test_nonfinite_sequences_are_skipped_and_counted() -> None:
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_nonfinite_tokens_are_skipped_and_counted(reduction: DivergenceReduction) -> None:
+    """One non-finite position drops that token only: its sequence keeps its finite tokens (invariant 10)."""
+    clean, noisy = logits((4, 5, 13), seed=13)
+    mask = attention(4, 5, seed=13, fully_masked=())
+    mask[3, 4] = False
+    mask[2, :3] = True
+    bad = clean.clone()
+    bad[2, 0, 5] = math.nan  # attended: token (2, 0) is skipped, sequence 2 keeps (2, 1), (2, 2), ...
+    noisy_bad = noisy.clone()
+    noisy_bad[2, 2, 0] = math.inf  # a second bad token of the same sequence, in the other input
+    bad[3, 4, 0] = math.inf  # masked out: no effect
+    metric = NextTokenDivergence(reduction=reduction, quantiles=(0.5, 1.0))
+    metric.update(bad, noisy_bad, mask)
+    finite_mask = mask.clone()
+    finite_mask[2, 0] = finite_mask[2, 2] = False
+    reference = NextTokenDivergence(reduction=reduction, quantiles=(0.5, 1.0))
+    reference.update(clean, noisy, finite_mask)
+    with pytest.warns(UserWarning, match="skipped 2 item"):
+        assert_close(as_floats(metric.compute()), as_floats(reference.compute()), rtol=1e-12)
+    assert int(metric.nonfinite_count) == 2
+    # a sequence whose every attended token is bad leaves the sequence mean (not only its tokens)
+    only_bad = clean.clone()
+    only_bad[1, mask[1]] = math.nan
+    metric = NextTokenDivergence(reduction=reduction)
+    metric.update(only_bad, noisy, mask)
+    empty_mask = mask.clone()
+    empty_mask[1] = False
+    reference = NextTokenDivergence(reduction=reduction)
+    reference.update(clean, noisy, empty_mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close(as_floats(metric.compute()), as_floats(reference.compute()), rtol=1e-12)
+    assert int(metric.nonfinite_count) == int(mask[1].sum())
+    # cross-entropy: the same token-sized items
+    targets = torch.randint(0, 13, (4, 5), generator=torch.Generator().manual_seed(1))
+    ce, ce_reference = MaskedCrossEntropy(), MaskedCrossEntropy()
+    ce.update(bad, targets, mask)
+    ce_reference.update(clean, targets, finite_mask | (mask & ~torch.isfinite(noisy_bad).all(-1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close(as_floats(ce.compute()), as_floats(ce_reference.compute()), rtol=1e-12)
+    assert int(ce.nonfinite_count) == 1
+
+
+def test_nonfinite_inputs_error_and_odd_rows() -> None:
     clean, noisy = logits((4, 5, 13), seed=13)
     mask = attention(4, 5, seed=13, fully_masked=())
     mask[3, 4] = False
     bad = clean.clone()
-    bad[2, 0, 5] = math.nan  # attended: sequence 2 is skipped
-    bad[3, 4, 0] = math.inf  # masked out: no effect
-    metric = NextTokenDivergence()
-    metric.update(bad, noisy, mask)
-    reference = NextTokenDivergence()
-    keep = torch.tensor([0, 1, 3])
-    reference.update(clean[keep], noisy[keep], mask[keep])
-    with pytest.warns(UserWarning, match="skipped 1 item"):
-        assert_close(as_floats(metric.compute()), as_floats(reference.compute()), rtol=1e-12)
-    assert int(metric.nonfinite_count) == 1
+    bad[2, 0, 5] = math.nan
     strict = NextTokenDivergence(nan_strategy="error")
     before = state_snapshot(strict)
     with pytest.raises(ValueError, match="NaN or inf"):
@@ -431,6 +495,7 @@ def test_huge_finite_logits_are_valid() -> None:
     metric = NextTokenDivergence(nan_strategy="error")
     metric.update(clean, noisy)
     expected = ref_token(clean[0, 0].double(), noisy[0, 0].double())
+    expected["top1_agreement"] = 0.0
     assert_close(as_floats(metric.compute()), expected, rtol=1e-6)
     ce = MaskedCrossEntropy(nan_strategy="error")
     ce.update(clean, torch.tensor([[1]]))
@@ -460,6 +525,8 @@ def test_negative_inf_logits_are_valid() -> None:
         "jensen_shannon": 0.0,
         "total_variation": 0.0,
         "squared_hellinger": 0.0,
+        "kl_clean_noisy": 0.0,
+        "kl_noisy_clean": math.inf,
     }
     clean[..., 7] = 0.0  # shared banned tokens only: every value finite
     metric = NextTokenDivergence(reduction="token", nan_strategy="error")
@@ -786,3 +853,122 @@ def test_jensen_shannon_of_disjoint_supports_stays_within_ln2(dtype: torch.dtype
     js = token_divergences(clean, noisy)["jensen_shannon"].item()
     assert js <= LN2
     assert js == pytest.approx(LN2, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- KL, top-1, quantiles
+def test_kl_directions_by_hand_and_their_sum_is_jeffreys() -> None:
+    # p = (1/4, 3/4), q = (1/2, 1/2): KL(p‖q) = ¼ln½ + ¾ln(3/2), KL(q‖p) = ½ln2 + ½ln(2/3)
+    clean = torch.tensor([[[0.0, math.log(3.0)]]], dtype=torch.float64)
+    noisy = torch.zeros(1, 1, 2, dtype=torch.float64)
+    metric = NextTokenDivergence()
+    metric.update(clean, noisy)
+    out = as_floats(metric.compute())
+    assert out["kl_clean_noisy"] == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), rel=1e-14)
+    assert out["kl_noisy_clean"] == pytest.approx(0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0), rel=1e-14)
+    assert out["top1_agreement"] == 0.0  # clean's top token is 1, noisy's first largest is 0
+    # on random data, in float32, KL both ways add up to Jeffreys token by token
+    clean, noisy = logits((3, 8, 57), seed=31, noise=1.5)
+    per_token = token_divergences(clean, noisy)
+    total = per_token["kl_clean_noisy"] + per_token["kl_noisy_clean"]
+    torch.testing.assert_close(total, per_token["jeffreys"], rtol=1e-5, atol=0.0)
+    assert not torch.allclose(per_token["kl_clean_noisy"], per_token["kl_noisy_clean"], rtol=1e-2)
+
+
+def test_top1_agreement_is_a_token_share_for_both_reductions() -> None:
+    """Sequence 0 has 1 of 1 attended token agreeing, sequence 1 has 1 of 3: token share 2/4, not (1 + 1/3)/2."""
+    clean = torch.zeros(2, 3, 4)
+    noisy = torch.zeros(2, 3, 4)
+    clean[..., 2] = 1.0  # clean's top token is 2 everywhere
+    noisy[..., 2] = 1.0
+    noisy[1, 1:, 3] = 2.0  # noisy's top token moves at (1, 1) and (1, 2)
+    mask = torch.tensor([[True, False, False], [True, True, True]])
+    for reduction in ("sequence", "token"):
+        metric = NextTokenDivergence(reduction=reduction, with_stderr=True)
+        metric.update(clean, noisy, mask)
+        out = as_floats(metric.compute())
+        assert out["top1_agreement"] == 0.5
+        assert out["top1_agreement_stderr"] == pytest.approx(np.std([1, 0, 1, 0], ddof=1) / 2.0, rel=1e-12)
+    # ties: the first largest logit wins (torch.argmax), so a tie kept in both agrees
+    tie = torch.tensor([[[1.0, 3.0, 3.0]]])
+    metric = NextTokenDivergence()
+    metric.update(tie, tie.flip(-1))  # [3, 3, 1]: first largest at 0, clean's at 1
+    assert float(metric.compute()["top1_agreement"]) == 0.0
+
+
+def _edge_case_logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 logits [6, 40, 50] whose per-token divergences span zeros, ~1e-12, ordinary values,
+    JS near ln 2 and Jeffreys near 1e3."""
+    clean, noisy = logits((6, 40, 50), seed=41, noise=0.6, dtype=torch.float64)
+    g = torch.Generator().manual_seed(42)
+    scale = torch.exp(torch.empty(6, 40, 1, dtype=torch.float64).uniform_(-6.0, 1.0, generator=g))
+    noisy = clean + (noisy - clean) * scale  # noise over 3 decades: divergences over 6
+    noisy[0, :8] = clean[0, :8]  # exact zeros
+    noisy[1, :8] = clean[1, :8] + 1e-6 * torch.randn(8, 50, generator=g, dtype=torch.float64)  # ~1e-12
+    for t in range(8):  # nearly disjoint: JS → ln 2, TV and H² → 1, Jeffreys ≈ 2·gap ≤ 1e3
+        gap = 100.0 + 50.0 * t
+        clean[2, t] = 0.0
+        noisy[2, t] = 0.0
+        clean[2, t, 0] = noisy[2, t, 1] = gap
+    mask = attention(6, 40, seed=43, fully_masked=(5,))
+    mask[:3, :8] = True
+    return clean, noisy, mask
+
+
+def test_quantiles_match_numpy_within_relative_accuracy() -> None:
+    clean, noisy, mask = _edge_case_logits()
+    levels = (0.0, 0.05, 0.1, 0.5, 0.9, 0.99, 1.0)
+    alpha = 0.01
+    metric = NextTokenDivergence(quantiles=levels, relative_accuracy=alpha, max_sequence_length=7)
+    metric.update(clean, noisy, mask)
+    out = as_floats(metric.compute())
+    per_token = token_divergences(clean, noisy, attention_mask=mask)
+    for name in NAMES:
+        x = per_token[name][mask].numpy()
+        assert x.size == int(mask.sum())
+        exact = np.quantile(x, levels, method="inverted_cdf", weights=np.ones_like(x))
+        keys = [f"{name}_p{100 * q:g}" for q in levels]
+        for key, want in zip([*keys, f"{name}_max"], [*exact, x.max()]):
+            got = out[key]
+            if want <= 0.99e-12:  # the zero bucket: reported as exactly 0
+                assert got == 0.0, (key, want)
+            else:
+                assert abs(got - want) <= alpha * want * (1 + 1e-9), (key, got, want)
+    # the edge cases are in the data: zeros, ~1e-12, JS at ln 2, Jeffreys up to 1e3
+    assert out["jeffreys_p0"] == 0.0
+    assert 1e-13 < float(per_token["jeffreys"][1, :8].min()) < 1e-10
+    assert float(per_token["jensen_shannon"].nan_to_num().max()) == pytest.approx(LN2, rel=1e-12)
+    assert 700.0 < out["jeffreys_max"] < 1.01e3
+    assert out["jensen_shannon_max"] == pytest.approx(LN2, rel=alpha)
+    # a different α gives a different (still guaranteed) answer: the argument reaches the sketch
+    coarse = NextTokenDivergence(quantiles=(0.5,), relative_accuracy=0.2)
+    coarse.update(clean, noisy, mask)
+    exact = float(np.quantile(per_token["jeffreys"][mask].numpy(), 0.5, method="inverted_cdf"))
+    got = float(coarse.compute()["jeffreys_p50"])
+    assert abs(got - exact) <= 0.2 * exact and got != pytest.approx(out["jeffreys_p50"], rel=1e-3)
+
+
+def test_quantiles_off_keep_outputs_and_on_add_keys_in_order() -> None:
+    clean, noisy, mask = _edge_case_logits()
+    off, on = NextTokenDivergence(), NextTokenDivergence(quantiles=(0.5, 0.9, 0.99))
+    off.update(clean, noisy, mask)
+    on.update(clean, noisy, mask)
+    a, b = as_floats(off.compute()), as_floats(on.compute())
+    assert list(a) == [*NAMES, "top1_agreement"]
+    assert list(b)[: len(a)] == list(a) and all(b[k] == a[k] for k in a)
+    assert list(b)[len(a) :] == [f"{n}_{s}" for n in NAMES for s in ("p50", "p90", "p99", "max")]
+    assert "divergence_sketch" not in off.state_dict() and on.divergence_sketch.shape[0] == len(NAMES)
+    # sketches merge exactly: two halves (and a merge_state) give the one-pass counts
+    halves = [NextTokenDivergence(quantiles=(0.5,)) for _ in range(2)]
+    halves[0].update(clean[:3], noisy[:3], mask[:3])
+    halves[1].update(clean[3:], noisy[3:], mask[3:])
+    halves[0].merge_state(halves[1])
+    assert torch.equal(halves[0].divergence_sketch, on.divergence_sketch)
+
+
+def test_quantile_arguments_are_validated() -> None:
+    for bad in ((), (0.5, 1.5), "0.5", (True,), (float("nan"),)):
+        with pytest.raises(ValueError, match="quantiles"):
+            NextTokenDivergence(quantiles=bad)
+    for bad in (0.0, 1.0, -0.1, float("inf"), True, "0.01"):
+        with pytest.raises(ValueError, match="relative_accuracy"):
+            NextTokenDivergence(quantiles=(0.5,), relative_accuracy=bad)

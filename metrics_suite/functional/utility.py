@@ -7,6 +7,7 @@ memory is ``O(chunk × V)`` whatever the batch and sequence sizes, and masked po
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Literal
@@ -16,7 +17,8 @@ from torch import Tensor
 
 from metrics_suite.functional._chunks import row_slices
 from metrics_suite.functional._rows import RowGather
-from metrics_suite.functional._stats import mean_output, safe_div
+from metrics_suite.functional._sketch import SketchSpec, sketch_update
+from metrics_suite.functional._stats import mean_output, mean_stats, safe_div
 from metrics_suite.validation import (
     check_float,
     check_ids_in_range,
@@ -40,8 +42,17 @@ __all__ = [
     "top_k_support_mask",
 ]
 
-#: Names of the four next-token divergences, in the order of the ``[..., 4]`` value tensors.
-DIVERGENCES = ("jeffreys", "jensen_shannon", "total_variation", "squared_hellinger")
+#: Names of the next-token divergences, in the order of the ``[..., 6]`` value tensors.
+DIVERGENCES = (
+    "jeffreys",
+    "jensen_shannon",
+    "total_variation",
+    "squared_hellinger",
+    "kl_clean_noisy",
+    "kl_noisy_clean",
+)
+#: Per-token values of the next-token pass: the divergences, then top-1 agreement (0 or 1).
+TOKEN_VALUES = (*DIVERGENCES, "top1_agreement")
 #: How per-token values are averaged: per sequence first, or over all tokens.
 DivergenceReduction = Literal["sequence", "token"]
 #: Default size of one ``[chunk, V]`` buffer (about six of them are live at once).
@@ -97,11 +108,12 @@ def _row_finite(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------- divergences
 def _divergences_from_logits(
     clean: Tensor, noisy: Tensor, p: Tensor, q: Tensor, s1: Tensor, s2: Tensor
-) -> tuple[Tensor, Tensor]:
-    r"""The four divergences ``[n, 4]`` of the softmax distributions of logit rows ``[n, W]``.
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The divergences ``[n, 6]`` (in `DIVERGENCES` order) of the softmax distributions of logit rows ``[n, W]``.
 
-    Also returns the finiteness of each row pair ``[n]`` (as `_row_finite`), from the row
-    maxima it needs anyway; values of non-finite rows are meaningless.
+    Also returns, from the row maxima it needs anyway, the finiteness of each row pair ``[n]`` (as
+    `_row_finite`; values of non-finite rows are meaningless) and whether the two rows have
+    their (first) largest logit at the same index ``[n]``.
 
     Per entry, with $M = \max(p, q)$ and $\delta = |\log p - \log q|$, every term is
     $M$ times a function of $\delta$ (take $p \ge q$, so $q = M e^{-\delta}$):
@@ -118,6 +130,14 @@ def _divergences_from_logits(
     relative precision (no ``p − q`` of rounded probabilities, no ``1 − Σ√(pq)``), identical rows give
     exactly 0, and rows with disjoint mass (logits of ±1e4) give finite values.
 
+    The two KL directions use the Bregman form $\mathrm{KL}(p\,\|\,q) = \sum_v
+    \big(p_v \log\frac{p_v}{q_v} - p_v + q_v\big)$ (the added $\sum (q - p)$ is 0), whose terms are
+    all $\ge 0$, so nothing cancels in the sum: the entry with the larger probability contributes
+    $M f(\delta)$, $f(\delta) = \delta + e \approx \delta^2/2$, the other $M g(\delta)$,
+    $g(\delta) = -(e + \rho\delta) \approx \delta^2/2$; $f + g = -e\delta$ is the Jeffreys term,
+    so the two directions add up to Jeffreys. A rounding error $\varepsilon$ of ``Δlogsumexp`` changes
+    them only at second order (its first-order effects on the two kinds of entries cancel).
+
     Total variation is first order in $\delta$: an absolute rounding error $\varepsilon$ of
     ``Δlogsumexp`` (about one ulp of $\log \max p$) shifts every $\delta$ and would dominate the
     most probable entry of a peaked row. With the signed $\hat d_v = p_v - q_v$ computed as
@@ -128,12 +148,14 @@ def _divergences_from_logits(
     them by a relative $O(\varepsilon)$.
 
     An entry where both logits are −inf ($p = q = 0$) contributes 0. Where only one is, Jeffreys is
-    +inf and the other three stay finite. Every input is used as scratch.
+    +inf, and so is the KL direction whose second distribution is 0 there; the other KL and JS, TV,
+    $H^2$ stay finite. Every input is used as scratch.
     """
     torch.softmax(clean, -1, out=p)
     torch.softmax(noisy, -1, out=q)
-    clean_max, noisy_max = clean.amax(-1, keepdim=True), noisy.amax(-1, keepdim=True)
+    (clean_max, clean_top), (noisy_max, noisy_top) = clean.max(-1, keepdim=True), noisy.max(-1, keepdim=True)
     finite = (torch.isfinite(clean_max) & torch.isfinite(noisy_max)).squeeze(-1)
+    same_top = (clean_top == noisy_top).squeeze(-1)
     # logsumexp(x) = max(x) − log(max(softmax(x))): the largest probability is 1 / Σ exp(x − max)
     shift = (clean_max - noisy_max).sub_(p.amax(-1, keepdim=True).log_() - q.amax(-1, keepdim=True).log_())
     # log p − log q; NaN only where both logits are −inf: δ = 0 there, and M = 0 zeroes the terms
@@ -149,15 +171,36 @@ def _divergences_from_logits(
     # signed p − q, corrected by M·ε̂ with ε̂ = −Σ(p − q)
     diff = torch.copysign(neg_abs_diff, log_ratio, out=q)
     total_variation = diff.addcmul_(big, diff.sum(-1, keepdim=True), value=-1.0).abs_().sum(-1).mul_(0.5)
+    kl_clean_noisy, kl_noisy_clean = _kl_pair(log_ratio, delta, big, e, q, noisy)
     u = torch.mul(e, 0.5, out=noisy).log1p_()
     rho = e.add_(1.0)
-    # ρ = 0 where δ = inf: a finite δ keeps ρ·(u + δ) at 0 instead of 0·inf
-    js_terms = u.addcmul_(rho, delta.clamp_max_(torch.finfo(delta.dtype).max).add_(u)).mul_(big)
+    # ρ = 0 where δ = inf: δ was clamped to a finite value, so ρ·(u + δ) stays 0 instead of 0·inf
+    js_terms = u.addcmul_(rho, delta.add_(u)).mul_(big)
     jensen_shannon = js_terms.sum(-1).mul_(-0.5)
-    values = torch.stack([jeffreys, jensen_shannon, total_variation, squared_hellinger], dim=-1)
-    upper = values.new_tensor([math.inf, _ln2_below(values.dtype), 1.0, 1.0])
+    values = torch.stack(
+        [jeffreys, jensen_shannon, total_variation, squared_hellinger, kl_clean_noisy, kl_noisy_clean], dim=-1
+    )
+    upper = values.new_tensor([math.inf, _ln2_below(values.dtype), 1.0, 1.0, math.inf, math.inf])
     # rounding only (NaN stays NaN); adding 0.0 turns -0.0 into 0.0
-    return torch.minimum(values.clamp_min_(0.0), upper).add_(0.0), finite
+    return torch.minimum(values.clamp_min_(0.0), upper).add_(0.0), finite, same_top
+
+
+def _kl_pair(
+    log_ratio: Tensor, delta: Tensor, big: Tensor, e: Tensor, f_out: Tensor, g_out: Tensor
+) -> tuple[Tensor, Tensor]:
+    """KL(p‖q) and KL(q‖p) ``[n]`` from the per-entry terms of `_divergences_from_logits`.
+
+    ``f_out`` and ``g_out`` are scratch; ``delta`` is clamped to the largest finite value in place
+    (so that ``ρ·δ`` is 0, not NaN, where δ = inf) and ``log_ratio`` is overwritten.
+    """
+    clean_larger = log_ratio >= 0
+    f = torch.add(delta, e, out=f_out)  # δ + e; +inf where δ = inf
+    delta.clamp_max_(torch.finfo(delta.dtype).max)
+    g = torch.add(e, 1.0, out=g_out).mul_(delta).add_(e).neg_()  # −(ρδ + e); 1 where δ = inf
+    # NaN only from M = 0 times δ = inf: an infinite term, as for Jeffreys
+    kl_pq = torch.where(clean_larger, f, g, out=log_ratio).mul_(big).sum(-1).nan_to_num_(math.inf)
+    kl_qp = torch.where(clean_larger, g, f, out=log_ratio).mul_(big).sum(-1).nan_to_num_(math.inf)
+    return kl_pq, kl_qp
 
 
 def _top_k_mask(x: Tensor, k: int) -> Tensor:
@@ -202,22 +245,28 @@ def _top_k_union(
     return index.clamp_max_(vocab - 1), drop
 
 
-def _top_k_chunk(clean: Tensor, noisy: Tensor, k: int) -> Tensor:
-    """Divergences of rows restricted to (and renormalised on) the union of both top-k sets."""
+def _top_k_chunk(clean: Tensor, noisy: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Divergences of rows restricted to (and renormalised on) the union of both top-k sets, and top-1 agreement.
+
+    The union holds every largest logit of both rows, in vocabulary order: the first largest on the
+    support is the first largest of the whole row.
+    """
     clean_set, noisy_set = _top_k_set(clean, k), _top_k_set(noisy, k)
     if clean_set is None or noisy_set is None:
         # a very wide set: mask the whole rows instead of gathering (−inf outside the union)
         outside = ~(_top_k_mask(clean, k) | _top_k_mask(noisy, k))
         p, q, s1, s2 = (torch.empty_like(clean) for _ in range(4))
-        return _divergences_from_logits(
+        values, _, same_top = _divergences_from_logits(
             clean.masked_fill_(outside, -math.inf), noisy.masked_fill_(outside, -math.inf), p, q, s1, s2
-        )[0]
+        )
+        return values, same_top
     index, drop = _top_k_union(clean_set, noisy_set, clean.shape[-1])
     # −inf in both: a dropped entry contributes exactly 0
     support_clean = clean.gather(-1, index).masked_fill_(drop, -math.inf)
     support_noisy = noisy.gather(-1, index).masked_fill_(drop, -math.inf)
     p, q, s1, s2 = (torch.empty_like(support_clean) for _ in range(4))
-    return _divergences_from_logits(support_clean, support_noisy, p, q, s1, s2)[0]
+    values, _, same_top = _divergences_from_logits(support_clean, support_noisy, p, q, s1, s2)
+    return values, same_top
 
 
 def _divergence_rows(
@@ -227,12 +276,16 @@ def _divergence_rows(
     num_logits: int | None,
     rows: int,
 ) -> tuple[Tensor, Tensor]:
-    """Divergences ``[n, 4]`` (compute dtype; NaN for non-finite rows) and row finiteness ``[n]``."""
+    """Per-token values ``[n, 7]`` (compute dtype) and row finiteness ``[n]``.
+
+    The values are the divergences in `DIVERGENCES` order (NaN for non-finite rows), then the
+    top-1 agreement (1.0 where both rows have their first largest logit at the same index, else 0.0).
+    """
     vocab = clean_logits.shape[-1]
     dtype = torch.promote_types(compute_dtype(clean_logits), compute_dtype(noisy_logits))
     device = clean_logits.device
     n_rows = positions.numel()
-    values = torch.empty(n_rows, len(DIVERGENCES), dtype=dtype, device=device)
+    values = torch.empty(n_rows, len(TOKEN_VALUES), dtype=dtype, device=device)
     finite = torch.empty(n_rows, dtype=torch.bool, device=device)
     if n_rows == 0:
         return values, finite
@@ -248,12 +301,13 @@ def _divergence_rows(
         noisy = gather_noisy(chunk, workspace[1][:n])
         if top_k is None:
             p, q, s1, s2 = (b[:n] for b in workspace[2:])
-            out, ok = _divergences_from_logits(clean, noisy, p, q, s1, s2)
+            out, ok, same_top = _divergences_from_logits(clean, noisy, p, q, s1, s2)
         else:
             ok = _row_finite(clean) & _row_finite(noisy)
-            out = _top_k_chunk(clean, noisy, top_k)
+            out, same_top = _top_k_chunk(clean, noisy, top_k)
         finite[start : start + n] = ok
-        values[start : start + n] = out.masked_fill_(~ok[:, None], math.nan)
+        values[start : start + n, :-1] = out.masked_fill_(~ok[:, None], math.nan)
+        values[start : start + n, -1] = same_top
     return values, finite
 
 
@@ -286,28 +340,21 @@ def _attended_positions(
     return mask.reshape(-1).nonzero().squeeze(-1)
 
 
-def _per_sequence_sums(
-    values: Tensor, finite: Tensor, positions: Tensor, batch: int, seq: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Scatter per-token ``values`` ``[n, ...]`` at flat ``positions`` of a ``[batch, seq]`` grid into sequences.
+@dataclasses.dataclass(frozen=True)
+class TokenValues:
+    """Per-token values of one batch of next-token logits, before ``nan_strategy`` is applied.
 
-    Returns:
-        ``sums`` and ``squares`` ``[batch, ...]`` (float64), ``counts`` ``[batch]`` (int64) and
-        ``finite`` ``[batch]`` (False where a token of the sequence is not finite).
+    Attributes:
+        values: ``[n, 7]`` for the ``n`` attended tokens (`TOKEN_VALUES` order, compute dtype).
+        finite: ``[n]`` bool, False where a token's logits hold NaN or +inf, or are all −inf.
+        sequence: ``[n]`` int64, the sequence (batch row) of each token.
+        batch: number of sequences ``B``.
     """
-    sequence = torch.div(positions, max(seq, 1), rounding_mode="floor")
-    values = values.to(torch.float64)
-    zeros = torch.zeros(batch, *values.shape[1:], dtype=torch.float64, device=values.device)
-    sums = zeros.index_add(0, sequence, values)
-    squares = zeros.index_add(0, sequence, values * values)
-    # index_add into a fixed size, not bincount: bincount reads the largest index back to the host
-    counts = torch.zeros(batch, dtype=torch.int64, device=values.device).index_add(
-        0, sequence, torch.ones_like(sequence)
-    )
-    n_bad = torch.zeros(batch, dtype=torch.int64, device=values.device).index_add(
-        0, sequence, (~finite).to(torch.int64)
-    )
-    return sums, squares, counts, n_bad == 0
+
+    values: Tensor
+    finite: Tensor
+    sequence: Tensor
+    batch: int
 
 
 def _next_token_update(
@@ -318,14 +365,8 @@ def _next_token_update(
     max_batch_size: int | None = None,
     max_sequence_length: int | None = None,
     validate: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-sequence sums of one batch of ``[B, T, V]`` logits.
-
-    Returns:
-        ``token_sums`` ``[B, 4]`` (Σ over attended tokens of each divergence, float64),
-        ``token_squares`` ``[B, 4]`` (Σ of squares), ``token_counts`` ``[B]`` (int64) and
-        ``finite`` ``[B]`` (False where an attended token has a non-finite logit).
-    """
+) -> TokenValues:
+    """Per-token divergences and top-1 agreement of one batch of ``[B, T, V]`` logits."""
     if validate:
         _check_logits_pair(clean_logits, noisy_logits)
         _check_num_logits(num_logits)
@@ -334,38 +375,51 @@ def _next_token_update(
     positions = _attended_positions(mask, (batch, seq), clean_logits.device)
     dtype = torch.promote_types(compute_dtype(clean_logits), compute_dtype(noisy_logits))
     rows = chunk_rows(vocab, dtype, batch, seq, max_batch_size, max_sequence_length)
-    values, finite_rows = _divergence_rows(clean_logits, noisy_logits, positions, num_logits, rows)
-    return _per_sequence_sums(values, finite_rows, positions, batch, seq)
+    values, finite = _divergence_rows(clean_logits, noisy_logits, positions, num_logits, rows)
+    sequence = torch.div(positions, max(seq, 1), rounding_mode="floor")
+    return TokenValues(values, finite, sequence, batch)
 
 
-def _next_token_stats(
-    token_sums: Tensor, token_squares: Tensor, token_counts: Tensor, keep: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Sequence-level and token-level mean statistics ``[4, 3]`` of the sequences in ``keep``.
+def _kept_float64(values: Tensor, keep: Tensor) -> Tensor:
+    """``values`` in float64 with the rows not in ``keep`` set to 0 (so a skipped NaN adds nothing)."""
+    keep = keep.reshape(-1, *([1] * (values.ndim - 1)))
+    return torch.where(keep, values.to(torch.float64), 0.0)
 
-    Sequence level: (n, Σx, Σx²) over kept sequences with ≥ 1 attended token of the per-sequence
-    means x. Token level: (n, Σx, Σx²) over their attended tokens.
+
+def _next_token_stats(tokens: TokenValues, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Sequence-level ``[6, 3]`` and token-level ``[7, 3]`` mean statistics of the tokens in ``keep``.
+
+    Sequence level: (n, Σx, Σx²) of the per-sequence means x of each divergence, over sequences with
+    at least one kept token. Token level: (n, Σx, Σx²) over kept tokens of every per-token value.
     """
-    valid = keep & (token_counts > 0)
-    counts = token_counts.to(torch.float64)[:, None]
-    means = torch.where(valid[:, None], token_sums / counts.clamp_min(1.0), 0.0)
-    w = valid.to(torch.float64)[:, None].expand_as(means)
-    sequence_stats = torch.stack([w.sum(0), means.sum(0), (means * means).sum(0)], dim=-1)
-    sums = torch.where(valid[:, None], token_sums, 0.0)
-    squares = torch.where(valid[:, None], token_squares, 0.0)
-    n_tokens = (counts * w).sum(0)
-    token_stats = torch.stack([n_tokens, sums.sum(0), squares.sum(0)], dim=-1)
+    values = _kept_float64(tokens.values, keep)
+    weights = keep.to(torch.float64)
+    token_stats = mean_stats(values, weights[:, None])
+    zeros = torch.zeros(tokens.batch, len(DIVERGENCES), dtype=torch.float64, device=values.device)
+    sums = zeros.index_add(0, tokens.sequence, values[:, : len(DIVERGENCES)])
+    counts = torch.zeros(tokens.batch, dtype=torch.float64, device=values.device)
+    counts = counts.index_add(0, tokens.sequence, weights)
+    valid = counts > 0
+    means = torch.where(valid[:, None], sums / counts.clamp_min(1.0)[:, None], 0.0)
+    sequence_stats = mean_stats(means, valid.to(torch.float64)[:, None])
     return sequence_stats, token_stats
 
 
-def _next_token_compute(stats: Tensor, with_stderr: bool = False) -> dict[str, Tensor]:
-    """``{divergence: mean}`` from ``[4, 3]`` mean statistics (NaN where nothing was counted).
+def _next_token_sketch(tokens: TokenValues, keep: Tensor, spec: SketchSpec) -> Tensor:
+    """Sketch counts ``[6, spec.num_buckets]`` of each divergence over the tokens in ``keep``."""
+    divergences = tokens.values[:, : len(DIVERGENCES)].T
+    return sketch_update(divergences, spec, weights=keep, batch_dims=1, validate=False)
 
-    With ``with_stderr`` each mean is followed by its ``{divergence}_stderr``.
+
+def _next_token_compute(stats: Tensor, token_stats: Tensor, with_stderr: bool = False) -> dict[str, Tensor]:
+    """``{divergence: mean}`` from ``[6, 3]`` mean statistics, then ``top1_agreement`` from the token level.
+
+    NaN where nothing was counted. With ``with_stderr`` each mean is followed by its ``{name}_stderr``.
     """
     out: dict[str, Tensor] = {}
     for name, divergence_stats in zip(DIVERGENCES, stats.unbind(0)):
         out.update(mean_output(divergence_stats, name, with_stderr))
+    out.update(mean_output(token_stats[-1], "top1_agreement", with_stderr))
     return out
 
 
@@ -375,7 +429,7 @@ def token_divergences(
     attention_mask: Tensor | None = None,
     num_logits: int | None = None,
 ) -> dict[str, Tensor]:
-    r"""The four next-token divergences at every position of ``[..., V]`` logits.
+    r"""The next-token divergences at every position of ``[..., V]`` logits.
 
     With $p = \mathrm{softmax}(\text{clean})$, $q = \mathrm{softmax}(\text{noisy})$ and
     $m = (p + q)/2$, per position (natural log):
@@ -387,15 +441,19 @@ def token_divergences(
 
     $$
     TV = \tfrac12 \sum_v |p_v - q_v|, \qquad
-    H^2 = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v}.
+    H^2 = \tfrac12 \sum_v (\sqrt{p_v} - \sqrt{q_v})^2 = 1 - \sum_v \sqrt{p_v q_v},
     $$
+
+    and the two KL directions, ``kl_clean_noisy`` $= \mathrm{KL}(p\,\|\,q) = \sum_v p_v \log(p_v/q_v)$
+    and ``kl_noisy_clean`` $= \mathrm{KL}(q\,\|\,p)$, whose sum is $J$.
 
     With ``num_logits=k`` both distributions are restricted to the union of the top-k sets of
     both inputs at that position ([`top_k_support_mask`][metrics_suite.functional.utility.top_k_support_mask]: ties at the k-th place included) and
     renormalised on it. Computed in log space in at least float32, one chunk of positions at a time.
 
     A −inf logit (a banned token) is valid: a token that is −inf in both inputs contributes 0, one
-    that is −inf in only one makes Jeffreys +inf (the other three stay finite). A position whose
+    that is −inf in only one makes Jeffreys +inf and the KL direction whose second distribution is 0
+    there (JS, TV, H² and the other KL stay finite). A position whose
     logits hold NaN or +inf, or are all −inf, gives NaN. The inputs are detached: the result is
     not differentiable. Known limit: the log-ratio is formed from the logit difference, so when the
     largest clean and noisy logits of a position are far apart (about 1e4 in float32, where the
@@ -409,8 +467,8 @@ def token_divergences(
         num_logits: k of the top-k sets, or None for the full vocabulary.
 
     Returns:
-        ``{"jeffreys", "jensen_shannon", "total_variation", "squared_hellinger"}``, each ``[...]``
-        (float32, float64 for float64 inputs).
+        ``{"jeffreys", "jensen_shannon", "total_variation", "squared_hellinger", "kl_clean_noisy",
+        "kl_noisy_clean"}``, each ``[...]`` (float32, float64 for float64 inputs).
 
     Examples:
         >>> import math, torch
@@ -436,7 +494,7 @@ def token_divergences(
     rows = chunk_rows(clean_logits.shape[-1], dtype, 1, 1)
     values, _ = _divergence_rows(clean_logits, noisy_logits, positions, num_logits, rows)
     full = torch.full((math.prod(lead), len(DIVERGENCES)), math.nan, dtype=dtype, device=values.device)
-    full[positions] = values
+    full[positions] = values[:, : len(DIVERGENCES)]
     return {name: full[:, i].reshape(lead) for i, name in enumerate(DIVERGENCES)}
 
 
@@ -485,9 +543,10 @@ def next_token_divergence(
 
     Per-token values as in [`token_divergences`][metrics_suite.functional.utility.token_divergences]. ``reduction="sequence"`` averages over the
     attended tokens of each sequence, then over sequences (a sequence without attended tokens does
-    not count); ``"token"`` averages over all attended tokens. No attended token gives NaN, and so
-    does a non-finite position ([`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence] can skip such
-    sequences instead). Not differentiable (the inputs are detached).
+    not count); ``"token"`` averages over all attended tokens. ``top1_agreement`` is the share of
+    attended tokens whose clean and noisy argmax agree, a token share for either reduction. No attended
+    token gives NaN, and so does a non-finite position ([`NextTokenDivergence`][metrics_suite.utility.NextTokenDivergence]
+    can skip such tokens instead). Not differentiable (the inputs are detached).
 
     Examples:
         >>> import torch
@@ -502,12 +561,12 @@ def next_token_divergence(
     """
     if reduction not in ("sequence", "token"):
         raise ValueError(f"`reduction` must be 'sequence' or 'token', got {reduction!r}")
-    sums, squares, counts, _ = _next_token_update(
+    tokens = _next_token_update(
         clean_logits, noisy_logits, attention_mask, num_logits, max_batch_size, max_sequence_length
     )
-    keep = torch.ones_like(counts, dtype=torch.bool)
-    sequence_stats, token_stats = _next_token_stats(sums, squares, counts, keep)
-    return _next_token_compute(sequence_stats if reduction == "sequence" else token_stats)
+    sequence_stats, token_stats = _next_token_stats(tokens, torch.ones_like(tokens.finite))
+    stats = sequence_stats if reduction == "sequence" else token_stats[: len(DIVERGENCES)]
+    return _next_token_compute(stats, token_stats)
 
 
 # ---------------------------------------------------------------------------------------------- cross-entropy
@@ -554,12 +613,12 @@ def _cross_entropy_update(
     max_batch_size: int | None = None,
     max_sequence_length: int | None = None,
     validate: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-sequence sums of token cross-entropies of one batch.
+) -> tuple[Tensor, Tensor]:
+    """Token cross-entropies of one batch.
 
     Returns:
-        ``sums`` ``[B]`` (Σ nats, float64), ``squares`` ``[B]``, ``counts`` ``[B]`` (int64) and
-        ``finite`` ``[B]`` (False where a counted token has a non-finite logit).
+        ``nats`` ``[n]`` of the ``n`` counted tokens (compute dtype) and ``finite`` ``[n]`` (False
+        where a token's logits hold NaN or +inf, or are all −inf).
     """
     if validate:
         selected = _cross_entropy_check(logits, target_ids, attention_mask, ignore_index)
@@ -585,13 +644,12 @@ def _cross_entropy_update(
             finite[start : start + n] = _row_finite(x)
             lp = torch.log_softmax(x, -1, out=log_probs[:n])
             nats[start : start + n] = lp.gather(-1, targets[start : start + n, None]).squeeze(-1).neg_()
-    return _per_sequence_sums(nats, finite, positions, batch, seq)
+    return nats, finite
 
 
-def _cross_entropy_stats(sums: Tensor, squares: Tensor, counts: Tensor, keep: Tensor) -> Tensor:
-    """Token mean statistics ``[3]`` = (n, Σ nats, Σ nats²) of the sequences in ``keep``."""
-    n = torch.where(keep, counts, 0).sum().to(torch.float64)
-    return torch.stack([n, torch.where(keep, sums, 0.0).sum(), torch.where(keep, squares, 0.0).sum()])
+def _cross_entropy_stats(nats: Tensor, keep: Tensor) -> Tensor:
+    """Token mean statistics ``[3]`` = (n, Σ nats, Σ nats²) of the tokens in ``keep``."""
+    return mean_stats(_kept_float64(nats, keep), keep.to(torch.float64))
 
 
 def _cross_entropy_compute(stats: Tensor, with_stderr: bool = False) -> dict[str, Tensor]:
@@ -630,10 +688,8 @@ def masked_cross_entropy(
         >>> round(masked_cross_entropy(logits, torch.tensor([[0, -100]]), ignore_index=-100)["cross_entropy"].item(), 4)
         0.2395
     """
-    sums, squares, counts, _ = _cross_entropy_update(logits, target_ids, attention_mask, ignore_index)
-    return _cross_entropy_compute(
-        _cross_entropy_stats(sums, squares, counts, torch.ones_like(counts, dtype=torch.bool))
-    )
+    nats, finite = _cross_entropy_update(logits, target_ids, attention_mask, ignore_index)
+    return _cross_entropy_compute(_cross_entropy_stats(nats, torch.ones_like(finite)))
 
 
 # ---------------------------------------------------------------------------------------------- prediction change
