@@ -32,6 +32,7 @@ class _Module(pl.LightningModule):
             "reconstruction",
             reconstruction_score={"reduction": "itemwise_mean", "with_stderr": True},
             changed_tokens=False,
+            downstream=False,
         )
         self.final: dict[str, float] = {}
 
