@@ -189,7 +189,7 @@ def test_demo_command_on_two_processes(tmp_path: Path, capsys: pytest.CaptureFix
     assert [r["epoch"] for r in val] == [0, 1]
     assert [r["epoch"] for r in results["history"] if r["stage"] == "train"] == [0, 1]
     expected_metrics = {
-        "reconstruction": {"reconstruction_score", "changed_tokens", "activations"},
+        "reconstruction": {"reconstruction_score", "changed_tokens", "activations", "downstream"},
         "utility": {"next_token", "cross_entropy", "prediction_change"},
         "noise": {"noise"},
         "credit": {"cosine", "perturbation_correlation", "nudging", "feature_drift"},
