@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import json
 import numbers
 import warnings
@@ -402,6 +403,10 @@ class DiagnosticMetric(Metric):
     higher_is_better: bool | None = None
     #: How vector outputs are flattened by a collection: ``"{stat}/{vector_label}_{i}"``.
     vector_label: str = "component"
+    #: Outputs whose last dim is not indexed by [`vector_label`][metrics_suite.base.DiagnosticMetric.vector_label], with the label of that dim,
+    #: e.g. ``{"density_histogram": "bin"}``: a ``[C, 9]`` value flattens to
+    #: ``"density_histogram/component_{c}/bin_{i}"``, a ``[9]`` one to ``"density_histogram/bin_{i}"``.
+    last_dim_labels: ClassVar[Mapping[str, str]] = {}
     #: For a metric whose value is one tensor: the name of that value in the dict ``compute()``
     #: returns with ``with_stderr=True``. A collection then keeps the value under the metric's own
     #: key and puts the standard error under ``".../stderr"``, so turning stderr on renames nothing.
@@ -857,7 +862,8 @@ class DiagnosticMetric(Metric):
 
         A scalar tensor gets the key ``""``; a vector gets ``"{vector_label}_{i}"``; a dict entry
         ``stat`` gets ``"stat"`` or ``"stat/{vector_label}_{i}"`` (with [`value_name`][metrics_suite.base.DiagnosticMetric.value_name] set, the
-        value keeps ``""`` and its standard error gets ``"stderr"``).
+        value keeps ``""`` and its standard error gets ``"stderr"``). A tensor of several dims gets one
+        ``{label}_{i}`` part per dim, the last labelled by [`last_dim_labels`][metrics_suite.base.DiagnosticMetric.last_dim_labels] where it names the stat.
         """
         if isinstance(value, dict) and self.value_name is not None:
             renamed = {self.value_name: "", f"{self.value_name}_stderr": "stderr"}
@@ -868,7 +874,9 @@ class DiagnosticMetric(Metric):
             if tensor.ndim == 0:
                 flat[stat] = tensor
                 continue
-            for i, element in enumerate(tensor.reshape(-1)):
-                key = f"{self.vector_label}_{i}"
+            labels = [self.vector_label] * tensor.ndim
+            labels[-1] = self.last_dim_labels.get(stat, self.vector_label)
+            for index, element in zip(itertools.product(*map(range, tensor.shape)), tensor.reshape(-1)):
+                key = "/".join(f"{label}_{i}" for label, i in zip(labels, index))
                 flat[f"{stat}/{key}" if stat else key] = element
         return flat

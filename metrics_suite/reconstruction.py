@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, ClassVar
 
 import torch
 from pydantic import Field, StrictFloat, StrictInt
@@ -21,6 +22,8 @@ from metrics_suite.functional.reconstruction import (
     _changed_tokens_compute,
     _changed_tokens_stats,
     _changed_tokens_update,
+    _component_layout,
+    _component_selection,
     _downstream_compute,
     _downstream_stats,
     _downstream_update,
@@ -31,7 +34,6 @@ from metrics_suite.functional.reconstruction import (
     _reconstruction_score_check,
     _reconstruction_score_compute,
     _reconstruction_score_update,
-    _selection,
     dead_fraction_key,
 )
 from metrics_suite.registry import register
@@ -297,38 +299,66 @@ class ActivationReconstruction(DiagnosticMetric):
     _activation_states = ("mse_stats", "cosine_stats", "norm_sums", "target_sum", "l2_stats", "bias_sums")
 
     @validated
-    def __init__(self, num_features: Size, **kwargs: Any) -> None:
+    def __init__(self, num_features: Size, num_components: Size = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_features = num_features
-        self.add_mean_state("mse_stats")
-        self.add_mean_state("cosine_stats")
-        self.add_sum_state("norm_sums", (2,))
-        self.add_sum_state("target_sum", (num_features,))
-        self.add_mean_state("l2_stats", (3,))  # ‖x‖, ‖x̂‖, ‖x̂‖/‖x‖
-        self.add_sum_state("bias_sums", (2,))  # Σ‖x̂‖², Σ⟨x, x̂⟩
+        self.num_components = num_components
+        # one component keeps the states of a metric without components (checkpoints load unchanged)
+        per = () if num_components == 1 else (num_components,)
+        self.add_mean_state("mse_stats", per)
+        self.add_mean_state("cosine_stats", per)
+        self.add_sum_state("norm_sums", (*per, 2))
+        self.add_sum_state("target_sum", (*per, num_features))
+        self.add_mean_state("l2_stats", (*per, 3))  # ‖x‖, ‖x̂‖, ‖x̂‖/‖x‖
+        self.add_sum_state("bias_sums", (*per, 2))  # Σ‖x̂‖², Σ⟨x, x̂⟩
 
-    def update(self, reconstruction: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
-        """Add one batch of ``[..., num_features]`` vectors (``mask`` over the leading shape)."""
+    def update(
+        self,
+        reconstruction: Tensor,
+        target: Tensor,
+        mask: Tensor | None = None,
+        component_idx: Tensor | int | None = None,
+    ) -> None:
+        """Add one batch of ``[..., num_features]`` vectors of component ``component_idx``, or of
+        ``[..., num_components, num_features]`` vectors of every component (``mask`` over the leading shape)."""
+        component, components = _component_layout("target", target, self.num_components, component_idx)
         if self.validate_args:
-            _activation_check(reconstruction, target, mask, self.num_features)
-        selected = _selection(mask, target.shape[:-1], target.device)
+            _activation_check(reconstruction, target, mask, self.num_features, components)
+        selected = _component_selection(mask, target.shape[:-1], components, target.device)
         vector_stats = _activation_vector_stats(reconstruction, target)
         finite = torch.isfinite(vector_stats).all(0).reshape(selected.shape)
         keep, skipped = self.nonfinite_filter("reconstruction/target", finite | ~selected)
-        sums = _activation_update(reconstruction, target, selected & keep, vector_stats)
+        sums = _activation_update(reconstruction, target, selected & keep, vector_stats, components)
         self.nonfinite_count += skipped
-        for name, value in zip(self._activation_states, sums):
-            state = getattr(self, name)
-            state += value.to(state.device)
+        _add_per_component(self, self._activation_states, sums, component)
 
     def compute(self) -> MetricOutput:
-        """``mse``, ``normalized_mse``, ``explained_variance``, ``cosine_similarity`` and the four norm statistics."""
+        """``mse``, ``normalized_mse``, ``explained_variance``, ``cosine_similarity`` and the four norm
+        statistics: scalars for one component, ``[num_components]`` vectors otherwise."""
         out = _activation_compute(*(getattr(self, name) for name in self._activation_states))
         if self.with_stderr:
             out |= self.mean_output(self.mse_stats, "mse") | self.mean_output(
                 self.cosine_stats, "cosine_similarity"
             )
         return out
+
+
+def _add_per_component(
+    metric: ActivationReconstruction | FeatureSparsity,
+    names: Sequence[str],
+    sums: Sequence[Tensor],
+    component: int | None,
+) -> None:
+    """Add per-component sums ``[C_in, ...]`` to the states: of every component (``component`` None,
+    ``C_in = num_components``) or of one (``C_in = 1``)."""
+    for name, value in zip(names, sums):
+        state = getattr(metric, name)
+        if metric.num_components == 1:
+            state += value[0].to(state.device)
+        elif component is None:
+            state += value.to(state.device)
+        else:
+            state[component] += value[0].to(state.device)
 
 
 # ---------------------------------------------------------------------------------- FeatureSparsity
@@ -389,7 +419,7 @@ class FeatureSparsity(DiagnosticMetric):
     """
 
     higher_is_better = None
-    vector_label = "bin"
+    last_dim_labels: ClassVar[Mapping[str, str]] = {"density_histogram": "bin"}
     #: log10 firing-density edges of histogram bins 1..8.
     density_edges_log10: tuple[float, ...] = DENSITY_EDGES_LOG10
 
@@ -397,6 +427,7 @@ class FeatureSparsity(DiagnosticMetric):
     vector_count: Tensor
     l0_stats: Tensor
     l1_stats: Tensor
+    _sparsity_states = ("firing_counts", "vector_count", "l0_stats", "l1_stats")
 
     @validated
     def __init__(
@@ -404,6 +435,7 @@ class FeatureSparsity(DiagnosticMetric):
         num_features: Size,
         dead_thresholds: tuple[DeadThreshold, ...] = (0.0, 1e-6, 1e-5),
         firing_threshold: FiringThreshold = 0.0,
+        num_components: Size = 1,
         **kwargs: Any,
     ) -> None:
         keys = [dead_fraction_key(t) for t in dead_thresholds]
@@ -413,27 +445,42 @@ class FeatureSparsity(DiagnosticMetric):
         self.num_features = num_features
         self.dead_thresholds = tuple(dead_thresholds)
         self.firing_threshold = float(firing_threshold)
-        self.add_count_state("firing_counts", (num_features,))
-        self.add_count_state("vector_count")
-        self.add_mean_state("l0_stats")
-        self.add_mean_state("l1_stats")
+        self.num_components = num_components
+        # one component keeps the states of a metric without components (checkpoints load unchanged)
+        per = () if num_components == 1 else (num_components,)
+        self.add_count_state("firing_counts", (*per, num_features))
+        self.add_count_state("vector_count", per)
+        self.add_mean_state("l0_stats", per)
+        self.add_mean_state("l1_stats", per)
 
-    def update(self, feature_activations: Tensor, mask: Tensor | None = None) -> None:
-        """Add one batch of ``[..., num_features]`` activations (``mask`` over the leading shape)."""
+    def update(
+        self,
+        feature_activations: Tensor,
+        mask: Tensor | None = None,
+        component_idx: Tensor | int | None = None,
+    ) -> None:
+        """Add one batch of ``[..., num_features]`` activations of component ``component_idx``, or of
+        ``[..., num_components, num_features]`` activations of every component (``mask`` over the leading shape)."""
+        component, components = _component_layout(
+            "feature_activations", feature_activations, self.num_components, component_idx
+        )
         if self.validate_args:
-            _feature_sparsity_check(feature_activations, mask, self.num_features)
-        selected = _selection(mask, feature_activations.shape[:-1], feature_activations.device)
+            _feature_sparsity_check(feature_activations, mask, self.num_features, components)
+        selected = _component_selection(
+            mask, feature_activations.shape[:-1], components, feature_activations.device
+        )
         l1 = _feature_l1(feature_activations)
         finite = torch.isfinite(feature_activations).all(-1)
         keep, skipped = self.nonfinite_filter("feature_activations", finite | ~selected)
-        sums = _feature_sparsity_update(feature_activations, selected & keep, l1, self.firing_threshold)
+        sums = _feature_sparsity_update(
+            feature_activations, selected & keep, l1, self.firing_threshold, components
+        )
         self.nonfinite_count += skipped
-        for name, value in zip(("firing_counts", "vector_count", "l0_stats", "l1_stats"), sums):
-            state = getattr(self, name)
-            state += value.to(state.device)
+        _add_per_component(self, self._sparsity_states, sums, component)
 
     def compute(self) -> MetricOutput:
-        """``l0``, ``l1``, ``dead_fraction@{thr}`` per threshold and ``density_histogram`` ``[9]``."""
+        """``l0``, ``l1``, ``dead_fraction@{thr}`` per threshold and ``density_histogram`` ``[9]``: per
+        component, as ``[num_components]`` vectors and a ``[num_components, 9]`` histogram for several."""
         out = _feature_sparsity_compute(
             self.firing_counts, self.vector_count, self.l0_stats, self.l1_stats, self.dead_thresholds
         )
@@ -442,7 +489,8 @@ class FeatureSparsity(DiagnosticMetric):
         return out
 
     def firing_frequency(self) -> Tensor:
-        """Per-feature firing frequency ``[F]`` (float64) over all vectors seen, NaN before any data.
+        """Per-feature firing frequency ``[F]`` (``[num_components, F]`` for several components; float64)
+        over all vectors seen, NaN before any data.
 
         Under DDP this sums the states over ranks like ``compute()``: call it on every rank.
         """
@@ -455,7 +503,7 @@ class FeatureSparsity(DiagnosticMetric):
             distributed_available=self.distributed_available_fn,
         ):
             counts = self.firing_counts.to(torch.float64)
-            return safe_div(counts, self.vector_count.to(torch.float64).expand_as(counts))
+            return safe_div(counts, self.vector_count.to(torch.float64)[..., None].expand_as(counts))
 
 
 # ---------------------------------------------------------------------------------- DownstreamReconstruction

@@ -57,40 +57,57 @@ def _changed_tokens_bad(g: torch.Generator) -> list[dict[str, Any]]:
 
 
 def _activation_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    target = torch.randn(n, 3, 8, generator=g) * 2.0 + 0.5
-    reconstruction = target + 0.7 * torch.randn(n, 3, 8, generator=g)
-    mask = torch.rand(n, 3, generator=g) < 0.8
+    # [n, T=2, C=3, D=8]: three components (e.g. SAEs at three layers) at once, signed activations
+    # whose offset and reconstruction quality differ per component, a mask that varies per vector
+    offset = torch.tensor([0.5, -1.5, 3.0])[:, None]
+    target = torch.randn(n, 2, 3, 8, generator=g) * 2.0 + offset
+    noise = torch.tensor([0.2, 0.7, 1.5])[:, None]
+    reconstruction = target + noise * torch.randn(n, 2, 3, 8, generator=g)
+    mask = torch.rand(n, 2, 3, generator=g) < 0.8
     return {"reconstruction": reconstruction, "target": target, "mask": mask}
 
 
 def _activation_bad(g: torch.Generator) -> list[dict[str, Any]]:
     good = _activation_batch(g, 4)
+    one = {"reconstruction": good["reconstruction"][:, :, 0], "target": good["target"][:, :, 0]}
     return [
         {**good, "reconstruction": good["reconstruction"][..., :7]},  # D mismatch
         {**good, "target": good["target"][..., :7], "reconstruction": good["reconstruction"][..., :7]},  # D
         {**good, "target": good["target"].long()},  # dtype
-        {**good, "mask": good["mask"][:, :2]},  # mask shape
+        {**good, "mask": good["mask"][:, :, :2]},  # mask shape
         {**good, "mask": good["mask"].float()},  # mask dtype
+        {k: v[:, :, :2] for k, v in good.items()},  # C mismatch
+        one,  # one component's [..., D] without component_idx
+        {**one, "component_idx": 3},  # component_idx out of range
+        {**one, "component_idx": -1},
+        {**one, "component_idx": 1.0},  # not an int
+        {**one, "component_idx": torch.tensor([0, 1, 2, 0])},  # one index per update
     ]
 
 
 def _sparsity_batch(g: torch.Generator, n: int) -> dict[str, Any]:
-    # feature f fires with probability ~ 0.6**f: a spread of densities, rare features, one never fires
-    rates = 0.6 ** torch.arange(12.0)
-    rates[-1] = 0.0
+    # [n, C=2, F=12]: feature f of component c fires with probability ~ (0.6, 0.4)[c]**f (a spread
+    # of densities, rare features, the last never fires); signed activations; a per-vector mask
+    rates = torch.tensor([0.6, 0.4])[:, None] ** torch.arange(12.0)
+    rates[:, -1] = 0.0
     fires = torch.rand(n, 2, 12, generator=g) < rates
-    feature_activations = torch.where(fires, torch.rand(n, 2, 12, generator=g) * 3.0, 0.0)
+    feature_activations = torch.where(fires, torch.randn(n, 2, 12, generator=g) * 3.0, 0.0)
     mask = torch.rand(n, 2, generator=g) < 0.85
     return {"feature_activations": feature_activations, "mask": mask}
 
 
 def _sparsity_bad(g: torch.Generator) -> list[dict[str, Any]]:
     good = _sparsity_batch(g, 4)
+    one = good["feature_activations"][:, 0]
     return [
         {**good, "feature_activations": good["feature_activations"][..., :11]},  # F mismatch
         {**good, "feature_activations": good["feature_activations"].long()},  # dtype
         {**good, "mask": good["mask"][:, :1]},  # mask shape
         {"feature_activations": good["feature_activations"][0, 0, 0]},  # 0-d
+        {"feature_activations": torch.cat([good["feature_activations"]] * 2, 1)},  # C mismatch
+        {"feature_activations": one},  # one component's [..., F] without component_idx
+        {"feature_activations": one, "component_idx": 2},  # component_idx out of range
+        {"feature_activations": one, "component_idx": True},  # not an int
     ]
 
 
@@ -133,13 +150,15 @@ RECONSTRUCTION_SCORE = ConformanceExample(
 CHANGED_TOKENS = ConformanceExample(make_batch=_changed_tokens_batch, bad_inputs=_changed_tokens_bad)
 
 ACTIVATIONS = ConformanceExample(
-    make_batch=_activation_batch, bad_inputs=_activation_bad, init_kwargs={"num_features": 8}
+    make_batch=_activation_batch,
+    bad_inputs=_activation_bad,
+    init_kwargs={"num_features": 8, "num_components": 3},
 )
 
 FEATURE_SPARSITY = ConformanceExample(
     make_batch=_sparsity_batch,
     bad_inputs=_sparsity_bad,
-    init_kwargs={"num_features": 12, "dead_thresholds": (0.0, 0.01, 0.1)},
+    init_kwargs={"num_features": 12, "dead_thresholds": (0.0, 0.01, 0.1), "num_components": 2},
 )
 
 DOWNSTREAM = ConformanceExample(

@@ -23,6 +23,7 @@ from metrics_suite.validation import (
     check_mask,
     check_ndim,
     check_same_shape,
+    check_tensor,
     compute_dtype,
     shape_str,
 )
@@ -147,6 +148,64 @@ def _component_index(
             f"`component_idx` values must be in [0, {num_components}), got {idx.unique().tolist()}"
         )
     return idx
+
+
+def _one_component(component_idx: object, num_components: int) -> int:
+    """The component that ``[..., D]`` inputs belong to: ``component_idx`` (an int, a numpy int or a
+    0-d integer tensor) checked exactly as `ReconstructionScore` checks it."""
+    if isinstance(component_idx, Tensor) and component_idx.ndim != 0:
+        raise ValueError(
+            "`component_idx` must be one index (an int) for [..., D] inputs, got a tensor of shape "
+            f"{shape_str(component_idx.shape)}; pass [..., C, D] inputs to update every component at once"
+        )
+    device = component_idx.device if isinstance(component_idx, Tensor) else torch.device("cpu")
+    return int(_component_index(component_idx, 1, num_components, True, device)[0])  # type: ignore[arg-type]
+
+
+def _component_layout(
+    name: str, x: Tensor, num_components: int, component_idx: object
+) -> tuple[int | None, int]:
+    """Which components ``x`` holds: ``(component, C_in)``.
+
+    ``component_idx`` given (or one component): ``[..., D]`` vectors of that one component
+    (``C_in = 1``, ``component`` its index). Otherwise ``[..., C, D]`` with every component along
+    dim -2 (``component`` None, ``C_in = C``). Checked even with ``validate_args=False``: costs no
+    read-back, and a wrong layout would silently mix components.
+    """
+    if component_idx is not None:
+        return _one_component(component_idx, num_components), 1
+    if num_components == 1:
+        return 0, 1
+    check_tensor(name, x)
+    if x.ndim < 2 or x.shape[-2] != num_components:
+        raise ValueError(
+            f"`{name}` must have shape [..., {num_components}, D] (num_components={num_components}, every "
+            f"component along dim -2), or pass `component_idx` with [..., D] inputs; got {shape_str(x.shape)}"
+        )
+    return None, num_components
+
+
+def _component_selection(
+    mask: Tensor | None, shape: torch.Size, components: int, device: torch.device
+) -> Tensor:
+    """The selected vectors (bool, of exactly ``shape``) of inputs with leading shape ``shape``
+    (``[..., C]`` when ``components > 1``); a mask without the component dim selects the same
+    vectors in each component."""
+    selected = _selection(mask, shape, device)
+    if components > 1 and selected.ndim == len(shape) - 1:  # [...] for [..., C] vectors (checked)
+        selected = selected[..., None]
+    return selected.expand(shape)
+
+
+def _check_component_mask(name: str, mask: object, shape: torch.Size, components: int) -> None:
+    """``mask`` over the leading shape ``shape``; for ``[..., C]`` vectors also ``[...]`` (every component)."""
+    mask_shape = tuple(getattr(mask, "shape", ()))
+    if components > 1 and mask_shape not in (tuple(shape), tuple(shape[:-1])):
+        raise ValueError(
+            f"`{name}` must have shape {shape_str(shape)} (one per vector) or {shape_str(shape[:-1])} (the "
+            f"same for every component), got {shape_str(mask_shape)}"
+        )
+    check_mask(name, mask, mask_shape if components > 1 else shape)
 
 
 def _reconstruction_score_compute(
@@ -346,14 +405,15 @@ def _changed_tokens_compute(
 
 # ---------------------------------------------------------------------------------- activations
 def _activation_check(
-    reconstruction: Tensor, target: Tensor, mask: Tensor | None, num_features: int | None
+    reconstruction: Tensor, target: Tensor, mask: Tensor | None, num_features: int | None, components: int = 1
 ) -> None:
-    """Raise ``TypeError``/``ValueError`` unless both inputs are ``[..., D]`` and ``mask`` is ``[...]``."""
+    """Raise ``TypeError``/``ValueError`` unless both inputs are ``[..., D]`` and ``mask`` is ``[...]``
+    (for ``components > 1``: ``[..., C, D]`` inputs, ``mask`` ``[..., C]`` or ``[...]``)."""
     _check_vectors("target", target, num_features)
     check_float("reconstruction", reconstruction)
     check_same_shape("reconstruction", reconstruction, "target", target)
     if mask is not None:
-        check_mask("mask", mask, target.shape[:-1])
+        _check_component_mask("mask", mask, target.shape[:-1], components)
 
 
 def _activation_vector_stats(reconstruction: Tensor, target: Tensor) -> Tensor:
@@ -378,37 +438,45 @@ def _activation_vector_stats(reconstruction: Tensor, target: Tensor) -> Tensor:
 
 
 def _activation_update(
-    reconstruction: Tensor, target: Tensor, mask: Tensor | None = None, vector_stats: Tensor | None = None
+    reconstruction: Tensor,
+    target: Tensor,
+    mask: Tensor | None = None,
+    vector_stats: Tensor | None = None,
+    components: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Sum statistics of one batch of ``[..., D]`` vectors (only vectors where ``mask`` is True).
+    """Sum statistics per component of one batch (only vectors where ``mask`` is True).
 
     Args:
-        reconstruction, target: ``[..., D]``.
-        mask: bool over the leading shape (all True when ``None``).
+        reconstruction, target: ``[..., D]`` (one component), or ``[..., C, D]`` with
+            ``components = C`` along dim -2.
+        mask: bool over the leading shape (``[..., C]``, or ``[...]`` for every component; all True
+            when ``None``).
         vector_stats: `_activation_vector_stats` of the inputs, if already computed.
+        components: the number ``C`` of components along dim -2 (1: plain ``[..., D]`` inputs).
 
     Returns:
-        ``mse_stats`` ``[3]`` and ``cosine_stats`` ``[3]`` (n, Σv, Σv²) of the per-vector mean
-        squared error and cosine (the cosine only where both norms are non-zero);
-        ``norm_sums`` ``[2]``: (Σ‖x̂ − x‖², Σ‖x‖²); ``target_sum`` ``[D]``: Σx; ``l2_stats``
-        ``[3, 3]``: (n, Σv, Σv²) of ‖x‖, ‖x̂‖ and ‖x̂‖/‖x‖ (the ratio where ‖x‖ > 0);
-        ``bias_sums`` ``[2]``: (Σ‖x̂‖², Σ⟨x, x̂⟩). Rows are processed
-        in chunks, so the float64 copies never exceed a few `CHUNK_ELEMENTS`.
+        Per component (leading dim ``[C]``): ``mse_stats`` ``[C, 3]`` and ``cosine_stats`` ``[C, 3]``
+        (n, Σv, Σv²) of the per-vector mean squared error and cosine (the cosine only where both
+        norms are non-zero); ``norm_sums`` ``[C, 2]``: (Σ‖x̂ − x‖², Σ‖x‖²); ``target_sum``
+        ``[C, D]``: Σx; ``l2_stats`` ``[C, 3, 3]``: (n, Σv, Σv²) of ‖x‖, ‖x̂‖ and ‖x̂‖/‖x‖ (the ratio
+        where ‖x‖ > 0); ``bias_sums`` ``[C, 2]``: (Σ‖x̂‖², Σ⟨x, x̂⟩). Rows are processed in chunks,
+        so the float64 copies never exceed a few `CHUNK_ELEMENTS`.
     """
     d = target.shape[-1]
     if vector_stats is None:
         vector_stats = _activation_vector_stats(reconstruction, target)
-    selected = _selection(mask, target.shape[:-1], vector_stats.device).reshape(-1)
+    selected = _component_selection(mask, target.shape[:-1], components, vector_stats.device)
+    selected = selected.reshape(-1, components)
     # torch.where, not a product: masked-out vectors may hold NaN
-    sq_err, sq_norm, sq_norm_hat, dot = torch.where(selected, vector_stats, 0.0)
+    sq_err, sq_norm, sq_norm_hat, dot = torch.where(selected, vector_stats.view(4, -1, components), 0.0)
     cos_den = sq_norm.sqrt() * sq_norm_hat.sqrt()
     has_cos = selected & (cos_den != 0)
     cosine = torch.where(has_cos, dot / torch.where(has_cos, cos_den, 1.0), 0.0)
-    x_all = target.detach().reshape(-1, d)
-    target_sum = torch.zeros(d, dtype=torch.float64, device=x_all.device)
-    for rows in row_slices(x_all.shape[0], rows_per_chunk(d, _CHUNK_ELEMENTS)):
-        target_sum += x_all[rows].to(torch.float64).masked_fill_(~selected[rows, None], 0.0).sum(0)
-    norm_sums = torch.stack([sq_err.sum(), sq_norm.sum()])
+    x_all = target.detach().reshape(-1, components, d)
+    target_sum = torch.zeros(components, d, dtype=torch.float64, device=x_all.device)
+    for rows in row_slices(x_all.shape[0], rows_per_chunk(components * d, _CHUNK_ELEMENTS)):
+        target_sum += x_all[rows].to(torch.float64).masked_fill_(~selected[rows, :, None], 0.0).sum(0)
+    norm_sums = torch.stack([sq_err.sum(0), sq_norm.sum(0)], dim=-1)
     norm_in, norm_out = sq_norm.sqrt(), sq_norm_hat.sqrt()
     # a zero target vector has no ratio: left out, not clamped into a huge value
     has_norm = selected & (sq_norm > 0)
@@ -416,7 +484,7 @@ def _activation_update(
     l2_stats = mean_stats(
         torch.stack([norm_in, norm_out, ratio], dim=-1), torch.stack([selected, selected, has_norm], dim=-1)
     )
-    bias_sums = torch.stack([sq_norm_hat.sum(), dot.sum()])
+    bias_sums = torch.stack([sq_norm_hat.sum(0), dot.sum(0)], dim=-1)
     return (
         mean_stats(sq_err / d, selected),
         mean_stats(cosine, has_cos),
@@ -439,22 +507,26 @@ def _activation_compute(
     l2_stats: Tensor,
     bias_sums: Tensor,
 ) -> dict[str, Tensor]:
-    """The eight statistics from the sums of `_activation_update`."""
-    n = mse_stats[0]
+    """The eight statistics from the sums of `_activation_update`, per component.
+
+    Works on states with or without the leading component dim: each output has the leading shape of
+    ``norm_sums[..., 0]`` (a scalar for one component stored without it).
+    """
+    n = mse_stats[..., 0]
     sq_err, sq_norm = norm_sums.unbind(-1)
     # Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖²/n. A variance below float64 resolution of Σ‖x‖² is rounding
     # noise of a zero variance: make it exactly 0 (-> NaN) rather than a huge negative score
-    total_variance = sq_norm - safe_div(target_sum.square().sum(), n)
+    total_variance = sq_norm - safe_div(target_sum.square().sum(-1), n)
     total_variance = torch.where(total_variance > _VARIANCE_RESOLUTION * sq_norm, total_variance, 0.0)
     return {
-        "mse": safe_div(mse_stats[1], n),
+        "mse": safe_div(mse_stats[..., 1], n),
         "normalized_mse": safe_div(sq_err, sq_norm),
         "explained_variance": 1.0 - safe_div(sq_err, total_variance),
-        "cosine_similarity": safe_div(cosine_stats[1], cosine_stats[0]),
-        "l2_norm_in": safe_div(l2_stats[0, 1], l2_stats[0, 0]),
-        "l2_norm_out": safe_div(l2_stats[1, 1], l2_stats[1, 0]),
-        "l2_ratio": safe_div(l2_stats[2, 1], l2_stats[2, 0]),
-        "relative_reconstruction_bias": safe_div(bias_sums[0], bias_sums[1]),
+        "cosine_similarity": safe_div(cosine_stats[..., 1], cosine_stats[..., 0]),
+        "l2_norm_in": safe_div(l2_stats[..., 0, 1], l2_stats[..., 0, 0]),
+        "l2_norm_out": safe_div(l2_stats[..., 1, 1], l2_stats[..., 1, 0]),
+        "l2_ratio": safe_div(l2_stats[..., 2, 1], l2_stats[..., 2, 0]),
+        "relative_reconstruction_bias": safe_div(bias_sums[..., 0], bias_sums[..., 1]),
     }
 
 
@@ -500,7 +572,8 @@ def activation_reconstruction(
          'l2_norm_in': 2.0787, 'l2_norm_out': 1.4714, 'l2_ratio': 0.7664, 'relative_reconstruction_bias': 0.7}
     """
     _activation_check(reconstruction, target, mask, None)
-    return _activation_compute(*_activation_update(reconstruction, target, mask))
+    sums = _activation_update(reconstruction, target, mask)
+    return _activation_compute(*(x[0] for x in sums))
 
 
 # ---------------------------------------------------------------------------------- feature sparsity
@@ -509,12 +582,13 @@ DENSITY_EDGES_LOG10: tuple[float, ...] = tuple(float(e) for e in range(-8, 1))
 
 
 def _feature_sparsity_check(
-    feature_activations: Tensor, mask: Tensor | None, num_features: int | None
+    feature_activations: Tensor, mask: Tensor | None, num_features: int | None, components: int = 1
 ) -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``feature_activations`` is ``[..., F]`` and ``mask`` ``[...]``."""
+    """Raise ``TypeError``/``ValueError`` unless ``feature_activations`` is ``[..., F]`` and ``mask`` ``[...]``
+    (for ``components > 1``: ``[..., C, F]`` activations, ``mask`` ``[..., C]`` or ``[...]``)."""
     _check_vectors("feature_activations", feature_activations, num_features)
     if mask is not None:
-        check_mask("mask", mask, feature_activations.shape[:-1])
+        _check_component_mask("mask", mask, feature_activations.shape[:-1], components)
 
 
 def _feature_l1(feature_activations: Tensor) -> Tensor:
@@ -536,40 +610,45 @@ def _feature_sparsity_update(
     mask: Tensor | None = None,
     l1: Tensor | None = None,
     firing_threshold: float = 0.0,
+    components: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Sum statistics of one batch of ``[..., F]`` feature activations (vectors where ``mask``).
+    """Sum statistics per component of one batch of feature activations (vectors where ``mask``).
 
     Args:
-        feature_activations: ``[..., F]``.
-        mask: bool over the leading shape (all True when ``None``).
+        feature_activations: ``[..., F]`` (one component), or ``[..., C, F]`` with ``components = C``
+            along dim -2.
+        mask: bool over the leading shape (``[..., C]``, or ``[...]`` for every component; all True
+            when ``None``).
         l1: `_feature_l1` of the activations, if already computed.
         firing_threshold: a feature fires where ``|a| > firing_threshold`` (``a != 0`` for 0).
+        components: the number ``C`` of components along dim -2 (1: plain ``[..., F]`` inputs).
 
     Returns:
-        ``firing_counts`` ``[F]`` int64 (vectors where each feature fires), ``vector_count``
-        (int64 scalar), and ``l0_stats``, ``l1_stats`` ``[3]`` (n, Σv, Σv²) of the per-vector
-        non-zero count and L1 norm.
+        Per component (leading dim ``[C]``): ``firing_counts`` ``[C, F]`` int64 (vectors where each
+        feature fires), ``vector_count`` ``[C]`` int64, and ``l0_stats``, ``l1_stats`` ``[C, 3]``
+        (n, Σv, Σv²) of the per-vector firing count and L1 norm.
     """
     f = feature_activations.shape[-1]
-    a_all = feature_activations.detach().reshape(-1, f)
+    a_all = feature_activations.detach().reshape(-1, components, f)
     if l1 is None:
         l1 = _feature_l1(feature_activations)
-    selected = _selection(mask, feature_activations.shape[:-1], a_all.device).reshape(-1)
+    selected = _component_selection(mask, feature_activations.shape[:-1], components, a_all.device)
+    selected = selected.reshape(-1, components)
     dtype = compute_dtype(a_all)
     weights = selected.to(dtype)
-    firing_counts = torch.zeros(f, dtype=torch.float64, device=a_all.device)
-    l0_parts = [a_all.new_zeros(0, dtype=dtype)]
-    for rows in row_slices(a_all.shape[0], rows_per_chunk(f, _CHUNK_ELEMENTS)):
-        # 0/1 in float: row sums and the weighted column sum (a GEMV) are exact integers, as a
-        # chunk holds far fewer than 2**24 rows and features
+    firing_counts = torch.zeros(components, f, dtype=torch.float64, device=a_all.device)
+    l0_parts = [a_all.new_zeros((0, components), dtype=dtype)]
+    for rows in row_slices(a_all.shape[0], rows_per_chunk(components * f, _CHUNK_ELEMENTS)):
+        # 0/1 in float: row sums and the weighted column sums are exact integers, as a chunk holds
+        # far fewer than 2**24 rows and features
         a = a_all[rows]
         fires = (a != 0 if firing_threshold == 0.0 else a.abs() > firing_threshold).to(dtype)
         l0_parts.append(fires.sum(-1))
-        firing_counts += (weights[rows] @ fires).to(torch.float64)
+        firing_counts += torch.einsum("nc,ncf->cf", weights[rows], fires).to(torch.float64)
     # where, not a product: masked-out or skipped vectors may hold NaN
     l0 = torch.where(selected, torch.cat(l0_parts).to(torch.float64), 0.0)
-    l1 = torch.where(selected, l1, 0.0)
-    vector_count = selected.sum(dtype=torch.int64)
+    l1 = torch.where(selected, l1.view(-1, components), 0.0)
+    vector_count = selected.sum(0, dtype=torch.int64)
     return (
         firing_counts.round().to(torch.int64),
         vector_count,
@@ -581,22 +660,23 @@ def _feature_sparsity_update(
 def _density_histogram(
     firing_counts: Tensor, vector_count: Tensor, edges: Sequence[float] = DENSITY_EDGES_LOG10
 ) -> Tensor:
-    """Number of features per firing-density bin: ``[never fired, bin 1, ..., bin B]``.
+    """Number of features per firing-density bin: ``[..., 1 + B]`` = ``[never fired, bin 1, ..., bin B]``.
 
+    ``firing_counts`` ``[..., F]`` and ``vector_count`` ``[...]`` (any leading shape, e.g. per component).
     Bin ``k >= 1`` holds densities with log10 in ``[edges[k-1], edges[k])`` (the last bin also holds
     density 1, densities below ``10**edges[0]`` go to bin 1), as ``numpy.histogram`` bins them.
-    NaN when no vector was seen.
+    NaN where no vector was seen.
     """
     num_bins = len(edges) - 1
-    n = vector_count.to(torch.float64)
-    if not bool(n > 0):
-        return torch.full((num_bins + 1,), float("nan"), dtype=torch.float64, device=firing_counts.device)
+    n = vector_count.to(torch.float64)[..., None]
     fired = firing_counts > 0
-    log_density = torch.log10(firing_counts.to(torch.float64).clamp_min(1) / n)
+    log_density = torch.log10(firing_counts.to(torch.float64).clamp_min(1) / n.clamp_min(1))
     edge_t = torch.tensor(edges, dtype=torch.float64, device=firing_counts.device)
     bin_idx = (torch.searchsorted(edge_t, log_density, right=True) - 1).clamp(0, num_bins - 1) + 1
     bin_idx = torch.where(fired, bin_idx, 0)
-    return torch.bincount(bin_idx, minlength=num_bins + 1).to(torch.float64)
+    counts = torch.zeros((*bin_idx.shape[:-1], num_bins + 1), dtype=torch.float64, device=bin_idx.device)
+    counts.scatter_add_(-1, bin_idx, torch.ones_like(bin_idx, dtype=torch.float64))
+    return torch.where(n > 0, counts, float("nan"))
 
 
 def dead_fraction_key(threshold: float) -> str:
@@ -611,14 +691,20 @@ def _feature_sparsity_compute(
     l1_stats: Tensor,
     dead_thresholds: Sequence[float],
 ) -> dict[str, Tensor]:
-    """``l0``, ``l1``, ``dead_fraction@{thr}`` and ``density_histogram`` from the summed states."""
-    frequency = safe_div(firing_counts.to(torch.float64), vector_count.to(torch.float64))
-    out = {"l0": safe_div(l0_stats[1], l0_stats[0]), "l1": safe_div(l1_stats[1], l1_stats[0])}
+    """``l0``, ``l1``, ``dead_fraction@{thr}`` and ``density_histogram`` from the summed states.
+
+    Works on states with or without the leading component dim: ``l0``, ``l1`` and the dead fractions
+    have the shape of ``vector_count``, ``density_histogram`` one more dim of 9 bins.
+    """
+    n = vector_count.to(torch.float64)
+    frequency = safe_div(firing_counts.to(torch.float64), n[..., None])
+    out = {
+        "l0": safe_div(l0_stats[..., 1], l0_stats[..., 0]),
+        "l1": safe_div(l1_stats[..., 1], l1_stats[..., 0]),
+    }
     for threshold in dead_thresholds:
-        dead = (frequency <= threshold).to(torch.float64).mean()
-        out[dead_fraction_key(threshold)] = (
-            dead if bool(vector_count > 0) else frequency.new_tensor(float("nan"))
-        )
+        dead = (frequency <= threshold).to(torch.float64).mean(-1)
+        out[dead_fraction_key(threshold)] = torch.where(n > 0, dead, float("nan"))
     out["density_histogram"] = _density_histogram(firing_counts, vector_count)
     return out
 
@@ -660,7 +746,8 @@ def feature_sparsity(
     """
     _feature_sparsity_check(feature_activations, mask, None)
     sums = _feature_sparsity_update(feature_activations, mask, firing_threshold=firing_threshold)
-    return _feature_sparsity_compute(*sums, dead_thresholds)
+    firing_counts, vector_count, l0_stats, l1_stats = (x[0] for x in sums)
+    return _feature_sparsity_compute(firing_counts, vector_count, l0_stats, l1_stats, dead_thresholds)
 
 
 # ---------------------------------------------------------------------------------- downstream reconstruction
