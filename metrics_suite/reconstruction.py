@@ -272,8 +272,21 @@ class ActivationReconstruction(DiagnosticMetric):
     arXiv 2404.16014 over all selected vectors on all ranks (SAELens averages per-batch ratios):
     below 1 a reconstruction shrinks its targets.
 
+    **Several components** (SAEs at several layers, hook points): with ``num_components = C > 1``
+    every statistic is kept per component $c$, over that component's selected vectors only
+    (its own $n_c$, $\bar{x}_c$ and sums, e.g.
+    $\text{explained\_variance}_c = 1 - \sum_i \lVert \hat{x}_{ic} - x_{ic} \rVert^2 /
+    \sum_i \lVert x_{ic} - \bar{x}_c \rVert^2$), and each output is a ``[C]`` vector (a
+    collection flattens it to ``.../{stat}/component_{c}``). ``update`` takes ``[..., D]`` vectors
+    of one component, ``component_idx`` (an int), or ``[..., C, D]`` vectors of every component at
+    once (``component_idx=None``, with ``mask`` ``[..., C]``, or ``[...]`` for the same vectors in
+    every component). Both give the same sums. A non-finite vector is left out of its own
+    component only. With one component (the default) outputs are scalars and the states are
+    those of a metric without components.
+
     Args:
         num_features: the size ``D`` of the last dimension.
+        num_components: the number ``C`` of components kept apart.
         kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``mse_stderr`` and ``cosine_similarity_stderr``).
 
@@ -286,6 +299,22 @@ class ActivationReconstruction(DiagnosticMetric):
         >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}  # doctest: +NORMALIZE_WHITESPACE
         {'mse': 0.3333, 'normalized_mse': 0.1333, 'explained_variance': 0.7, 'cosine_similarity': 0.9829,
          'l2_norm_in': 2.0787, 'l2_norm_out': 1.4714, 'l2_ratio': 0.7664, 'relative_reconstruction_bias': 0.7}
+
+        Two SAEs: component 0 reconstructs the vectors above, component 1 doubles its targets
+        (``mse`` = mean ‖x‖²/2, cosine 1, bias Σ4‖x‖²/Σ2‖x‖² = 2).
+
+        >>> target = torch.tensor([[[1.0, 2.0], [1.0, 0.0]], [[3.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 1.0]]])
+        >>> rec = torch.stack([torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 1.0]]), 2 * target[:, 1]], 1)
+        >>> metric = ActivationReconstruction(num_features=2, num_components=2)
+        >>> metric.update(rec, target)  # [N=3, C=2, D=2]: both components at once
+        >>> out = metric.compute()
+        >>> {k: [round(x, 4) for x in out[k].tolist()] for k in ("mse", "cosine_similarity", "relative_reconstruction_bias")}
+        {'mse': [0.3333, 0.6667], 'cosine_similarity': [0.9829, 1.0], 'relative_reconstruction_bias': [0.7, 2.0]}
+        >>> per_sae = ActivationReconstruction(num_features=2, num_components=2)
+        >>> for c in range(2):  # or one component per update: the same sums
+        ...     per_sae.update(rec[:, c], target[:, c], component_idx=c)
+        >>> torch.allclose(per_sae.compute()["explained_variance"], out["explained_variance"])
+        True
     """
 
     higher_is_better = None
@@ -394,12 +423,24 @@ class FeatureSparsity(DiagnosticMetric):
     from the summed firing counts at ``compute()``, so it describes the densities over all data.
     [`firing_frequency`][metrics_suite.reconstruction.FeatureSparsity.firing_frequency] gives $\nu_f$ for plots. No data: NaN.
 
+    **Several components** (SAEs at several layers): with ``num_components = C > 1`` every
+    statistic is kept per component $c$, with its own vector count $n_c$ and firing frequencies
+    $\nu_{cf} = \frac{1}{n_c}\sum_i [\,|a_{icf}| > \theta\,]$: ``l0``, ``l1`` and the dead
+    fractions are ``[C]`` vectors (a collection flattens them to ``.../{stat}/component_{c}``),
+    ``density_histogram`` is ``[C, 9]`` (``.../density_histogram/component_{c}/bin_{i}``) and
+    ``firing_frequency()`` ``[C, F]``. ``update`` takes ``[..., F]`` activations of one component,
+    ``component_idx`` (an int), or ``[..., C, F]`` activations of every component at once
+    (``component_idx=None``, with ``mask`` ``[..., C]``, or ``[...]`` for the same vectors in every
+    component). With one component (the default) the outputs and states are those of a metric
+    without components.
+
     Args:
         num_features: the number of features ``F``.
         dead_thresholds: firing frequencies in ``[0, 1]`` at or below which a feature counts as dead.
         firing_threshold: $\theta$: a feature fires where $|a| > \theta$ (``l0``, densities, dead
             features; ``l1`` sums all activations). 0 (default) counts every non-zero activation,
             signed ones included, as SAELens does.
+        num_components: the number ``C`` of components kept apart.
         kwargs: [`DiagnosticMetric`][metrics_suite.base.DiagnosticMetric] options (``with_stderr`` adds
             ``l0_stderr`` and ``l1_stderr``).
 
@@ -416,6 +457,16 @@ class FeatureSparsity(DiagnosticMetric):
         [0.25, 1.0, 0.0]
         >>> out["density_histogram"].tolist()
         [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]
+
+        Two SAEs of three features, two vectors each (``[N=2, C=2, F=3]``):
+
+        >>> metric = FeatureSparsity(num_features=3, dead_thresholds=(0.0,), num_components=2)
+        >>> metric.update(torch.tensor([[[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]], [[1.0, -1.0, 0.0], [0.0, 0.0, 4.0]]]))
+        >>> out = metric.compute()
+        >>> {k: [round(x, 4) for x in v.tolist()] for k, v in out.items() if k != "density_histogram"}
+        {'l0': [1.5, 0.5], 'l1': [2.0, 2.0], 'dead_fraction@0': [0.3333, 0.6667]}
+        >>> out["density_histogram"][:, [0, 8]].tolist()  # never fired, and densities in [0.1, 1]
+        [[1.0, 2.0], [2.0, 1.0]]
     """
 
     higher_is_better = None
