@@ -191,16 +191,32 @@ def test_sae_splice_matches_module_swap(runs: dict[str, dict[str, Any]]) -> None
         # the seed relation: the downstream metric's ce_score is the reconstruction score of the same losses
         layer = list(saes)[c]
         assert results[f"layer{layer}/downstream/ce_score"] == pytest.approx(score, rel=1e-5)
-    for layer, rows in vectors.items():
+    # one ActivationReconstruction and one FeatureSparsity hold both SAEs: component c is LAYERS[c]
+    explained_per_sae = []
+    for c, rows in enumerate(vectors.values()):
         h, rec, feats = (np.concatenate(part) for part in zip(*rows))
+        activations, sparsity = "reconstruction/activations", "reconstruction/feature_sparsity"
         explained = 1 - ((rec - h) ** 2).sum() / ((h - h.mean(0)) ** 2).sum()
         cosine = ((rec * h).sum(-1) / np.linalg.norm(rec, axis=-1) / np.linalg.norm(h, axis=-1)).mean()
-        assert results[f"layer{layer}/activations/explained_variance"] == pytest.approx(explained, rel=1e-5)
-        assert results[f"layer{layer}/activations/cosine_similarity"] == pytest.approx(cosine, rel=1e-5)
-        assert results[f"layer{layer}/feature_sparsity/l0"] == pytest.approx((feats != 0).sum(-1).mean())
-        dead = ((feats != 0).sum(0) == 0).mean()
-        assert results[f"layer{layer}/feature_sparsity/dead_fraction@0"] == pytest.approx(dead)
+        l2_ratio = (np.linalg.norm(rec, axis=-1) / np.linalg.norm(h, axis=-1)).mean()
+        assert results[f"{activations}/explained_variance/component_{c}"] == pytest.approx(
+            explained, rel=1e-5
+        )
+        assert results[f"{activations}/cosine_similarity/component_{c}"] == pytest.approx(cosine, rel=1e-5)
+        assert results[f"{activations}/l2_ratio/component_{c}"] == pytest.approx(l2_ratio, rel=1e-5)
+        assert results[f"{sparsity}/l0/component_{c}"] == pytest.approx((feats != 0).sum(-1).mean())
+        assert results[f"{sparsity}/l1/component_{c}"] == pytest.approx(
+            np.abs(feats).sum(-1).mean(), rel=1e-5
+        )
+        frequency = (feats != 0).mean(0)
+        assert results[f"{sparsity}/dead_fraction@0/component_{c}"] == pytest.approx((frequency == 0).mean())
+        counts, _ = np.histogram(np.log10(frequency[frequency > 0]), bins=np.arange(-8, 1))
+        histogram = [results[f"{sparsity}/density_histogram/component_{c}/bin_{i}"] for i in range(9)]
+        assert histogram == [(frequency == 0).sum(), *counts]
         assert 0.0 < explained < 1.0
+        explained_per_sae.append(explained)
+    assert explained_per_sae[0] != pytest.approx(explained_per_sae[1], rel=1e-3)  # a swap would show
+    for layer in saes:
         kl = np.concatenate(kl_spliced[layer]).mean()  # KL(clean ‖ spliced), token mean
         assert results[f"layer{layer}/downstream/kl_spliced"] == pytest.approx(kl, rel=1e-5)
 
