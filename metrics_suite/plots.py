@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -43,6 +43,7 @@ class PlottableMetric(Protocol):
     """
 
     vector_label: str
+    last_dim_labels: ClassVar[Mapping[str, str]]
 
     def compute(self) -> Any: ...
 
@@ -118,8 +119,9 @@ def plot_metric(
         for stat, t in vectors:
             flat = t.detach().cpu().to(torch.float64).reshape(-1)
             ax.plot(range(flat.numel()), flat.tolist(), marker="o", label=stat or name)
-        if vectors:
-            ax.set_xlabel(metric.vector_label)
+        if vectors:  # the index label of the plotted dim, e.g. "bin" of a histogram, "layer"
+            labels = {metric.last_dim_labels.get(stat, metric.vector_label) for stat, _ in vectors}
+            ax.set_xlabel(" / ".join(sorted(labels)))
             ax.set_xticks(range(max(t.numel() for _, t in vectors)))
             for stat, t in scalars:  # e.g. a pooled value next to per-layer ones
                 ax.axhline(_scalar(t), linestyle="--", color="gray", label=stat)

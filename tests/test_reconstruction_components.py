@@ -542,3 +542,19 @@ def _ddp_scenarios(rank: int, world_size: int) -> list[str]:
 def test_ddp_equals_one_process(world_size: int) -> None:
     per_rank = run_distributed(_ddp_scenarios, world_size, timeout=300)
     assert per_rank == [[]] * world_size, per_rank
+
+
+def test_plot_labels_the_histogram_bins_with_one_or_several_components() -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    data = _sparsity_data(seed=12)
+    one = FeatureSparsity(num_features=10)
+    one.update(data["feature_activations"][:, 0])
+    two = FeatureSparsity(num_features=10, num_components=2)
+    two.update(data["feature_activations"])
+    try:
+        assert one.plot()[1].get_xlabel() == "bin"  # as before components existed
+        assert two.plot()[1].get_xlabel() == "bin / component"
+    finally:
+        plt.close("all")
