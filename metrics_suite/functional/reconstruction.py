@@ -150,7 +150,7 @@ def _component_index(
     return idx
 
 
-def _one_component(component_idx: object, num_components: int) -> int:
+def _one_component(component_idx: Tensor | int, num_components: int) -> int:
     """The component that ``[..., D]`` inputs belong to: ``component_idx`` (an int, a numpy int or a
     0-d integer tensor) checked exactly as `ReconstructionScore` checks it."""
     if isinstance(component_idx, Tensor) and component_idx.ndim != 0:
@@ -159,11 +159,11 @@ def _one_component(component_idx: object, num_components: int) -> int:
             f"{shape_str(component_idx.shape)}; pass [..., C, D] inputs to update every component at once"
         )
     device = component_idx.device if isinstance(component_idx, Tensor) else torch.device("cpu")
-    return int(_component_index(component_idx, 1, num_components, True, device)[0])  # type: ignore[arg-type]
+    return int(_component_index(component_idx, 1, num_components, True, device)[0])
 
 
 def _component_layout(
-    name: str, x: Tensor, num_components: int, component_idx: object
+    name: str, x: Tensor, num_components: int, component_idx: Tensor | int | None
 ) -> tuple[int | None, int]:
     """Which components ``x`` holds: ``(component, C_in)``.
 
