@@ -109,7 +109,7 @@ def test_credit_cosine_matches_numpy_loop_and_skips_zero_norms(
     chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if chunk_elements is not None:
-        monkeypatch.setattr(credit_functional, "DEFAULT_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(credit_functional, "CHUNK_ELEMENTS", chunk_elements)
     g = _gen(2)
     credit = torch.randn(9, 3, 2, generator=g)
     reference = credit + torch.randn(9, 3, 2, generator=g)

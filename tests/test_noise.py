@@ -63,7 +63,7 @@ def test_functional_matches_per_position_reference(
     shape: tuple[int, ...], dim: int, chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if chunk_elements is not None:  # many position chunks, including a ragged last one
-        monkeypatch.setattr(functional_noise, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(functional_noise, "NOISE_CHUNK_ELEMENTS", chunk_elements)
     x, mu, eps = _data(torch.Generator().manual_seed(0), shape)
     out = noise_statistics(x.double(), mu.double(), eps.double(), dim=dim)
     want = _reference(x.numpy(), mu.numpy(), eps.numpy(), dim)
@@ -126,7 +126,7 @@ def test_mask_broadcasting_forms_agree() -> None:
 @pytest.mark.parametrize("chunk_elements", [None, 7])
 def test_broadcast_mean_shape(chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     if chunk_elements is not None:  # the broadcast mean is read row by row, a chunk at a time
-        monkeypatch.setattr(functional_noise, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(functional_noise, "NOISE_CHUNK_ELEMENTS", chunk_elements)
     x, _, eps = _data(torch.Generator().manual_seed(4), (2, 3, 4))
     mu = torch.tensor([0.5, -1.0, 2.0, 0.0])  # one learned mean vector for every position
     out = noise_statistics(x, mu, eps)

@@ -434,7 +434,7 @@ def test_activations_offset_data_streamed_vs_float64_numpy(
 ) -> None:
     """Mean 1000, std 1: the variance is 1e-6 of Σ‖x‖², so float32 sums would lose it."""
     if chunk_elements is not None:  # many row chunks per update, including a ragged last one
-        monkeypatch.setattr(functional_reconstruction, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(functional_reconstruction, "CHUNK_ELEMENTS", chunk_elements)
     g = torch.Generator().manual_seed(5)
     target = (1000.0 + torch.randn(997, 16, generator=g)).float()
     rec = (target + 0.3 * torch.randn(997, 16, generator=g)).float()
@@ -568,7 +568,7 @@ def test_sparsity_streamed_with_mask_vs_numpy(
     chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if chunk_elements is not None:
-        monkeypatch.setattr(functional_reconstruction, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(functional_reconstruction, "CHUNK_ELEMENTS", chunk_elements)
     g = torch.Generator().manual_seed(7)
     acts = _sparse_acts(g, 3 * 331, 16).reshape(331, 3, 16)
     mask = torch.rand(331, 3, generator=g) < 0.9
