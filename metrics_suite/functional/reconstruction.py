@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from metrics_suite.functional._chunks import CHUNK_ELEMENTS, row_slices, rows_per_chunk
+from metrics_suite.functional._masks import attended_positions, counted_targets, position_mask
 from metrics_suite.functional._rows import RowGather
 from metrics_suite.functional._stats import mean_output, mean_stats, safe_div
 from metrics_suite.functional.utility import _top_k_mask, chunk_rows
@@ -191,10 +192,9 @@ def _component_selection(
     """The selected vectors (bool, of exactly ``shape``) of inputs with leading shape ``shape``
     (``[..., C]`` when ``components > 1``); a mask without the component dim selects the same
     vectors in each component."""
-    selected = _selection(mask, shape, device)
-    if components > 1 and selected.ndim == len(shape) - 1:  # [...] for [..., C] vectors (checked)
-        selected = selected[..., None]
-    return selected.expand(shape)
+    if mask is not None and components > 1 and mask.ndim == len(shape) - 1:  # [...] for [..., C] (checked)
+        mask = mask[..., None]
+    return position_mask(mask, shape, device)
 
 
 def _check_component_mask(name: str, mask: object, shape: torch.Size, components: int) -> None:
@@ -264,17 +264,6 @@ def reconstruction_score(
 
 
 # ---------------------------------------------------------------------------------- shared helpers
-#: Chunk size of this module (a module constant, so tests can shrink it).
-_CHUNK_ELEMENTS = CHUNK_ELEMENTS
-
-
-def _selection(mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
-    """``mask`` as a bool tensor (all True when ``None``); expects an already validated mask."""
-    if mask is None:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    return (mask if mask.dtype == torch.bool else mask != 0).to(device)
-
-
 def _check_vectors(name: str, x: Tensor, size: int | None) -> None:
     """Require a floating-point ``[..., size]`` tensor (any last size when ``size`` is None)."""
     check_float(name, x)
@@ -310,7 +299,7 @@ def _changed_tokens_update(
     """
     if validate:
         _changed_tokens_check(input_ids, reconstructed_ids, noise_mask)
-    m = _selection(noise_mask, input_ids.shape, input_ids.device).expand(input_ids.shape)
+    m = position_mask(noise_mask, input_ids.shape, input_ids.device)
     changed = (m & (input_ids != reconstructed_ids.to(input_ids.device))).sum(-1)
     return changed, m.sum(-1)
 
@@ -429,7 +418,7 @@ def _activation_vector_stats(reconstruction: Tensor, target: Tensor) -> Tensor:
     x_all = target.detach().reshape(-1, d)
     x_hat_all = reconstruction.detach().reshape(-1, d).to(x_all.device)
     parts = [x_all.new_zeros((4, 0), dtype=torch.float64)]
-    for rows in row_slices(x_all.shape[0], rows_per_chunk(d, _CHUNK_ELEMENTS)):
+    for rows in row_slices(x_all.shape[0], rows_per_chunk(d, CHUNK_ELEMENTS)):
         x = x_all[rows].to(torch.float64)
         x_hat = x_hat_all[rows].to(torch.float64)
         norms = [torch.linalg.vector_norm(v, dim=-1).square() for v in (x_hat - x, x, x_hat)]
@@ -474,7 +463,7 @@ def _activation_update(
     cosine = torch.where(has_cos, dot / torch.where(has_cos, cos_den, 1.0), 0.0)
     x_all = target.detach().reshape(-1, components, d)
     target_sum = torch.zeros(components, d, dtype=torch.float64, device=x_all.device)
-    for rows in row_slices(x_all.shape[0], rows_per_chunk(components * d, _CHUNK_ELEMENTS)):
+    for rows in row_slices(x_all.shape[0], rows_per_chunk(components * d, CHUNK_ELEMENTS)):
         target_sum += x_all[rows].to(torch.float64).masked_fill_(~selected[rows, :, None], 0.0).sum(0)
     norm_sums = torch.stack([sq_err.sum(0), sq_norm.sum(0)], dim=-1)
     norm_in, norm_out = sq_norm.sqrt(), sq_norm_hat.sqrt()
@@ -600,7 +589,7 @@ def _feature_l1(feature_activations: Tensor) -> Tensor:
     f = feature_activations.shape[-1]
     a_all = feature_activations.detach().reshape(-1, f)
     parts = [a_all.new_zeros(0, dtype=torch.float64)]
-    for rows in row_slices(a_all.shape[0], rows_per_chunk(f, _CHUNK_ELEMENTS)):
+    for rows in row_slices(a_all.shape[0], rows_per_chunk(f, CHUNK_ELEMENTS)):
         parts.append(torch.linalg.vector_norm(a_all[rows], ord=1, dim=-1, dtype=torch.float64))
     return torch.cat(parts)
 
@@ -638,7 +627,7 @@ def _feature_sparsity_update(
     weights = selected.to(dtype)
     firing_counts = torch.zeros(components, f, dtype=torch.float64, device=a_all.device)
     l0_parts = [a_all.new_zeros((0, components), dtype=dtype)]
-    for rows in row_slices(a_all.shape[0], rows_per_chunk(components * f, _CHUNK_ELEMENTS)):
+    for rows in row_slices(a_all.shape[0], rows_per_chunk(components * f, CHUNK_ELEMENTS)):
         # 0/1 in float: row sums and the weighted column sums are exact integers, as a chunk holds
         # far fewer than 2**24 rows and features
         a = a_all[rows]
@@ -782,8 +771,7 @@ def _downstream_check(
                 f"`target_ids` must have shape {shape_str((batch, seq))} (the [B, T] of `clean_logits` "
                 f"{shape_str(clean_logits.shape)}), got {shape_str(target_ids.shape)}"
             )
-        attended = _selection(attention_mask, target_ids.shape, target_ids.device)
-        counted = _downstream_ce_mask(target_ids, attended, ignore_index)
+        counted = counted_targets(target_ids, attention_mask, ignore_index)
         check_ids_in_range(
             "target_ids",
             target_ids,
@@ -792,11 +780,6 @@ def _downstream_check(
             "the vocabulary of the logits) at counted positions",
             selected=counted,
         )
-
-
-def _downstream_ce_mask(target_ids: Tensor, attended: Tensor, ignore_index: int | None = None) -> Tensor:
-    """Positions whose cross-entropy counts: attended and not ``ignore_index``."""
-    return attended if ignore_index is None else attended & (target_ids != ignore_index)
 
 
 def _kl_rows(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -897,8 +880,7 @@ def _downstream_update(
         )
     batch, seq, vocab = clean_logits.shape
     device = clean_logits.device
-    attended = _selection(attention_mask, torch.Size((batch, seq)), device)
-    positions = attended.reshape(-1).nonzero().squeeze(-1)
+    positions = attended_positions(attention_mask, (batch, seq), device)
     logits = (clean_logits, spliced_logits, ablated_logits)
     dtype = functools.reduce(torch.promote_types, (compute_dtype(x) for x in logits))
     rows = chunk_rows(vocab, dtype, batch, seq, max_batch_size, max_sequence_length)
@@ -906,9 +888,7 @@ def _downstream_update(
         targets, counted = None, torch.zeros(positions.numel(), dtype=torch.bool, device=device)
     else:
         flat_targets = target_ids.to(device).reshape(-1)[positions]
-        counted = _downstream_ce_mask(
-            flat_targets, torch.ones_like(flat_targets, dtype=torch.bool), ignore_index
-        )
+        counted = counted_targets(flat_targets, None, ignore_index)
         # ignored positions gather a valid index; their value is never counted
         targets = torch.where(counted, flat_targets, 0).to(torch.long)
     values, finite = _downstream_rows(logits, positions, targets, num_logits, rows)
