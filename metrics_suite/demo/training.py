@@ -115,20 +115,18 @@ def build_diagnostics(model: TinyCausalLM, config: DemoConfig) -> DiagnosticColl
         extra = {name: value for name, value in config.metrics.items() if suite_of[name] == suite}
         return ms.suite(suite, **{**defaults, **extra})
 
+    per_scale: dict[str, dict[str, Any]] = {
+        "utility": {
+            "prediction_change": {"num_classes": config.vocab_size},
+            # the spread of the per-token divergences, not only their mean
+            "next_token": {"quantiles": (0.5, 0.9, 0.99)},
+        },
+        "reconstruction": {"activations": {"num_features": config.dim}},
+    }
     metrics: dict[str, Any] = {}
     for scale in config.noise_scales:
         tag = scale_tag(scale)
-        for suite, defaults in [
-            (
-                "utility",
-                {
-                    "prediction_change": {"num_classes": config.vocab_size},
-                    # the spread of the per-token divergences, not only their mean
-                    "next_token": {"quantiles": (0.5, 0.9, 0.99)},
-                },
-            ),
-            ("reconstruction", {"activations": {"num_features": config.dim}}),
-        ]:
+        for suite, defaults in per_scale.items():
             metrics.update((f"{name}/{tag}", metric) for name, metric in group(suite, **defaults).items())
     metrics.update(group("noise").items())
     layers = config.chain_layers - 1
