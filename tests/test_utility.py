@@ -73,7 +73,7 @@ def ref_kl(lp: np.ndarray, lq: np.ndarray) -> float:
     the log-ratio is finite, so the logs, not ``rel_entr`` of rounded probabilities, decide)."""
     with np.errstate(invalid="ignore"):
         terms = np.where(np.isneginf(lp), 0.0, np.exp(lp) * (lp - lq))
-    return float(np.nan_to_num(terms, nan=math.inf).sum())
+    return float(np.nan_to_num(terms, nan=math.inf, posinf=math.inf).sum())
 
 
 def hand_top_k(row: np.ndarray, k: int) -> set[int]:

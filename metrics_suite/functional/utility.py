@@ -192,15 +192,22 @@ def _kl_pair(
 
     ``f_out`` and ``g_out`` are scratch; ``delta`` is clamped to the largest finite value in place
     (so that ``ρ·δ`` is 0, not NaN, where δ = inf) and ``log_ratio`` is overwritten.
+
+    Each entry takes ``f`` in one direction and ``g`` in the other, chosen by the sign of
+    ``log p − log q``. ``lerp`` with a 0/1 weight returns either end exactly, like ``torch.where``,
+    at a fraction of its cost on the CPU (``where`` is not vectorised there: about 20x a ``mul``).
+    With δ clamped every term is finite; a row is infinite in the direction whose second
+    distribution is 0 where the first is not (``log p − log q`` = +inf for KL(p‖q), −inf for
+    KL(q‖p)), including where that first probability underflows to 0.
     """
-    clean_larger = log_ratio >= 0
-    f = torch.add(delta, e, out=f_out)  # δ + e; +inf where δ = inf
+    clean_larger = f_out.copy_(log_ratio >= 0)
+    pq_infinite, qp_infinite = log_ratio.amax(-1) == math.inf, log_ratio.amin(-1) == -math.inf
     delta.clamp_max_(torch.finfo(delta.dtype).max)
-    g = torch.add(e, 1.0, out=g_out).mul_(delta).add_(e).neg_()  # −(ρδ + e); 1 where δ = inf
-    # NaN only from M = 0 times δ = inf: an infinite term, as for Jeffreys
-    kl_pq = torch.where(clean_larger, f, g, out=log_ratio).mul_(big).sum(-1).nan_to_num_(math.inf)
-    kl_qp = torch.where(clean_larger, g, f, out=log_ratio).mul_(big).sum(-1).nan_to_num_(math.inf)
-    return kl_pq, kl_qp
+    f = torch.add(delta, e, out=log_ratio)  # δ + e
+    g = torch.add(e, 1.0, out=g_out).mul_(delta).add_(e).neg_()  # −(ρδ + e); 1 where δ was inf
+    kl_pq = torch.lerp(g, f, clean_larger).mul_(big).sum(-1)
+    kl_qp = torch.lerp(f, g, clean_larger, out=f_out).mul_(big).sum(-1)
+    return kl_pq.masked_fill_(pq_infinite, math.inf), kl_qp.masked_fill_(qp_infinite, math.inf)
 
 
 def _top_k_mask(x: Tensor, k: int) -> Tensor:
