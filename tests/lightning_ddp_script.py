@@ -27,29 +27,30 @@ from tests.test_lightning import (
 )
 
 
-def spawn_many(out: str) -> None:
-    trainer = quiet_trainer(
+def two_ranks(out: str, strategy: str, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """One epoch on 2 CPU ranks, no sanity check, logged to OUT_DIR/csv/version_0/metrics.csv."""
+    return quiet_trainer(
         devices=2,
-        strategy="ddp_spawn",
+        strategy=strategy,
         max_epochs=1,
         num_sanity_val_steps=0,
         logger=pl.loggers.CSVLogger(out, name="csv", version=0),
-        callbacks=[DiagnosticsCallback()],
+        callbacks=callbacks,
     )
+
+
+def spawn_many(out: str) -> None:
+    trainer = two_ranks(out, "ddp_spawn", [DiagnosticsCallback()])
     trainer.fit(ManyValues())
     (Path(out) / "main_keys.json").write_text(json.dumps(sorted(trainer.callback_metrics)))
 
 
 def main(out: str) -> None:
-    trainer = quiet_trainer(
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        num_sanity_val_steps=0,
-        logger=pl.loggers.CSVLogger(out, name="csv", version=0),
-        callbacks=[attaching_callback(CountingCallback), SaveMidEpoch(Path(out) / "mid.ckpt")],
-    )
-    trainer.fit(AttachedSteps())
+    callbacks: list[pl.Callback] = [
+        attaching_callback(CountingCallback),
+        SaveMidEpoch(Path(out) / "mid.ckpt"),
+    ]
+    two_ranks(out, "ddp", callbacks).fit(AttachedSteps())
 
 
 if __name__ == "__main__":
