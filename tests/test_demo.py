@@ -224,7 +224,7 @@ def test_demo_command_on_two_processes(tmp_path: Path, capsys: pytest.CaptureFix
     assert len(titles) == 12 and len(set(titles)) == 12  # one quantity per panel, distinct titles
     assert all(ax.get_ylabel() for ax in figure.axes)
     assert all(ax.get_legend() is not None for ax in figure.axes)  # e.g. "train, σ × 1" vs "val, ..."
-    assert "Jensen–Shannon, clean vs noisy next token (mean; dotted: p90 of tokens)" in " ".join(titles)
+    assert "utility: JS, clean vs noisy: mean and p90 (dotted)" in titles
     for suite in ms.SUITES:
         assert f"{suite} (val)" in printed
     assert format_tables(results) in printed
