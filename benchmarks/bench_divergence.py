@@ -53,7 +53,8 @@ from _memory import peak_growth_mib, run_worker
 from torch import Tensor
 
 from metrics_suite import NextTokenDivergence
-from metrics_suite.functional.utility import DEFAULT_CHUNK_BYTES, chunk_rows, top_k_support_mask
+from metrics_suite.functional._chunks import LOGIT_CHUNK_BYTES
+from metrics_suite.functional.utility import chunk_rows, top_k_support_mask
 
 LN2 = math.log(2.0)
 ATTENDED = 200
@@ -293,7 +294,7 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
-            "default_chunk_bytes": DEFAULT_CHUNK_BYTES,
+            "default_chunk_bytes": LOGIT_CHUNK_BYTES,
             "load_average": os.getloadavg(),
         },
         "timing": cases,
