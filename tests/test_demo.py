@@ -176,6 +176,14 @@ def assert_discriminating(values: dict[str, float]) -> None:
     assert score[0] > score[2]
     changed = "reconstruction/changed_tokens/sigma_100pct/"
     assert values[changed + "sequence_mean"] != pytest.approx(values[changed + "token_rate"], rel=1e-3)
+    # the per-token divergence quantiles: ordered, the mean inside their range, growing with the noise
+    for scale in scales:
+        for divergence in ("jeffreys", "jensen_shannon", "total_variation", "kl_clean_noisy"):
+            key = f"utility/next_token/{scale}/{divergence}"
+            q = [values[f"{key}_{level}"] for level in ("p50", "p90", "p99", "max")]
+            assert 0 < q[0] <= q[1] <= q[2] <= q[3] and values[key] < q[3], (key, q)
+    p90 = [values[f"utility/next_token/{s}/jensen_shannon_p90"] for s in scales]
+    assert p90[0] < p90[1] < p90[2], p90
 
 
 def test_demo_command_on_two_processes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -216,9 +224,11 @@ def test_demo_command_on_two_processes(tmp_path: Path, capsys: pytest.CaptureFix
     assert len(titles) == 12 and len(set(titles)) == 12  # one quantity per panel, distinct titles
     assert all(ax.get_ylabel() for ax in figure.axes)
     assert all(ax.get_legend() is not None for ax in figure.axes)  # e.g. "train, σ × 1" vs "val, ..."
+    assert "utility: JS, clean vs noisy: mean and p90 (dotted)" in titles
     for suite in ms.SUITES:
         assert f"{suite} (val)" in printed
     assert format_tables(results) in printed
+    assert re.search(r"next_token/sigma_100pct/jensen_shannon_p99 +[0-9.e-]+ +[0-9.e-]+\n", printed)
     assert "wall time" in printed
 
 

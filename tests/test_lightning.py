@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import pickle
 import warnings
@@ -170,6 +171,28 @@ class DiagModule(StepsModule):
         self.log_dict(self.plain)
 
 
+def many_val_copies(copies: int = 20) -> DiagnosticCollection:
+    """``copies`` copies of the val collection under distinct names: 14 values each, so 20 copies
+    log more than the 64 KiB a spawn launcher's pipe holds as ``callback_metrics``."""
+    metrics = val_collection().items()
+    return DiagnosticCollection({f"{name}/copy_{i}": m.clone() for i in range(copies) for name, m in metrics})
+
+
+class ManyValues(StepsModule):
+    """Logs ``many_val_copies()`` through the callback and one value of its own."""
+
+    owns_diagnostics = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.diagnostics = StageDiagnostics(train=train_collection(), val=many_val_copies())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("own_loss", loss.detach(), on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+
 class CountingCallback(DiagnosticsCallback):
     """Logs how many collectives each stage's epoch-end compute issued."""
 
@@ -305,6 +328,50 @@ def test_ddp_spawn_logs_the_single_process_values(tmp_path: Path) -> None:
     # the first validation batch of each rank (items 0, 2, 4 and 1, 3, 5), summed
     state_dict = torch.load(ckpt, weights_only=False)["state_dict"]
     assert_partial_val_sums(state_dict, "diagnostics.val_metrics.", items=[0, 1, 2, 3, 4, 5], updates=2)
+
+
+def run_ddp_script(out: Path, *args: str) -> str:
+    """Run ``tests/lightning_ddp_script.py out *args`` (5 minutes at most, so a hang fails); its stderr."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = ROOT / "tests" / "lightning_ddp_script.py"
+    # a session of its own, so the ranks Lightning starts die with it whatever happens
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(out), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def test_ddp_spawn_with_more_values_than_the_launcher_pipe_holds_returns(tmp_path: Path) -> None:
+    """Regression: 280 val values (~87 KB as callback_metrics) hung ``fit`` under ddp_spawn forever,
+    rank 0 blocked writing its result into a pipe the main process reads only after the workers exit.
+    Now fit returns, with a warning; the logger has every value (equal to one process's); the main
+    process gets the module's own logged value."""
+    stderr = run_ddp_script(tmp_path, "spawn_many")
+    assert "logged values are left out of the `callback_metrics`" in stderr
+    assert json.loads((tmp_path / "main_keys.json").read_text()) == ["own_loss"]
+    logged = read_csv_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
+    expected = floats(reference("val", 0).compute())
+    actual = {k: v for (e, k), v in logged.items() if e == 0 and k.startswith("val/")}
+    assert len(actual) == 20 * len(expected)
+    for i in (0, 19):
+        copy = {k.replace(f"/copy_{i}", "")[len("val/") :]: v for k, v in actual.items() if f"/copy_{i}" in k}
+        assert not compare(copy, expected), compare(copy, expected)
 
 
 # ---------------------------------------------------------------------------------------------- one process
@@ -577,28 +644,7 @@ def test_perturbation_metric_crosses_the_spawn_pickler() -> None:
 def test_plain_ddp_strategy_logs_the_single_process_values(tmp_path: Path) -> None:
     """strategy="ddp" (Lightning re-launches the script per rank) gives the same values as one process;
     the collections are attached by the callback, whose checkpoint entry holds the sums over the ranks."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    script = ROOT / "tests" / "lightning_ddp_script.py"
-    # a session of its own, so the rank Lightning launches dies with it whatever happens
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-3000:]
+    run_ddp_script(tmp_path)
     logged = read_csv_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
     for stage in ("val", "train"):
         expected = floats(reference(stage, 0).compute())

@@ -188,14 +188,16 @@ def demo_figure(results: Mapping[str, Any] | str | Path) -> Any:
         ),
     ]
     for ax, suite, pattern, title, ylabel in panels:
+        spread = False
         for c, tag in enumerate(scales):
-            ax.plot(
-                *_series(val, f"{suite}/{pattern.format(s=tag)}"),
-                marker="o",
-                color=cmap[c % len(cmap)],
-                label=_scale_label(tag),
-            )
-        titled(ax, suite, title, ylabel)
+            key, color = f"{suite}/{pattern.format(s=tag)}", cmap[c % len(cmap)]
+            ax.plot(*_series(val, key), marker="o", color=color, label=_scale_label(tag))
+            if f"{key}_p90" in last:  # JS's per-token 90th percentile (quantiles enabled)
+                spread = True
+                ax.plot(
+                    *_series(val, f"{key}_p90"), linestyle=":", color=color, label=f"p90, {_scale_label(tag)}"
+                )
+        titled(ax, suite, "JS, clean vs noisy: mean and p90 (dotted)" if spread else title, ylabel)
         _legend(ax, "noise scale")
 
     # -------- cross-entropy: validation per scale, training (noise at the learned scale)

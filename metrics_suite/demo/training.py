@@ -6,7 +6,8 @@ logs and resets it. Validation sequences have uneven lengths (a padding mask), a
 evaluated at several strengths: the learned noise scaled by each of ``noise_scales``.
 
 * **utility** and **reconstruction**, once per noise scale (keys ``{suite}/{metric}/sigma_{pct}pct/...``):
-  clean vs noisy logits (``next_token``), cross-entropy of the noisy model (``cross_entropy``),
+  clean vs noisy logits (``next_token``, with the per-token divergences' quantiles
+  ``_p50``/``_p90``/``_p99`` and ``_max``), cross-entropy of the noisy model (``cross_entropy``),
   argmax changes (``prediction_change``); nearest-embedding inversion of the noisy embeddings
   (``changed_tokens``), noisy vs clean embeddings (``activations``), the reconstruction score with
   the transform zero-ablated;
@@ -114,13 +115,18 @@ def build_diagnostics(model: TinyCausalLM, config: DemoConfig) -> DiagnosticColl
         extra = {name: value for name, value in config.metrics.items() if suite_of[name] == suite}
         return ms.suite(suite, **{**defaults, **extra})
 
+    per_scale: dict[str, dict[str, Any]] = {
+        "utility": {
+            "prediction_change": {"num_classes": config.vocab_size},
+            # the spread of the per-token divergences, not only their mean
+            "next_token": {"quantiles": (0.5, 0.9, 0.99)},
+        },
+        "reconstruction": {"activations": {"num_features": config.dim}},
+    }
     metrics: dict[str, Any] = {}
     for scale in config.noise_scales:
         tag = scale_tag(scale)
-        for suite, defaults in [
-            ("utility", {"prediction_change": {"num_classes": config.vocab_size}}),
-            ("reconstruction", {"activations": {"num_features": config.dim}}),
-        ]:
+        for suite, defaults in per_scale.items():
             metrics.update((f"{name}/{tag}", metric) for name, metric in group(suite, **defaults).items())
     metrics.update(group("noise").items())
     layers = config.chain_layers - 1
@@ -343,6 +349,8 @@ def _quiet() -> None:
 
     warnings.filterwarnings("ignore", category=PossibleUserWarning)
     warnings.filterwarnings("ignore", message=".*isinstance.*LeafSpec.*")
+    # the demo's values reach the main process in results.json, not in Lightning's callback_metrics
+    warnings.filterwarnings("ignore", message="DiagnosticsCallback: .* left out of the `callback_metrics`")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning").setLevel(logging.WARNING)
 

@@ -31,8 +31,9 @@ Three tools, from the most explicit to the most automatic:
 
 from __future__ import annotations
 
+import io
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,11 +46,15 @@ from metrics_suite.registry import SUITES
 
 try:
     import pytorch_lightning as pl
+    from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
     from pytorch_lightning.utilities import rank_zero_warn
     from pytorch_lightning.utilities.warnings import PossibleUserWarning
 except ImportError:  # pragma: no cover - the unified ``lightning`` package
     try:
         import lightning.pytorch as pl  # type: ignore[no-redef]
+        from lightning.pytorch.strategies.launchers import (  # type: ignore[no-redef]
+            _MultiProcessingLauncher,
+        )
         from lightning.pytorch.utilities import rank_zero_warn  # type: ignore[no-redef]
         from lightning.pytorch.utilities.warnings import PossibleUserWarning  # type: ignore[no-redef]
     except ImportError as err:
@@ -231,6 +236,20 @@ def _state_entries(diagnostics: nn.Module, prefix: str = "") -> list[tuple[str, 
     return entries
 
 
+# Lightning's spawn and fork launchers (``ddp_spawn``, ``ddp_fork``) send rank 0's result, with
+# ``torch.save(trainer.callback_metrics)`` in it, through a pipe the main process reads only after
+# every worker has exited: a result larger than the pipe's buffer (64 KiB on Linux, about 210 logged
+# scalars) blocks rank 0 in the write forever. Below this budget the rest of the result fits too.
+_SPAWN_RESULT_BUDGET = 48 * 1024
+
+
+def _saved_size(metrics: Mapping[str, Tensor]) -> int:
+    """Bytes of ``metrics`` as the spawn launcher serialises them."""
+    buffer = io.BytesIO()
+    torch.save({key: value.detach().cpu() for key, value in metrics.items()}, buffer)
+    return buffer.getbuffer().nbytes
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -294,7 +313,11 @@ class DiagnosticsCallback(pl.Callback):
             ``trainer.fit`` the main process's ``history`` is empty. There, read the last logged
             values from ``trainer.callback_metrics``, or write ``history`` to a file from rank 0
             in a callback after this one (as the demo's ``ResultsWriter`` does), or use
-            ``strategy="ddp"``.
+            ``strategy="ddp"``. Lightning sends ``callback_metrics`` to the main process through a
+            pipe it reads only after the workers exit, which hangs ``fit`` once they take more
+            than the pipe's 64 KiB (about 210 logged values): when they would, the callback
+            removes the values it logged from rank 0's ``callback_metrics`` at ``teardown``
+            (with a warning), so the main process gets the others and ``fit`` returns.
     """
 
     def __init__(
@@ -314,6 +337,7 @@ class DiagnosticsCallback(pl.Callback):
         self.logger = logger
         self.history: list[dict[str, Any]] = []
         self._warned_stages: set[str] = set()
+        self._logged_keys: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -398,6 +422,7 @@ class DiagnosticsCallback(pl.Callback):
         values = log_diagnostics(
             pl_module, collection, prefix=f"{stage}/", prog_bar=self.prog_bar, logger=self.logger
         )
+        self._logged_keys.update(f"{stage}/{key}" for key in values)
         if not trainer.sanity_checking:
             self.history.append(
                 {
@@ -418,6 +443,25 @@ class DiagnosticsCallback(pl.Callback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log and reset the ``"test"`` collection."""
         self._log_stage(trainer, pl_module, "test")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Under a spawn or fork launcher, keep the result rank 0 sends to the main process small
+        enough that ``fit`` returns (see ``history``)."""
+        if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            return
+        metrics = trainer.callback_metrics
+        if _saved_size(metrics) <= _SPAWN_RESULT_BUDGET:
+            return
+        removed = [key for key in metrics if key in self._logged_keys]
+        for key in removed:
+            del metrics[key]
+        rank_zero_warn(
+            f"DiagnosticsCallback: {len(removed)} logged values are left out of the `callback_metrics` "
+            f"that {type(trainer.strategy).__name__} sends back to the main process: with them the "
+            f"result would exceed the {_SPAWN_RESULT_BUDGET // 1024} KiB a launcher pipe safely holds, "
+            "and Lightning reads that pipe only after the workers exit (fit would never return). "
+            "Read them from the logger, from `history` in a callback on rank 0, or use strategy='ddp'."
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
