@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -97,3 +99,18 @@ def half_way_losses() -> dict[str, torch.Tensor]:
         "source_model_loss_with_reconstruction": (clean + zero) / 2,
         "source_model_loss_with_zero_ablation": zero,
     }
+
+
+def inverted_cdf_quantile(
+    x: np.ndarray, levels: Sequence[float], weights: np.ndarray | None = None
+) -> np.ndarray:
+    """The inverted-CDF quantile as numpy's weighted path computes it (the definition the sketch
+    documents): the smallest sorted item whose float64 cumulative weight / total reaches q. Spelled
+    out because ``np.quantile(weights=)`` needs numpy 2 and the declared floor is older; checked
+    against numpy's own in tests/test_sketch.py where numpy has it."""
+    w = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    cdf = np.cumsum(w[order])
+    cdf /= cdf[-1]
+    index = np.searchsorted(cdf, np.asarray(levels, dtype=np.float64), side="left")
+    return x[order][np.minimum(index, len(x) - 1)]

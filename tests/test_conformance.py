@@ -500,3 +500,43 @@ def test_every_stderr_equals_scipy_sem_of_items_measured_one_by_one(
             continue  # a layer no item reached
         assert len(finite) > 2, key
         assert out[key] == pytest.approx(scipy.stats.sem(finite), rel=1e-9), key
+
+
+def _layer_key(key: str) -> tuple[str, int] | None:
+    """``("delta", 2)`` for the flat key ``delta/layer_2`` (``("", 2)`` for ``layer_2``), else None."""
+    match = re.fullmatch(r"(?:(.*)/)?layer_(\d+)", key)
+    return (match.group(1) or "", int(match.group(2))) if match else None
+
+
+LAYERED = [
+    e
+    for e in ENTRIES
+    if "layer" in example_batches(e, [1])[0] and e.example.init_kwargs.get("num_layers", 1) > 1
+]
+
+
+@pytest.mark.parametrize("entry", LAYERED, ids=_ids(LAYERED))
+def test_each_batch_lands_on_its_layer(entry: RegisteredMetric, device: torch.device) -> None:
+    """Batches sent to different layers of one metric: layer ℓ holds what a one-layer metric fed only
+    the batches of ℓ gives; a layer no batch reached is NaN."""
+    num_layers = entry.example.init_kwargs["num_layers"]
+    batches = example_batches(entry, [4, 3, 5, 2], seed=7, device=device)
+    layers = [1, 0, 1, 0]  # layers 2 and above get no batch
+    metric = make_metric(entry, device)
+    for batch, layer in zip(batches, layers):
+        metric.update(**dict(batch, layer=layer))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flat(metric, metric.compute())
+    by_layer = {_layer_key(key): v for key, v in out.items()}
+    assert None not in by_layer, f"a key without a layer: {sorted(out)}"
+    for layer in range(num_layers):
+        single = make_metric(entry, device, num_layers=1)
+        for batch in (b for b, to in zip(batches, layers) if to == layer):
+            single.update(**dict(batch, layer=0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = flat(single, single.compute())
+        got = {stat: v for (stat, to), v in by_layer.items() if to == layer}
+        assert got.keys() == expected.keys(), sorted(out)
+        assert not compare(got, expected, rtol=entry.example.rtol), f"layer {layer}"
