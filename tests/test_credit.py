@@ -704,7 +704,7 @@ def test_shardable_metrics_are_split_invariant(entry) -> None:  # type: ignore[n
         parts.update(**part)
     a, b = whole.compute(), parts.compute()
     for k in a if isinstance(a, dict) else [None]:
-        torch.testing.assert_close(a[k] if k else a, b[k] if k else b, rtol=1e-9, atol=0)
+        torch.testing.assert_close(a[k] if k else a, b[k] if k else b, rtol=1e-9, atol=0, equal_nan=True)
 
 
 def test_constructor_arguments_are_validated() -> None:
