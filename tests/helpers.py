@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,9 +32,27 @@ def example_batches(
     return [to_device(entry.example.make_batch(g, n), device) for n in sizes]
 
 
-def bad_inputs(entry: RegisteredMetric, device: DeviceLike = "cpu") -> list[dict[str, Any]]:
-    """The entry's invalid inputs, on ``device``."""
-    return [to_device(bad, device) for bad in entry.example.bad_inputs(torch.Generator().manual_seed(1))]
+def bad_inputs_and_arguments(
+    entry: RegisteredMetric, device: DeviceLike = "cpu"
+) -> list[tuple[set[str], dict[str, Any]]]:
+    """The entry's invalid inputs on ``device``, each with the arguments it changed: the ones whose
+    value is not the object most of the list shares (the examples build each bad input from one good
+    batch, ``{**good, "x": bad_x}``), or all of them when no value is shared."""
+    raw = entry.example.bad_inputs(torch.Generator().manual_seed(1))
+    usual = {}
+    for key in {k for bad in raw for k in bad}:
+        counts = Counter(id(bad[key]) for bad in raw if key in bad)
+        (value_id, n), *_ = counts.most_common(1)
+        if n >= 2:
+            usual[key] = value_id
+    return [({k for k, v in bad.items() if id(v) != usual.get(k)}, to_device(bad, device)) for bad in raw]
+
+
+def names_the_argument(message: str, changed: set[str], update: Callable[..., Any], passed: dict) -> bool:
+    """Whether a rejection ``message`` names (in backticks) an argument at fault: one the bad input
+    changed, or one of ``update``'s it left out (``[N] losses need `component_idx```)."""
+    omitted = set(inspect.signature(update).parameters) - set(passed)
+    return any(re.search(rf"`{re.escape(name)}[`\[]", message) for name in changed | omitted)
 
 
 def to_device(value: Any, device: DeviceLike) -> Any:

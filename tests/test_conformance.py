@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 
 from metrics_suite.registry import RegisteredMetric, registered
 from tests.helpers import (
-    bad_inputs,
+    bad_inputs_and_arguments,
     compare,
     example_batches,
     flat,
     make_metric,
+    names_the_argument,
     state_snapshot,
     states_equal,
 )
@@ -117,16 +118,18 @@ def test_state_dict_and_pickle_mid_epoch(entry: RegisteredMetric, device: torch.
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
 def test_bad_input_raises_and_leaves_state_unchanged(entry: RegisteredMetric, device: torch.device) -> None:
-    rejected = bad_inputs(entry, device)
+    rejected = bad_inputs_and_arguments(entry, device)
     assert rejected, "register at least one bad input"
     metric = make_metric(entry, device)
     metric.update(**example_batches(entry, [3], device=device)[0])
     before = state_snapshot(metric)
     count = metric.update_count
-    for i, bad in enumerate(rejected):
+    for i, (changed, bad) in enumerate(rejected):
         with pytest.raises((ValueError, TypeError)) as info:
             metric.update(**bad)
-        assert "`" in str(info.value), f"bad input {i}: the message should name the argument: {info.value}"
+        assert names_the_argument(str(info.value), changed, metric.update, bad), (
+            f"bad input {i}: the message should name `{'`/`'.join(sorted(changed))}`: {info.value}"
+        )
         assert states_equal(state_snapshot(metric), before), f"bad input {i} changed the state"
     # the metric still works after the rejected updates, which counted as no update
     metric.update(**example_batches(entry, [2], seed=5, device=device)[0])
@@ -157,9 +160,12 @@ def test_rejected_forward_keeps_state_and_later_results(
     metric = make_metric(entry, device)
     metric.update(**b1)
     before = state_snapshot(metric)
-    for i, bad in enumerate(bad_inputs(entry, device)):
-        with pytest.raises((ValueError, TypeError)):
+    for i, (changed, bad) in enumerate(bad_inputs_and_arguments(entry, device)):
+        with pytest.raises((ValueError, TypeError)) as info:
             metric(**bad)
+        assert names_the_argument(str(info.value), changed, metric.update, bad), (
+            f"bad input {i}: {info.value}"
+        )
         assert states_equal(state_snapshot(metric), before), f"bad input {i} changed the state"
     assert not compare(flat(metric, metric(**_requiring_grad(b2))), expected_batch, rtol=entry.example.rtol)
     metric.update(**_requiring_grad(b3))

@@ -27,6 +27,7 @@ from metrics_suite.functional import (
 )
 from metrics_suite.functional import credit as credit_functional
 from metrics_suite.registry import registered
+from tests.helpers import bad_inputs_and_arguments, names_the_argument
 
 F64 = torch.float64
 
@@ -684,11 +685,12 @@ def test_bad_inputs_raise_and_leave_state_unchanged(entry) -> None:  # type: ign
     metric = entry.cls(**ex.init_kwargs)
     metric.update(**ex.make_batch(_gen(25), 6))
     before = _states(metric)
-    bad_inputs = ex.bad_inputs(_gen(26))
-    assert bad_inputs
-    for bad in bad_inputs:
-        with pytest.raises((ValueError, TypeError), match="`"):
+    rejected = bad_inputs_and_arguments(entry)
+    assert rejected
+    for changed, bad in rejected:
+        with pytest.raises((ValueError, TypeError)) as info:
             metric.update(**bad)
+        assert names_the_argument(str(info.value), changed, metric.update, bad), info.value
         _assert_states_equal(metric, before)
 
 

@@ -37,7 +37,13 @@ from metrics_suite.functional.utility import (
     top_k_support_mask,
 )
 from metrics_suite.registry import registered
-from tests.helpers import inverted_cdf_quantile, state_snapshot, states_equal
+from tests.helpers import (
+    bad_inputs_and_arguments,
+    inverted_cdf_quantile,
+    names_the_argument,
+    state_snapshot,
+    states_equal,
+)
 
 # written out here (not imported) so that a change of the output keys or their order fails a test
 FIRST_FOUR = ("jeffreys", "jensen_shannon", "total_variation", "squared_hellinger")
@@ -689,13 +695,13 @@ def test_cross_entropy_ignores_out_of_range_ids_that_are_not_counted() -> None:
 def test_bad_inputs_raise_and_leave_state_unchanged(entry: Any) -> None:
     metric = entry.cls(**entry.example.init_kwargs)
     metric.update(**entry.example.make_batch(torch.Generator().manual_seed(0), 4))
-    bad_inputs = entry.example.bad_inputs(torch.Generator().manual_seed(1))
-    assert len(bad_inputs) >= 4
-    for bad in bad_inputs:
+    rejected = bad_inputs_and_arguments(entry)
+    assert len(rejected) >= 4
+    for changed, bad in rejected:
         before = state_snapshot(metric)
         with pytest.raises((ValueError, TypeError)) as err:
             metric.update(**bad)
-        assert "`" in str(err.value)  # the message names the argument
+        assert names_the_argument(str(err.value), changed, metric.update, bad), err.value
         assert states_equal(before, state_snapshot(metric))
 
 
