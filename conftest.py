@@ -4,8 +4,9 @@
 ``tests``) to collect doctests; the test files skip themselves with ``importorskip``. Modules that
 need a missing extra are left out of collection instead of stopping it with an import error.
 
-``pytest --device cuda`` runs the conformance kit (``tests/test_conformance.py``) with metrics and
-inputs on that device; see "Devices" in ``docs/guides/distributed.md``.
+``pytest --device cuda`` runs the conformance kit (``tests/test_conformance.py``), the host-sync
+budgets and the reference-value tests of each suite (those that take the ``device`` fixture) with
+metrics and inputs on that device; see "Devices" in ``docs/guides/distributed.md``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--device",
         default="cpu",
-        help="device the conformance kit runs metrics and inputs on: cpu (default), cuda or cuda:N",
+        help="device the tests taking the `device` fixture (conformance kit, suite reference tests) run "
+        "metrics and inputs on: cpu (default), cuda or cuda:N",
     )
 
 
@@ -49,5 +51,5 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def device(pytestconfig: pytest.Config) -> torch.device:
-    """The ``--device`` the kit runs on (``cpu`` by default)."""
+    """The ``--device`` metrics and inputs go to (``cpu`` by default)."""
     return pytestconfig.stash[DEVICE]

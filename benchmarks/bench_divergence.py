@@ -37,25 +37,24 @@ ratios and the recorded load average.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import json
 import math
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from _device import add_device_argument, timed
+from _memory import peak_growth_mib, run_worker
 from torch import Tensor
 
 from metrics_suite import NextTokenDivergence
-from metrics_suite.functional.utility import DEFAULT_CHUNK_BYTES, chunk_rows, top_k_support_mask
+from metrics_suite.functional._chunks import LOGIT_CHUNK_BYTES
+from metrics_suite.functional.utility import chunk_rows, top_k_support_mask
 
 LN2 = math.log(2.0)
 ATTENDED = 200
@@ -231,14 +230,6 @@ def time_case(
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_worker(
     batch: int, seq: int, vocab: int, num_logits: int | None, naive: bool = False
 ) -> dict[str, Any]:
@@ -246,16 +237,10 @@ def memory_worker(
     clean, noisy, mask = make_inputs(batch, seq, vocab)
     metric = NextTokenDivergence(num_logits=num_logits)
     metric.update(clean[:1, :2, :64].clone(), noisy[:1, :2, :64].clone(), mask[:1, :2])  # warm-up
-    # hand memory freed so far back to the OS, so the update cannot hide in it
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset VmHWM to the current RSS
-    if naive:
-        naive_update(clean, noisy, mask, num_logits)
-    else:
-        metric.update(clean, noisy, mask)
-    peak = _status_kib("VmHWM")
+    extra = peak_growth_mib(
+        lambda: naive_update(clean, noisy, mask, num_logits) if naive else metric.update(clean, noisy, mask),
+        "cpu",
+    )
     buffers = 6 if num_logits is None else 2  # [chunk, V] float32 buffers held by update
     return {
         "implementation": "naive" if naive else "update",
@@ -264,7 +249,7 @@ def memory_worker(
         "vocab": vocab,
         "num_logits": num_logits,
         "input_mib": round(2 * clean.numel() * 4 / 2**20, 1),
-        "extra_peak_mib": round((peak - before) / 1024, 1),
+        "extra_peak_mib": extra,
         "update_workspace_mib": round(
             buffers * chunk_rows(vocab, torch.float32, batch, seq) * vocab * 4 / 2**20, 1
         ),
@@ -274,19 +259,7 @@ def memory_worker(
 def measure_memory(
     batch: int, seq: int, vocab: int, num_logits: int | None, naive: bool = False
 ) -> dict[str, Any]:
-    args = json.dumps([batch, seq, vocab, num_logits, naive])
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
-    }
-    done = subprocess.run(
-        [sys.executable, __file__, "--memory-worker", args],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    )
-    return json.loads(done.stdout)
+    return run_worker(__file__, [batch, seq, vocab, num_logits, naive])
 
 
 def main() -> None:
@@ -321,7 +294,7 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
-            "default_chunk_bytes": DEFAULT_CHUNK_BYTES,
+            "default_chunk_bytes": LOGIT_CHUNK_BYTES,
             "load_average": os.getloadavg(),
         },
         "timing": cases,

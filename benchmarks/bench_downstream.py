@@ -22,18 +22,16 @@ Timings on a loaded machine are noisy: the per-repetition ratios and the load av
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _device import add_device_argument, timed
+from _memory import peak_growth_mib, run_worker
 from torch import Tensor
 
 from metrics_suite import DownstreamReconstruction
@@ -44,7 +42,7 @@ CASES = [(4, 32000), (1, 128256)]  # (batch, vocab)
 MEMORY_CASES = [(1, 256, 32000), (4, 256, 32000), (4, 1024, 32000), (1, 256, 128256)]  # (B, T, V)
 
 
-def make_inputs(batch: int, seq: int, vocab: int, device: str) -> tuple[Tensor, ...]:
+def make_inputs(batch: int, seq: int, vocab: int, device: torch.device | str) -> tuple[Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(batch, seq, vocab, generator=g) * 3.0
     spliced = clean + torch.randn(batch, seq, vocab, generator=g)
@@ -71,22 +69,14 @@ def reference(
     }
 
 
-def _seconds(fn: Callable[[], Any], device: str) -> float:
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def time_case(batch: int, vocab: int, reps: int, device: str) -> dict[str, Any]:
+def time_case(batch: int, vocab: int, reps: int, device: torch.device) -> dict[str, Any]:
     inputs = make_inputs(batch, SEQ, vocab, device)
     metric = DownstreamReconstruction().to(device)
     metric.update(*(x[:1, :4] for x in inputs))  # warm-up
     times: dict[str, list[float]] = {"update": [], "reference": []}
     for _ in range(reps):
-        times["reference"].append(_seconds(lambda: reference(*inputs), device))
-        times["update"].append(_seconds(lambda: metric.update(*inputs), device))
+        times["reference"].append(timed(lambda: reference(*inputs), device))
+        times["update"].append(timed(lambda: metric.update(*inputs), device))
     check = DownstreamReconstruction().to(device)
     check.update(*inputs)
     ours = check.compute()
@@ -104,14 +94,6 @@ def time_case(batch: int, vocab: int, reps: int, device: str) -> dict[str, Any]:
     }
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_worker(batch: int, seq: int, vocab: int, device: str, ref: bool) -> dict[str, Any]:
     """Run in a fresh process: peak memory growth during one update (or one reference evaluation)."""
     inputs = make_inputs(batch, seq, vocab, device)
@@ -120,51 +102,26 @@ def memory_worker(batch: int, seq: int, vocab: int, device: str, ref: bool) -> d
     metric.update(
         clean[..., :64].clone(), spliced[..., :64].clone(), ablated[..., :64].clone(), targets % 64, mask
     )
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        before = _status_kib("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # reset VmHWM to the current RSS
-    if ref:
-        reference(*inputs)
-    else:
-        metric.update(*inputs)
-    peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
     return {
         "implementation": "reference" if ref else "update",
         "batch": batch,
         "sequence": seq,
         "vocab": vocab,
         "input_mib": round(3 * inputs[0].numel() * 4 / 2**20, 1),
-        "extra_peak_mib": round((peak - before) / 2**20, 1),
+        "extra_peak_mib": peak_growth_mib(
+            lambda: reference(*inputs) if ref else metric.update(*inputs), device
+        ),
     }
 
 
 def measure_memory(batch: int, seq: int, vocab: int, device: str, ref: bool = False) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
-    }
-    args = json.dumps([batch, seq, vocab, device, ref])
-    done = subprocess.run(
-        [sys.executable, __file__, "--memory-worker", args],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    )
-    return json.loads(done.stdout)
+    return run_worker(__file__, [batch, seq, vocab, device, ref])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions of update and reference (median)")
-    parser.add_argument("--device", default="cpu", help="torch device of the inputs (default: cpu)")
+    add_device_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -176,16 +133,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     timing = [time_case(batch, vocab, args.reps, args.device) for batch, vocab in CASES]
-    memory = [] if args.no_memory else [measure_memory(b, t, v, args.device) for b, t, v in MEMORY_CASES]
-    ref_memory = [] if args.no_memory else [measure_memory(*MEMORY_CASES[1], args.device, ref=True)]
+    memory = [] if args.no_memory else [measure_memory(b, t, v, str(args.device)) for b, t, v in MEMORY_CASES]
+    ref_memory = [] if args.no_memory else [measure_memory(*MEMORY_CASES[1], str(args.device), ref=True)]
     report = {
         "environment": {
             "torch": torch.__version__,
-            "device": args.device,
+            "device": str(args.device),
             "threads": torch.get_num_threads(),
             "load_average": os.getloadavg(),
             "memory_method": "cuda max_memory_allocated"
-            if args.device.startswith("cuda")
+            if args.device.type == "cuda"
             else "process peak RSS (VmHWM) growth, fresh process per case",
         },
         "timing": timing,

@@ -9,12 +9,12 @@ from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric, MetricOutput
 from metrics_suite.examples import noise as examples
+from metrics_suite.functional._masks import position_mask
 from metrics_suite.functional.noise import (
     NOISE_STATISTICS,
     _noise_check,
     _noise_per_position,
     _noise_update,
-    _position_mask,
     _positions_finite,
 )
 from metrics_suite.registry import register
@@ -94,7 +94,7 @@ class NoiseStatistics(DiagnosticMetric):
         if self.validate_args:
             _noise_check(input, mean, noise, noise_mask, self.dim)
         values, defined = _noise_per_position(input, mean, noise, self.dim)
-        selected = _position_mask(noise_mask, values.shape[1:], values.device)
+        selected = position_mask(noise_mask, values.shape[1:], values.device)
         # judged on the inputs: a float64 norm of finite values near 1e200 overflows
         finite = _positions_finite(input, mean, noise, self.dim).to(values.device)
         keep, skipped = self.nonfinite_filter("input/mean/noise", finite | ~selected)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from metrics_suite.base import DiagnosticMetric, MetricOutput, safe_div
 from metrics_suite.examples import reconstruction as examples
+from metrics_suite.functional._masks import position_mask
 from metrics_suite.functional.reconstruction import (
     DENSITY_EDGES_LOG10,
     ScoreReduction,
@@ -31,7 +32,6 @@ from metrics_suite.functional.reconstruction import (
     _reconstruction_score_check,
     _reconstruction_score_compute,
     _reconstruction_score_update,
-    _selection,
     dead_fraction_key,
 )
 from metrics_suite.registry import register
@@ -311,7 +311,7 @@ class ActivationReconstruction(DiagnosticMetric):
         """Add one batch of ``[..., num_features]`` vectors (``mask`` over the leading shape)."""
         if self.validate_args:
             _activation_check(reconstruction, target, mask, self.num_features)
-        selected = _selection(mask, target.shape[:-1], target.device)
+        selected = position_mask(mask, target.shape[:-1], target.device)
         vector_stats = _activation_vector_stats(reconstruction, target)
         finite = torch.isfinite(vector_stats).all(0).reshape(selected.shape)
         keep, skipped = self.nonfinite_filter("reconstruction/target", finite | ~selected)
@@ -422,7 +422,7 @@ class FeatureSparsity(DiagnosticMetric):
         """Add one batch of ``[..., num_features]`` activations (``mask`` over the leading shape)."""
         if self.validate_args:
             _feature_sparsity_check(feature_activations, mask, self.num_features)
-        selected = _selection(mask, feature_activations.shape[:-1], feature_activations.device)
+        selected = position_mask(mask, feature_activations.shape[:-1], feature_activations.device)
         l1 = _feature_l1(feature_activations)
         finite = torch.isfinite(feature_activations).all(-1)
         keep, skipped = self.nonfinite_filter("feature_activations", finite | ~selected)

@@ -67,6 +67,12 @@ def to_device(value: Any, device: DeviceLike) -> Any:
     return value
 
 
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor moved to the CPU: the results of a ``--device`` run, before they are
+    compared with a numpy reference."""
+    return to_device(value, "cpu")
+
+
 def flat(metric: DiagnosticMetric, value: Any) -> dict[str, float]:
     """A compute() result flattened to python floats."""
     return {k: float(v) for k, v in metric.flatten_output(value).items()}

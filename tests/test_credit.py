@@ -27,7 +27,7 @@ from metrics_suite.functional import (
 )
 from metrics_suite.functional import credit as credit_functional
 from metrics_suite.registry import registered
-from tests.helpers import bad_inputs_and_arguments, names_the_argument
+from tests.helpers import bad_inputs_and_arguments, names_the_argument, to_device
 
 F64 = torch.float64
 
@@ -107,10 +107,10 @@ def test_lq_forward_matches_loop_and_checks_shapes() -> None:
 # ---------------------------------------------------------------------------------------------- cosine
 @pytest.mark.parametrize("chunk_elements", [None, 13])  # 13: two items per float64 chunk
 def test_credit_cosine_matches_numpy_loop_and_skips_zero_norms(
-    chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch
+    chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch, device: torch.device
 ) -> None:
     if chunk_elements is not None:
-        monkeypatch.setattr(credit_functional, "DEFAULT_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(credit_functional, "CHUNK_ELEMENTS", chunk_elements)
     g = _gen(2)
     credit = torch.randn(9, 3, 2, generator=g)
     reference = credit + torch.randn(9, 3, 2, generator=g)
@@ -122,7 +122,8 @@ def test_credit_cosine_matches_numpy_loop_and_skips_zero_norms(
             cosines.append(a @ r / np.linalg.norm(a) / np.linalg.norm(r))
     expected = np.mean(cosines)
 
-    metric = CreditCosine(num_layers=3, with_stderr=True)
+    credit, reference = to_device((credit, reference), device)
+    metric = CreditCosine(num_layers=3, with_stderr=True).to(device)
     metric.update(credit[:5], reference[:5], layer=1)
     metric.update(credit[5:], reference[5:], layer=1)
     out = metric.compute()
@@ -193,20 +194,21 @@ def test_random_credit_has_small_correlation() -> None:
     assert abs(metric.compute().item()) < 0.06  # 4096 pairs: standard error about 0.016
 
 
-def test_rho_equals_scipy_pearsonr_over_pooled_pairs() -> None:
+def test_rho_equals_scipy_pearsonr_over_pooled_pairs(device: torch.device) -> None:
     loss_fn = Quadratic(6)
     g = _gen(8)
     batches = []
     for n in (10, 7):
         hidden = torch.randn(n, 6, generator=g, dtype=F64)
-        batches.append((hidden, loss_fn.gradient(hidden) + 2 * torch.randn(n, 6, generator=g, dtype=F64)))
-    metric = PerturbationCorrelation(num_layers=2, num_directions=5, epsilon=0.05, seed=123)
+        credit = loss_fn.gradient(hidden) + 2 * torch.randn(n, 6, generator=g, dtype=F64)
+        batches.append(to_device((hidden, credit), device))
+    metric = PerturbationCorrelation(num_layers=2, num_directions=5, epsilon=0.05, seed=123).to(device)
     pairs = []
     for hidden, credit in batches:
         metric.update(hidden, credit, loss_fn, layer=1)
         pairs.append(perturbation_pairs(hidden, credit, loss_fn, 0.05, 5, seed=123))
-    x = torch.cat([p[0] for p in pairs]).numpy().ravel()
-    y = torch.cat([p[1] for p in pairs]).numpy().ravel()
+    x = torch.cat([p[0] for p in pairs]).cpu().numpy().ravel()
+    y = torch.cat([p[1] for p in pairs]).cpu().numpy().ravel()
     rho = metric.compute()
     assert torch.isnan(rho[0])
     assert 0.1 < rho[1].item() < 0.99  # informative but imperfect credit
@@ -491,7 +493,7 @@ def test_nudging_true_gradient_lowers_the_loss_and_its_negation_raises_it() -> N
     assert torch.isnan(out["delta"][1]) and torch.isnan(out["improved_fraction"][1])
 
 
-def test_nudging_delta_matches_a_per_item_reference() -> None:
+def test_nudging_delta_matches_a_per_item_reference(device: torch.device) -> None:
     hidden = torch.randn(5, 2, 3, generator=_gen(19), dtype=F64)  # items may have several dims
     credit = torch.randn(5, 2, 3, generator=_gen(20), dtype=F64)
     flat_loss = Quadratic(6, seed=1)
@@ -500,10 +502,11 @@ def test_nudging_delta_matches_a_per_item_reference() -> None:
         a_hat = a / (np.sqrt(np.mean(a**2)) + 1e-6)
         new = flat_loss(torch.from_numpy(h - 0.05 * a_hat)[None])
         expected.append((new - flat_loss(torch.from_numpy(h)[None])).item())
+    hidden, credit = to_device((hidden, credit), device)
     delta = nudging_delta(hidden, credit, lambda h: flat_loss(h.reshape(h.shape[0], 6)), eta=0.05)
-    np.testing.assert_allclose(delta.numpy(), expected, rtol=1e-9)
+    np.testing.assert_allclose(delta.cpu().numpy(), expected, rtol=1e-9)
 
-    metric = NudgingDelta(eta=0.05, with_stderr=True)
+    metric = NudgingDelta(eta=0.05, with_stderr=True).to(device)
     metric.update(hidden[:2], credit[:2], lambda h: flat_loss(h.reshape(h.shape[0], 6)))
     metric.update(hidden[2:], credit[2:], lambda h: flat_loss(h.reshape(h.shape[0], 6)))
     out = metric.compute()
@@ -513,7 +516,7 @@ def test_nudging_delta_matches_a_per_item_reference() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- bridge
-def test_bridge_residual_matches_scipy_logsumexp() -> None:
+def test_bridge_residual_matches_scipy_logsumexp(device: torch.device) -> None:
     g = _gen(21)
     next_values = torch.randn(12, 5, generator=g) * 2
     value = torch.randn(12, generator=g)
@@ -521,9 +524,10 @@ def test_bridge_residual_matches_scipy_logsumexp() -> None:
     target = -lam * scipy.special.logsumexp(-next_values.double().numpy() / lam, axis=1) + lam * np.log(5)
     expected = np.abs(value.double().numpy() - target)
 
-    np.testing.assert_allclose(bridge_target(next_values, lam).numpy(), target, rtol=1e-12)
+    value, next_values = to_device((value, next_values), device)
+    np.testing.assert_allclose(bridge_target(next_values, lam).cpu().numpy(), target, rtol=1e-12)
     np.testing.assert_allclose(bridge_residual(value, next_values, lam).item(), expected.mean(), rtol=1e-12)
-    metric = BridgeResidual(num_layers=2, lam=lam)
+    metric = BridgeResidual(num_layers=2, lam=lam).to(device)
     metric.update(value[:7], next_values[:7], layer=1)
     metric.update(value[7:], next_values[7:], layer=1)
     out = metric.compute()
@@ -566,14 +570,15 @@ def _drift_setup() -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     return reference, params
 
 
-def test_feature_drift_matches_hand_norms() -> None:
+def test_feature_drift_matches_hand_norms(device: torch.device) -> None:
     reference, params = _drift_setup()
     per_param = {
         k: np.linalg.norm(params[k].double().numpy() - w.double().numpy())
         / np.linalg.norm(w.double().numpy())
         for k, w in reference.items()
     }
-    metric = FeatureDrift(reference)
+    reference, params = to_device((reference, params), device)
+    metric = FeatureDrift(reference).to(device)
     metric.update(params)
     out = metric.compute()
     assert list(out) == ["enc.weight", "enc.bias", "scale"]
@@ -588,7 +593,7 @@ def test_feature_drift_matches_hand_norms() -> None:
         (sq(params["enc.weight"] - reference["enc.weight"]) + sq(params["enc.bias"] - reference["enc.bias"]))
         / (sq(reference["enc.weight"]) + sq(reference["enc.bias"]))
     )
-    grouped = FeatureDrift(reference, group_by_module=True)
+    grouped = FeatureDrift(reference, group_by_module=True).to(device)
     grouped.update(params)
     out = grouped.compute()
     assert list(out) == ["enc", "root"]

@@ -14,6 +14,7 @@ from metrics_suite import NoiseStatistics
 from metrics_suite.functional import noise as functional_noise
 from metrics_suite.functional import noise_statistics
 from metrics_suite.functional.noise import NOISE_STATISTICS
+from tests.helpers import on_cpu, to_device
 
 
 def _reference(x: np.ndarray, mu: np.ndarray, eps: np.ndarray, dim: int) -> dict[str, np.ndarray]:
@@ -60,41 +61,48 @@ def _states(metric: ms.DiagnosticMetric) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("chunk_elements", [None, 7])
 @pytest.mark.parametrize(("shape", "dim"), [((3, 5, 4), -1), ((4, 3, 2, 2), -3), ((6, 2, 3), -2)])
 def test_functional_matches_per_position_reference(
-    shape: tuple[int, ...], dim: int, chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch
+    shape: tuple[int, ...],
+    dim: int,
+    chunk_elements: int | None,
+    monkeypatch: pytest.MonkeyPatch,
+    device: torch.device,
 ) -> None:
     if chunk_elements is not None:  # many position chunks, including a ragged last one
-        monkeypatch.setattr(functional_noise, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(functional_noise, "NOISE_CHUNK_ELEMENTS", chunk_elements)
     x, mu, eps = _data(torch.Generator().manual_seed(0), shape)
-    out = noise_statistics(x.double(), mu.double(), eps.double(), dim=dim)
+    out = on_cpu(noise_statistics(*to_device((x.double(), mu.double(), eps.double()), device), dim=dim))
     want = _reference(x.numpy(), mu.numpy(), eps.numpy(), dim)
     assert list(out) == list(NOISE_STATISTICS)
     for name in NOISE_STATISTICS:
         np.testing.assert_allclose(out[name].numpy(), want[name].reshape(-1), rtol=1e-12, err_msg=name)
 
 
-def test_seed_example_mask_broadcast_over_positions() -> None:
+def test_seed_example_mask_broadcast_over_positions(device: torch.device) -> None:
     x, mu, eps = _data(torch.Generator().manual_seed(1), (4, 3, 2, 2))
     mask = torch.tensor([[True, False], [False, True]])
-    out = noise_statistics(x, mu, eps, noise_mask=mask, dim=-3)
+    inputs = to_device((x, mu, eps, mask), device)
+    out = on_cpu(noise_statistics(*inputs[:3], noise_mask=inputs[3], dim=-3))
     want = _reference(x.numpy(), mu.numpy(), eps.numpy(), -3)
     full_mask = np.broadcast_to(mask.numpy(), (4, 2, 2))
     for name in NOISE_STATISTICS:
         assert out[name].shape == (8,)
         np.testing.assert_allclose(out[name].numpy(), want[name][full_mask], rtol=1e-5, err_msg=name)
-    metric = NoiseStatistics(dim=-3)
-    metric.update(x, mu, eps, noise_mask=mask)
+    metric = NoiseStatistics(dim=-3).to(device)
+    metric.update(*inputs[:3], noise_mask=inputs[3])
     result = metric.compute()
     for name in NOISE_STATISTICS:
         assert result[name].item() == pytest.approx(want[name][full_mask].mean(), rel=1e-5), name
 
 
-def test_metric_streamed_equals_mean_of_reference() -> None:
+def test_metric_streamed_equals_mean_of_reference(device: torch.device) -> None:
     g = torch.Generator().manual_seed(2)
     x, mu, eps = _data(g, (11, 6, 5))
     mask = torch.rand(11, 6, generator=g) < 0.7
-    metric = NoiseStatistics(with_stderr=True)
+    metric = NoiseStatistics(with_stderr=True).to(device)
     for part in (slice(0, 2), slice(2, 2), slice(2, 9), slice(9, 11)):
-        metric.update(x[part].double(), mu[part].double(), eps[part].double(), mask[part])
+        metric.update(
+            *to_device((x[part].double(), mu[part].double(), eps[part].double(), mask[part]), device)
+        )
     want = _reference(x.numpy(), mu.numpy(), eps.numpy(), -1)
     out = metric.compute()
     for name in NOISE_STATISTICS:
@@ -124,12 +132,14 @@ def test_mask_broadcasting_forms_agree() -> None:
 
 
 @pytest.mark.parametrize("chunk_elements", [None, 7])
-def test_broadcast_mean_shape(chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broadcast_mean_shape(
+    chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch, device: torch.device
+) -> None:
     if chunk_elements is not None:  # the broadcast mean is read row by row, a chunk at a time
-        monkeypatch.setattr(functional_noise, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(functional_noise, "NOISE_CHUNK_ELEMENTS", chunk_elements)
     x, _, eps = _data(torch.Generator().manual_seed(4), (2, 3, 4))
     mu = torch.tensor([0.5, -1.0, 2.0, 0.0])  # one learned mean vector for every position
-    out = noise_statistics(x, mu, eps)
+    out = on_cpu(noise_statistics(*to_device((x, mu, eps), device)))
     want = _reference(x.numpy(), mu.numpy(), eps.numpy(), -1)
     for name in NOISE_STATISTICS:
         np.testing.assert_allclose(out[name].numpy(), want[name].reshape(-1), rtol=1e-5, err_msg=name)

@@ -21,6 +21,7 @@ from metrics_suite.functional import (
     reconstruction_score,
 )
 from metrics_suite.functional import reconstruction as functional_reconstruction
+from tests.helpers import to_device
 
 
 def _states(metric: ms.DiagnosticMetric) -> dict[str, torch.Tensor]:
@@ -63,17 +64,18 @@ def _score_data(g: torch.Generator, n: int, c: int) -> tuple[torch.Tensor, torch
     return clean, recon, zero
 
 
-def test_score_reductions_differ_and_match_numpy() -> None:
+def test_score_reductions_differ_and_match_numpy(device: torch.device) -> None:
     clean, recon, zero = _score_data(torch.Generator().manual_seed(1), 40, 3)
     l, r, z = clean.numpy(), recon.numpy(), zero.numpy()
     want_sums = (z.sum(0) - r.sum(0)) / (z.sum(0) - l.sum(0))
     want_mean = ((z - r) / (z - l)).mean(0)
     assert np.abs(want_sums - want_mean).min() > 1e-3  # the data tells the two reductions apart
+    clean, recon, zero = to_device((clean, recon, zero), device)
     for reduction, want in (("ratio_of_sums", want_sums), ("itemwise_mean", want_mean)):
-        metric = ReconstructionScore(num_components=3, reduction=reduction)
+        metric = ReconstructionScore(num_components=3, reduction=reduction).to(device)
         for part in _split(40, [7, 20, 13]):
             metric.update(clean[part], recon[part], zero[part])
-        np.testing.assert_allclose(metric.compute().numpy(), want, rtol=1e-12)
+        np.testing.assert_allclose(metric.compute().cpu().numpy(), want, rtol=1e-12)
 
 
 def test_score_component_idx_matches_nc_layout() -> None:
@@ -293,14 +295,15 @@ def _loop_reference(ids: np.ndarray, rec: np.ndarray, mask: np.ndarray) -> tuple
     return rates, changed / selected
 
 
-def test_changed_tokens_streamed_vs_loop() -> None:
+def test_changed_tokens_streamed_vs_loop(device: torch.device) -> None:
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, 8, (30, 7), generator=g)
     rec = torch.where(torch.rand(30, 7, generator=g) < 0.3, torch.randint(0, 8, (30, 7), generator=g), ids)
     mask = (torch.rand(30, 7, generator=g) < 0.5).to(torch.int32)  # 0/1 integers are accepted
     mask[:4] = 0  # sequences without selected tokens are left out of sequence_mean
     rates, token_rate = _loop_reference(ids.numpy(), rec.numpy(), mask.numpy())
-    metric = ChangedTokenRate(with_stderr=True)
+    ids, rec, mask = to_device((ids, rec, mask), device)
+    metric = ChangedTokenRate(with_stderr=True).to(device)
     for part in _split(30, [1, 11, 0, 18]):
         metric.update(ids[part], rec[part], mask[part])
     out = metric.compute()
@@ -327,7 +330,7 @@ def test_changed_tokens_default_mask_and_empty() -> None:
     assert all(math.isnan(v.item()) for v in empty.compute().values())
 
 
-def test_changed_tokens_broadcast_mask_vs_loop() -> None:
+def test_changed_tokens_broadcast_mask_vs_loop(device: torch.device) -> None:
     g = torch.Generator().manual_seed(12)
     ids = torch.randint(0, 5, (6, 4), generator=g)
     rec = torch.where(torch.rand(6, 4, generator=g) < 0.4, torch.randint(0, 5, (6, 4), generator=g), ids)
@@ -336,12 +339,13 @@ def test_changed_tokens_broadcast_mask_vs_loop() -> None:
     for mask in (per_token, per_sequence, torch.tensor(True)):
         full = np.broadcast_to(mask.numpy(), (6, 4))
         rates, token_rate = _loop_reference(ids.numpy(), rec.numpy(), full)
-        metric = ChangedTokenRate()
-        metric.update(ids, rec, mask)
+        inputs = to_device((ids, rec, mask), device)
+        metric = ChangedTokenRate().to(device)
+        metric.update(*inputs)
         out = metric.compute()
         assert out["sequence_mean"].item() == pytest.approx(np.mean(rates), rel=1e-12)
         assert out["token_rate"].item() == pytest.approx(token_rate, rel=1e-12)
-        per_sequence_rates = percentage_changed_ids(ids, rec, mask).numpy()
+        per_sequence_rates = percentage_changed_ids(*inputs).cpu().numpy()
         np.testing.assert_allclose(per_sequence_rates[full.any(1)], rates, rtol=1e-12)
 
 
@@ -430,16 +434,17 @@ def test_activations_hand_computed() -> None:
 
 @pytest.mark.parametrize("chunk_elements", [None, 40])
 def test_activations_offset_data_streamed_vs_float64_numpy(
-    chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch
+    chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch, device: torch.device
 ) -> None:
     """Mean 1000, std 1: the variance is 1e-6 of Σ‖x‖², so float32 sums would lose it."""
     if chunk_elements is not None:  # many row chunks per update, including a ragged last one
-        monkeypatch.setattr(functional_reconstruction, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(functional_reconstruction, "CHUNK_ELEMENTS", chunk_elements)
     g = torch.Generator().manual_seed(5)
     target = (1000.0 + torch.randn(997, 16, generator=g)).float()
     rec = (target + 0.3 * torch.randn(997, 16, generator=g)).float()
     want = _activation_reference(rec.numpy(), target.numpy())
-    metric = ActivationReconstruction(num_features=16)
+    rec, target = to_device((rec, target), device)
+    metric = ActivationReconstruction(num_features=16).to(device)
     for part in _split(997, [1, 300, 5, 0, 455, 236]):
         metric.update(rec[part], target[part])
     out = metric.compute()
@@ -448,7 +453,7 @@ def test_activations_offset_data_streamed_vs_float64_numpy(
         assert out[key].item() == pytest.approx(value, rel=1e-6), key
 
 
-def test_activations_mask_over_leading_shape_and_stderr() -> None:
+def test_activations_mask_over_leading_shape_and_stderr(device: torch.device) -> None:
     g = torch.Generator().manual_seed(6)
     target = torch.randn(4, 5, 6, generator=g) * 3 + 1
     rec = target + torch.randn(4, 5, 6, generator=g)
@@ -457,8 +462,10 @@ def test_activations_mask_over_leading_shape_and_stderr() -> None:
     mask[0, 0] = True
     masked_out = ~mask
     rec[masked_out] = float("nan")  # masked-out vectors never reach the sums
-    metric = ActivationReconstruction(num_features=6, with_stderr=True)
-    metric.update(rec.half().float(), target, mask)  # any float dtype; exact values here
+    metric = ActivationReconstruction(num_features=6, with_stderr=True).to(device)
+    metric.update(
+        *to_device((rec.half().float(), target, mask), device)
+    )  # any float dtype; exact values here
     sel_rec, sel_target = rec.half().float()[mask].numpy(), target[mask].numpy()
     want = _activation_reference(sel_rec, sel_target)
     out = metric.compute()
@@ -565,17 +572,18 @@ def _sparsity_reference(
 
 @pytest.mark.parametrize("chunk_elements", [None, 40])
 def test_sparsity_streamed_with_mask_vs_numpy(
-    chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch
+    chunk_elements: int | None, monkeypatch: pytest.MonkeyPatch, device: torch.device
 ) -> None:
     if chunk_elements is not None:
-        monkeypatch.setattr(functional_reconstruction, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(functional_reconstruction, "CHUNK_ELEMENTS", chunk_elements)
     g = torch.Generator().manual_seed(7)
     acts = _sparse_acts(g, 3 * 331, 16).reshape(331, 3, 16)
     mask = torch.rand(331, 3, generator=g) < 0.9
     thresholds = (0.0, 0.002, 0.01, 0.1)
-    metric = FeatureSparsity(num_features=16, dead_thresholds=thresholds, with_stderr=True)
+    metric = FeatureSparsity(num_features=16, dead_thresholds=thresholds, with_stderr=True).to(device)
+    on_device = to_device((acts, mask), device)
     for part in _split(331, [100, 1, 0, 230]):
-        metric.update(acts[part], mask[part])
+        metric.update(on_device[0][part], on_device[1][part])
     edges = np.array(metric.density_edges_log10)
     want = _sparsity_reference(acts[mask].numpy().astype(np.float64), thresholds, edges)
     out = metric.compute()
@@ -583,14 +591,14 @@ def test_sparsity_streamed_with_mask_vs_numpy(
     assert out["l1"].item() == pytest.approx(want["l1"], rel=1e-12)  # per-vector L1 in float64
     for thr in thresholds:
         assert out[f"dead_fraction@{thr:g}"].item() == pytest.approx(want[f"dead_fraction@{thr:g}"])
-    np.testing.assert_array_equal(out["density_histogram"].numpy(), want["density_histogram"])
-    np.testing.assert_allclose(metric.firing_frequency().numpy(), want["frequency"], rtol=1e-12)
+    np.testing.assert_array_equal(out["density_histogram"].cpu().numpy(), want["density_histogram"])
+    np.testing.assert_allclose(metric.firing_frequency().cpu().numpy(), want["frequency"], rtol=1e-12)
     # the data spreads over several bins and thresholds, so the checks above can tell formulas apart
     assert (want["density_histogram"] > 0).sum() >= 4
     assert len({round(out[f"dead_fraction@{t:g}"].item(), 6) for t in thresholds}) >= 3
     l0_per_vector = (acts[mask] != 0).sum(1).double().numpy()
     assert out["l0_stderr"].item() == pytest.approx(l0_per_vector.std(ddof=1) / np.sqrt(len(l0_per_vector)))
-    functional = feature_sparsity(acts, mask, dead_thresholds=thresholds)
+    functional = feature_sparsity(*on_device, dead_thresholds=thresholds)
     for key, value in functional.items():
         torch.testing.assert_close(value, out[key], rtol=1e-12, atol=0)
 
@@ -695,7 +703,7 @@ def test_feature_sparsity_large_finite_activations_are_finite() -> None:
 
 
 # ---------------------------------------------------------------------------------- norms and firing threshold
-def test_activation_norm_statistics_vs_numpy_and_sharding() -> None:
+def test_activation_norm_statistics_vs_numpy_and_sharding(device: torch.device) -> None:
     g = torch.Generator().manual_seed(11)
     target = torch.randn(40, 6, generator=g, dtype=torch.float64) * 2.0 + 0.3
     target[3] = 0.0  # a zero target: left out of l2_ratio only
@@ -712,7 +720,8 @@ def test_activation_norm_statistics_vs_numpy_and_sharding() -> None:
         "relative_reconstruction_bias": (n_out**2).sum() / (x * x_hat).sum(),
     }
     assert np.isfinite(expected["l2_ratio"]) and nz.sum() == len(nz) - 1
-    metric = ActivationReconstruction(num_features=6)
+    reconstruction, target, mask = to_device((reconstruction, target, mask), device)
+    metric = ActivationReconstruction(num_features=6).to(device)
     for rows in _split(40, [7, 20, 13]):
         metric.update(reconstruction[rows], target[rows], mask[rows])
     out = metric.compute()
@@ -738,22 +747,25 @@ def test_activation_norms_of_zero_targets_only_are_nan_ratio() -> None:
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.5])
-def test_firing_threshold_vs_numpy(threshold: float) -> None:
+def test_firing_threshold_vs_numpy(threshold: float, device: torch.device) -> None:
     g = torch.Generator().manual_seed(12)
     acts = torch.randn(30, 9, generator=g) * (torch.rand(30, 9, generator=g) < 0.4)
     acts[0, 0] = 0.5  # exactly at the threshold: does not fire
     acts[1, 1] = -0.7  # a signed activation fires on |a|
-    metric = FeatureSparsity(num_features=9, dead_thresholds=(0.0, 0.1), firing_threshold=threshold)
+    metric = FeatureSparsity(num_features=9, dead_thresholds=(0.0, 0.1), firing_threshold=threshold).to(
+        device
+    )
+    a = acts.numpy()
+    acts = acts.to(device)
     for rows in _split(30, [11, 19]):
         metric.update(acts[rows])
-    a = acts.numpy()
     fires = np.abs(a) > threshold
     frequency = fires.mean(0)
     out = metric.compute()
     assert out["l0"].item() == pytest.approx(fires.sum(1).mean(), rel=1e-12)
     assert out["l1"].item() == pytest.approx(np.abs(a).sum(1).mean(), rel=1e-6)
     assert out["dead_fraction@0.1"].item() == pytest.approx((frequency <= 0.1).mean(), rel=1e-12)
-    assert metric.firing_frequency().numpy() == pytest.approx(frequency, rel=1e-12)
+    assert metric.firing_frequency().cpu().numpy() == pytest.approx(frequency, rel=1e-12)
     functional = functional_reconstruction.feature_sparsity(acts, firing_threshold=threshold)
     assert functional["l0"].item() == pytest.approx(fires.sum(1).mean(), rel=1e-12)
 

@@ -41,8 +41,10 @@ from tests.helpers import (
     bad_inputs_and_arguments,
     inverted_cdf_quantile,
     names_the_argument,
+    on_cpu,
     state_snapshot,
     states_equal,
+    to_device,
 )
 
 # written out here (not imported) so that a change of the output keys or their order fails a test
@@ -79,7 +81,7 @@ def ref_kl(lp: np.ndarray, lq: np.ndarray) -> float:
     the log-ratio is finite, so the logs, not ``rel_entr`` of rounded probabilities, decide)."""
     with np.errstate(invalid="ignore"):
         terms = np.where(np.isneginf(lp), 0.0, np.exp(lp) * (lp - lq))
-    return float(np.nan_to_num(terms, nan=math.inf).sum())
+    return float(np.nan_to_num(terms, nan=math.inf, posinf=math.inf).sum())
 
 
 def hand_top_k(row: np.ndarray, k: int) -> set[int]:
@@ -154,9 +156,9 @@ def attention(batch: int, seq: int, seed: int, fully_masked: tuple[int, ...] = (
 
 # ---------------------------------------------------------------------------------------------- divergences
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_token_divergences_match_float64_reference(dtype: torch.dtype) -> None:
+def test_token_divergences_match_float64_reference(dtype: torch.dtype, device: torch.device) -> None:
     clean, noisy = logits((3, 7, 41), seed=0, dtype=dtype)
-    out = token_divergences(clean, noisy)
+    out = on_cpu(token_divergences(*to_device((clean, noisy), device)))
     rtol, atol = (1e-10, 1e-14) if dtype == torch.float64 else (1e-4, 1e-7)
     for b in range(3):
         for t in range(7):
@@ -177,11 +179,12 @@ def test_token_divergences_mask_leaves_nan_and_any_leading_shape() -> None:
 
 
 @pytest.mark.parametrize("reduction", ["sequence", "token"])
-def test_metric_reductions_match_slow_loop(reduction: DivergenceReduction) -> None:
+def test_metric_reductions_match_slow_loop(reduction: DivergenceReduction, device: torch.device) -> None:
     clean, noisy = logits((5, 6, 29), seed=2)
     mask = attention(5, 6, seed=2, fully_masked=(1, 3))
     seq_mean, tok_mean, per_seq, per_tok = ref_metric(clean, noisy, mask)
-    metric = NextTokenDivergence(reduction=reduction, with_stderr=True)
+    clean, noisy, mask = to_device((clean, noisy, mask), device)
+    metric = NextTokenDivergence(reduction=reduction, with_stderr=True).to(device)
     metric.update(clean, noisy, mask)
     out = as_floats(metric.compute())
     expected = seq_mean if reduction == "sequence" else tok_mean
@@ -199,7 +202,7 @@ def test_metric_reductions_match_slow_loop(reduction: DivergenceReduction) -> No
     assert_close(functional, {k: expected[k] for k in (*NAMES, "top1_agreement")}, rtol=1e-4, atol=1e-8)
 
 
-def test_top_k_matches_hand_built_support() -> None:
+def test_top_k_matches_hand_built_support(device: torch.device) -> None:
     clean, noisy = logits((3, 4, 30), seed=3)
     mask = attention(3, 4, seed=3, fully_masked=())
     k = 4
@@ -208,12 +211,13 @@ def test_top_k_matches_hand_built_support() -> None:
         ("sequence", seq_mean),
         ("token", tok_mean),
     )
+    on_device = to_device((clean, noisy, mask), device)
     for reduction, expected in reductions:
-        metric = NextTokenDivergence(num_logits=k, reduction=reduction)
-        metric.update(clean, noisy, mask)
+        metric = NextTokenDivergence(num_logits=k, reduction=reduction).to(device)
+        metric.update(*on_device)
         assert_close(as_floats(metric.compute()), expected, rtol=1e-4, atol=1e-8)
-    support = top_k_support_mask(noisy, clean, k)
-    per_token = token_divergences(clean, noisy, num_logits=k)
+    support = top_k_support_mask(on_device[1], on_device[0], k).cpu()
+    per_token = on_cpu(token_divergences(on_device[0], on_device[1], num_logits=k))
     for b in range(3):
         for t in range(4):
             hand = hand_top_k(clean[b, t].numpy(), k) | hand_top_k(noisy[b, t].numpy(), k)
@@ -605,7 +609,7 @@ def ref_cross_entropy(logits_: torch.Tensor, target: torch.Tensor, mask: torch.T
 
 
 @pytest.mark.parametrize("ignore_index", [None, -100, 3])
-def test_cross_entropy_matches_slow_loop(ignore_index: int | None) -> None:
+def test_cross_entropy_matches_slow_loop(ignore_index: int | None, device: torch.device) -> None:
     x, _ = logits((4, 6, 21), seed=15, scale=3.0)
     g = torch.Generator().manual_seed(15)
     target = torch.randint(0, 21, (4, 6), generator=g)
@@ -613,7 +617,8 @@ def test_cross_entropy_matches_slow_loop(ignore_index: int | None) -> None:
         target[torch.rand(4, 6, generator=g) < 0.3] = -100
     mask = attention(4, 6, seed=15, fully_masked=(2,))
     values = ref_cross_entropy(x, target, mask, ignore_index)
-    metric = MaskedCrossEntropy(ignore_index=ignore_index, with_stderr=True, max_sequence_length=2)
+    x, target, mask = to_device((x, target, mask), device)
+    metric = MaskedCrossEntropy(ignore_index=ignore_index, with_stderr=True, max_sequence_length=2).to(device)
     metric.update(x, target, mask)
     out = as_floats(metric.compute())
     mean = float(np.mean(values))
@@ -748,7 +753,7 @@ def slow_prediction_change(original: np.ndarray, modified: np.ndarray, num_class
     return summary, per_class, target_ratios, other_ratios
 
 
-def test_prediction_change_matches_slow_loop() -> None:
+def test_prediction_change_matches_slow_loop(device: torch.device) -> None:
     g = torch.Generator().manual_seed(18)
     original = torch.randint(0, 4, (6, 7), generator=g)  # class 4 never appears originally
     modified = torch.where(
@@ -756,15 +761,20 @@ def test_prediction_change_matches_slow_loop() -> None:
     )
     mask = torch.rand(6, 7, generator=g) > 0.2
     names = ["a", "b", "c", "d", "e"]
-    metric = PredictionChange(num_classes=5, class_names=names)
-    metric.update(original[:2], modified[:2], mask[:2])
-    metric.update(original[2:].to(torch.int32), modified[2:].to(torch.uint8), mask[2:].to(torch.int64))
+    metric = PredictionChange(num_classes=5, class_names=names).to(device)
+    metric.update(*to_device((original[:2], modified[:2], mask[:2]), device))
+    metric.update(
+        original[2:].to(device, torch.int32),
+        modified[2:].to(device, torch.uint8),
+        mask[2:].to(device, torch.int64),
+    )
     sel = mask.numpy()
     summary, per_class, target_ratios, other_ratios = slow_prediction_change(
         original.numpy()[sel], modified.numpy()[sel], 5
     )
     assert_close(as_floats(metric.compute()), summary, rtol=1e-12)
-    assert_close(as_floats(prediction_change(original, modified, 5, mask)), summary, rtol=1e-12)
+    functional = prediction_change(*to_device((original, modified), device), 5, mask.to(device))
+    assert_close(as_floats(functional), summary, rtol=1e-12)
     for record, row, t_ratio, o_ratio in zip(metric.class_results(), per_class, target_ratios, other_ratios):
         assert (record.n_orig, record.n_changed, record.n_other, record.n_other_changed) == row[:4]
         assert record.change_distribution == {names[j]: n for j, n in row[4].items()}
@@ -920,14 +930,15 @@ def _edge_case_logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return clean, noisy, mask
 
 
-def test_quantiles_match_numpy_within_relative_accuracy() -> None:
+def test_quantiles_match_numpy_within_relative_accuracy(device: torch.device) -> None:
     clean, noisy, mask = _edge_case_logits()
+    on_device = to_device((clean, noisy, mask), device)
     levels = (0.0, 0.05, 0.1, 0.5, 0.9, 0.99, 1.0)
     alpha = 0.01
-    metric = NextTokenDivergence(quantiles=levels, relative_accuracy=alpha, max_sequence_length=7)
-    metric.update(clean, noisy, mask)
+    metric = NextTokenDivergence(quantiles=levels, relative_accuracy=alpha, max_sequence_length=7).to(device)
+    metric.update(*on_device)
     out = as_floats(metric.compute())
-    per_token = token_divergences(clean, noisy, attention_mask=mask)
+    per_token = on_cpu(token_divergences(*on_device[:2], attention_mask=on_device[2]))
     for name in NAMES:
         x = per_token[name][mask].numpy()
         assert x.size == int(mask.sum())
@@ -946,8 +957,8 @@ def test_quantiles_match_numpy_within_relative_accuracy() -> None:
     assert 700.0 < out["jeffreys_max"] < 1.01e3
     assert out["jensen_shannon_max"] == pytest.approx(LN2, rel=alpha)
     # a different α gives a different (still guaranteed) answer: the argument reaches the sketch
-    coarse = NextTokenDivergence(quantiles=(0.5,), relative_accuracy=0.2)
-    coarse.update(clean, noisy, mask)
+    coarse = NextTokenDivergence(quantiles=(0.5,), relative_accuracy=0.2).to(device)
+    coarse.update(*on_device)
     exact = float(np.quantile(per_token["jeffreys"][mask].numpy(), 0.5, method="inverted_cdf"))
     got = float(coarse.compute()["jeffreys_p50"])
     assert abs(got - exact) <= 0.2 * exact and got != pytest.approx(out["jeffreys_p50"], rel=1e-3)

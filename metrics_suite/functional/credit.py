@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from metrics_suite.functional._chunks import CHUNK_ELEMENTS, row_slices, rows_per_chunk
+from metrics_suite.functional._chunks import CHUNK_ELEMENTS, LOSS_CALL_ELEMENTS, row_slices, rows_per_chunk
 from metrics_suite.functional._stats import mean_stats, safe_div
 from metrics_suite.validation import (
     check_float,
@@ -42,8 +42,6 @@ __all__ = [
 #: Maps a batch of hidden states ``[N, *F]`` to one loss per item ``[N]``.
 LossFn = Callable[[Tensor], Tensor]
 Difference = Literal["forward", "central"]
-#: Perturbed rows per ``loss_fn`` call are capped at this many elements by default (16 MB in float32).
-DEFAULT_CHUNK_ELEMENTS = CHUNK_ELEMENTS
 #: Added to the per-item RMS of the credit in [`nudging_delta`][metrics_suite.functional.credit.nudging_delta].
 RMS_EPS = 1e-6
 
@@ -161,12 +159,12 @@ def _per_item_cosine(credit: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]
     """Cosine of the flattened items in float64 (clamped to [-1, 1]), and a bool ``[N]``: True where
     both norms are non-zero.
 
-    Items go through float64 in chunks of about ``DEFAULT_CHUNK_ELEMENTS``, so the extra memory
+    Items go through float64 in chunks of about ``CHUNK_ELEMENTS``, so the extra memory
     stays bounded for large activations.
     """
     a, r = _flatten_items(credit), _flatten_items(reference.to(credit.device))
     dots, norms = [], []
-    for rows in row_slices(a.shape[0], rows_per_chunk(a.shape[1], DEFAULT_CHUNK_ELEMENTS)):
+    for rows in row_slices(a.shape[0], rows_per_chunk(a.shape[1], CHUNK_ELEMENTS)):
         a64, r64 = a[rows].to(torch.float64), r[rows].to(torch.float64)
         dots.append((a64 * r64).sum(1))
         sq_a, sq_r = (a64 * a64).sum(1), (r64 * r64).sum(1)
@@ -320,7 +318,7 @@ def _item_keys(flat_ND: Tensor, seed: int) -> Tensor:
     n_items, width = flat_ND.shape[0], flat_ND.shape[1] * flat_ND.element_size() // 2
     pieces = (flat_ND + 0.0).contiguous().view(torch.int16).reshape(n_items, width)  # + 0.0: -0.0 -> 0.0
     weights = _key_weights(width).to(flat_ND.device)
-    rows_per_block = max(1, DEFAULT_CHUNK_ELEMENTS // max(width, 1))
+    rows_per_block = rows_per_chunk(width, CHUNK_ELEMENTS)
     col_blocks = range(0, width, _KEY_PIECES)
     sums = torch.empty(n_items, _KEY_SUMS * len(col_blocks), dtype=torch.float64, device=flat_ND.device)
     for r in range(0, n_items, rows_per_block):  # blocks of rows bound the float64 copy
@@ -479,7 +477,7 @@ def _perturbation_pairs(
     # a "slot" is the rows of one loss_fn input block: one direction (2N rows when central), or the
     # N unperturbed rows of forward differences, which share the first call
     slot_rows = 2 * n_items if central else n_items
-    max_rows = chunk_size if chunk_size is not None else DEFAULT_CHUNK_ELEMENTS // max(dim, 1)
+    max_rows = chunk_size if chunk_size is not None else LOSS_CALL_ELEMENTS // max(dim, 1)
     slots_per_call = max(1, max_rows // slot_rows)
     keys_N = _item_keys(h, seed) if seed is not None else None
     predicted_MN, true_MN = [], []

@@ -5,17 +5,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from metrics_suite.functional._chunks import row_slices, rows_per_chunk
+from metrics_suite.functional._chunks import (
+    NOISE_CHUNK_ELEMENTS,
+    NOISE_DEVICE_CHUNK_FACTOR,
+    row_slices,
+    rows_per_chunk,
+)
+from metrics_suite.functional._masks import position_mask
 from metrics_suite.functional._rows import RowGather
 from metrics_suite.functional._stats import mean_stats
 from metrics_suite.validation import check_broadcast_mask, check_float, shape_str
 
 __all__ = ["noise_statistics"]
-
-#: Elements of one float64 working chunk per input on CPU (512 KiB, stays in cache; larger chunks
-#: mostly add page faults). Other devices take 64 times more: there each chunk costs a dozen kernel
-#: launches. Either way the extra memory of an update is bounded, however many positions it holds.
-_CHUNK_ELEMENTS = 1 << 16
 
 #: Names of the per-position statistics, in the order of [`noise_statistics`][metrics_suite.functional.noise.noise_statistics].
 NOISE_STATISTICS: tuple[str, ...] = (
@@ -72,14 +73,6 @@ def _positions_finite(input: Tensor, mean: Tensor, noise: Tensor, dim: int) -> T
     return finite
 
 
-def _position_mask(noise_mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
-    """``noise_mask`` broadcast to the position shape as bool (all True when ``None``)."""
-    if noise_mask is None:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    m = noise_mask if noise_mask.dtype == torch.bool else noise_mask != 0
-    return m.to(device).expand(shape)
-
-
 def _div_defined(num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
     """``num / den`` (NaN where ``den == 0``) and the bool "defined" mask ``den != 0``."""
     defined = den != 0
@@ -93,7 +86,7 @@ def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) ->
     down to 1e-45) neither overflow nor underflow there, and ratios of such norms stay in float64
     range, so a finite input never gives an inf or a spurious zero norm (float64 inputs get the
     same math; their squares overflow beyond about 1e154). Positions are processed in chunks (see
-    ``_CHUNK_ELEMENTS``), so the float64 copies stay small.
+    ``NOISE_CHUNK_ELEMENTS``), so the float64 copies stay small.
 
     Returns:
         ``values`` ``[10, *positions]`` (order of [`NOISE_STATISTICS`][metrics_suite.functional.noise.NOISE_STATISTICS], NaN where a ratio or
@@ -103,7 +96,9 @@ def _noise_per_position(input: Tensor, mean: Tensor, noise: Tensor, dim: int) ->
         *(t.detach().to(input.device) for t in (input, mean, noise))
     )
     positions, d = _position_shape(x_all.shape, dim), x_all.shape[dim]
-    chunk_elements = _CHUNK_ELEMENTS if x_all.device.type == "cpu" else _CHUNK_ELEMENTS << 6
+    chunk_elements = NOISE_CHUNK_ELEMENTS
+    if x_all.device.type != "cpu":
+        chunk_elements *= NOISE_DEVICE_CHUNK_FACTOR
     rows = rows_per_chunk(d, chunk_elements)
     gathers = [RowGather(t.movedim(dim, -1), torch.float64, rows) for t in (x_all, mu_all, eps_all)]
     buffers = [x_all.new_empty((rows, d), dtype=torch.float64) for _ in gathers]
@@ -196,5 +191,5 @@ def noise_statistics(
     """
     _noise_check(input, mean, noise, noise_mask, dim)
     values, _ = _noise_per_position(input, mean, noise, dim)
-    selected = _position_mask(noise_mask, values.shape[1:], values.device)
+    selected = position_mask(noise_mask, values.shape[1:], values.device)
     return {name: v[selected] for name, v in zip(NOISE_STATISTICS, values)}

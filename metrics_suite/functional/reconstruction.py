@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from metrics_suite.functional._chunks import CHUNK_ELEMENTS, row_slices, rows_per_chunk
+from metrics_suite.functional._masks import attended_positions, counted_targets, position_mask
 from metrics_suite.functional._rows import RowGather
 from metrics_suite.functional._stats import mean_output, mean_stats, safe_div
 from metrics_suite.functional.utility import _top_k_mask, chunk_rows
@@ -205,17 +206,6 @@ def reconstruction_score(
 
 
 # ---------------------------------------------------------------------------------- shared helpers
-#: Chunk size of this module (a module constant, so tests can shrink it).
-_CHUNK_ELEMENTS = CHUNK_ELEMENTS
-
-
-def _selection(mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
-    """``mask`` as a bool tensor (all True when ``None``); expects an already validated mask."""
-    if mask is None:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    return (mask if mask.dtype == torch.bool else mask != 0).to(device)
-
-
 def _check_vectors(name: str, x: Tensor, size: int | None) -> None:
     """Require a floating-point ``[..., size]`` tensor (any last size when ``size`` is None)."""
     check_float(name, x)
@@ -251,7 +241,7 @@ def _changed_tokens_update(
     """
     if validate:
         _changed_tokens_check(input_ids, reconstructed_ids, noise_mask)
-    m = _selection(noise_mask, input_ids.shape, input_ids.device).expand(input_ids.shape)
+    m = position_mask(noise_mask, input_ids.shape, input_ids.device)
     changed = (m & (input_ids != reconstructed_ids.to(input_ids.device))).sum(-1)
     return changed, m.sum(-1)
 
@@ -369,7 +359,7 @@ def _activation_vector_stats(reconstruction: Tensor, target: Tensor) -> Tensor:
     x_all = target.detach().reshape(-1, d)
     x_hat_all = reconstruction.detach().reshape(-1, d).to(x_all.device)
     parts = [x_all.new_zeros((4, 0), dtype=torch.float64)]
-    for rows in row_slices(x_all.shape[0], rows_per_chunk(d, _CHUNK_ELEMENTS)):
+    for rows in row_slices(x_all.shape[0], rows_per_chunk(d, CHUNK_ELEMENTS)):
         x = x_all[rows].to(torch.float64)
         x_hat = x_hat_all[rows].to(torch.float64)
         norms = [torch.linalg.vector_norm(v, dim=-1).square() for v in (x_hat - x, x, x_hat)]
@@ -398,7 +388,7 @@ def _activation_update(
     d = target.shape[-1]
     if vector_stats is None:
         vector_stats = _activation_vector_stats(reconstruction, target)
-    selected = _selection(mask, target.shape[:-1], vector_stats.device).reshape(-1)
+    selected = position_mask(mask, target.shape[:-1], vector_stats.device).reshape(-1)
     # torch.where, not a product: masked-out vectors may hold NaN
     sq_err, sq_norm, sq_norm_hat, dot = torch.where(selected, vector_stats, 0.0)
     cos_den = sq_norm.sqrt() * sq_norm_hat.sqrt()
@@ -406,7 +396,7 @@ def _activation_update(
     cosine = torch.where(has_cos, dot / torch.where(has_cos, cos_den, 1.0), 0.0)
     x_all = target.detach().reshape(-1, d)
     target_sum = torch.zeros(d, dtype=torch.float64, device=x_all.device)
-    for rows in row_slices(x_all.shape[0], rows_per_chunk(d, _CHUNK_ELEMENTS)):
+    for rows in row_slices(x_all.shape[0], rows_per_chunk(d, CHUNK_ELEMENTS)):
         target_sum += x_all[rows].to(torch.float64).masked_fill_(~selected[rows, None], 0.0).sum(0)
     norm_sums = torch.stack([sq_err.sum(), sq_norm.sum()])
     norm_in, norm_out = sq_norm.sqrt(), sq_norm_hat.sqrt()
@@ -526,7 +516,7 @@ def _feature_l1(feature_activations: Tensor) -> Tensor:
     f = feature_activations.shape[-1]
     a_all = feature_activations.detach().reshape(-1, f)
     parts = [a_all.new_zeros(0, dtype=torch.float64)]
-    for rows in row_slices(a_all.shape[0], rows_per_chunk(f, _CHUNK_ELEMENTS)):
+    for rows in row_slices(a_all.shape[0], rows_per_chunk(f, CHUNK_ELEMENTS)):
         parts.append(torch.linalg.vector_norm(a_all[rows], ord=1, dim=-1, dtype=torch.float64))
     return torch.cat(parts)
 
@@ -554,12 +544,12 @@ def _feature_sparsity_update(
     a_all = feature_activations.detach().reshape(-1, f)
     if l1 is None:
         l1 = _feature_l1(feature_activations)
-    selected = _selection(mask, feature_activations.shape[:-1], a_all.device).reshape(-1)
+    selected = position_mask(mask, feature_activations.shape[:-1], a_all.device).reshape(-1)
     dtype = compute_dtype(a_all)
     weights = selected.to(dtype)
     firing_counts = torch.zeros(f, dtype=torch.float64, device=a_all.device)
     l0_parts = [a_all.new_zeros(0, dtype=dtype)]
-    for rows in row_slices(a_all.shape[0], rows_per_chunk(f, _CHUNK_ELEMENTS)):
+    for rows in row_slices(a_all.shape[0], rows_per_chunk(f, CHUNK_ELEMENTS)):
         # 0/1 in float: row sums and the weighted column sum (a GEMV) are exact integers, as a
         # chunk holds far fewer than 2**24 rows and features
         a = a_all[rows]
@@ -695,8 +685,7 @@ def _downstream_check(
                 f"`target_ids` must have shape {shape_str((batch, seq))} (the [B, T] of `clean_logits` "
                 f"{shape_str(clean_logits.shape)}), got {shape_str(target_ids.shape)}"
             )
-        attended = _selection(attention_mask, target_ids.shape, target_ids.device)
-        counted = _downstream_ce_mask(target_ids, attended, ignore_index)
+        counted = counted_targets(target_ids, attention_mask, ignore_index)
         check_ids_in_range(
             "target_ids",
             target_ids,
@@ -705,11 +694,6 @@ def _downstream_check(
             "the vocabulary of the logits) at counted positions",
             selected=counted,
         )
-
-
-def _downstream_ce_mask(target_ids: Tensor, attended: Tensor, ignore_index: int | None = None) -> Tensor:
-    """Positions whose cross-entropy counts: attended and not ``ignore_index``."""
-    return attended if ignore_index is None else attended & (target_ids != ignore_index)
 
 
 def _kl_rows(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -810,8 +794,7 @@ def _downstream_update(
         )
     batch, seq, vocab = clean_logits.shape
     device = clean_logits.device
-    attended = _selection(attention_mask, torch.Size((batch, seq)), device)
-    positions = attended.reshape(-1).nonzero().squeeze(-1)
+    positions = attended_positions(attention_mask, (batch, seq), device)
     logits = (clean_logits, spliced_logits, ablated_logits)
     dtype = functools.reduce(torch.promote_types, (compute_dtype(x) for x in logits))
     rows = chunk_rows(vocab, dtype, batch, seq, max_batch_size, max_sequence_length)
@@ -819,9 +802,7 @@ def _downstream_update(
         targets, counted = None, torch.zeros(positions.numel(), dtype=torch.bool, device=device)
     else:
         flat_targets = target_ids.to(device).reshape(-1)[positions]
-        counted = _downstream_ce_mask(
-            flat_targets, torch.ones_like(flat_targets, dtype=torch.bool), ignore_index
-        )
+        counted = counted_targets(flat_targets, None, ignore_index)
         # ignored positions gather a valid index; their value is never counted
         targets = torch.where(counted, flat_targets, 0).to(torch.long)
     values, finite = _downstream_rows(logits, positions, targets, num_logits, rows)

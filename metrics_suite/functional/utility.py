@@ -15,7 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from metrics_suite.functional._chunks import row_slices
+from metrics_suite.functional._chunks import LOGIT_CHUNK_BYTES, row_slices
+from metrics_suite.functional._masks import attended_positions, counted_targets, position_mask
 from metrics_suite.functional._rows import RowGather
 from metrics_suite.functional._sketch import SketchSpec, sketch_update
 from metrics_suite.functional._stats import mean_output, mean_stats, safe_div
@@ -55,8 +56,6 @@ DIVERGENCES = (
 TOKEN_VALUES = (*DIVERGENCES, "top1_agreement")
 #: How per-token values are averaged: per sequence first, or over all tokens.
 DivergenceReduction = Literal["sequence", "token"]
-#: Default size of one ``[chunk, V]`` buffer (about six of them are live at once).
-DEFAULT_CHUNK_BYTES = 1 << 21
 
 _LN2 = math.log(2.0)
 
@@ -80,13 +79,13 @@ def chunk_rows(
     """Number of positions (rows of ``V`` logits) processed at once.
 
     With neither limit set, a chunk is sized so that one ``[chunk, V]`` buffer of ``dtype`` takes
-    about [`DEFAULT_CHUNK_BYTES`][metrics_suite.functional.utility.DEFAULT_CHUNK_BYTES], which keeps the working set in cache. With both set, a chunk
+    about ``LOGIT_CHUNK_BYTES`` (2 MiB), which keeps the working set in cache. With both set, a chunk
     holds at most ``max_batch_size × max_sequence_length`` positions. With one set, the missing one
     means the full batch or sequence, but the chunk stays within the default size: ``max_batch_size=1``
     alone must not make a chunk of a whole 4096-token sequence at a 128k vocabulary (2 GiB per buffer).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    default = max(1, DEFAULT_CHUNK_BYTES // max(1, vocab_size * itemsize))
+    default = max(1, LOGIT_CHUNK_BYTES // max(1, vocab_size * itemsize))
     if max_batch_size is None and max_sequence_length is None:
         return default
     batch = min(max_batch_size or batch_size, batch_size)
@@ -192,15 +191,22 @@ def _kl_pair(
 
     ``f_out`` and ``g_out`` are scratch; ``delta`` is clamped to the largest finite value in place
     (so that ``ρ·δ`` is 0, not NaN, where δ = inf) and ``log_ratio`` is overwritten.
+
+    Each entry takes ``f`` in one direction and ``g`` in the other, chosen by the sign of
+    ``log p − log q``. ``lerp`` with a 0/1 weight returns either end exactly, like ``torch.where``,
+    at a fraction of its cost on the CPU (``where`` is not vectorised there: about 20x a ``mul``).
+    With δ clamped every term is finite; a row is infinite in the direction whose second
+    distribution is 0 where the first is not (``log p − log q`` = +inf for KL(p‖q), −inf for
+    KL(q‖p)), including where that first probability underflows to 0.
     """
-    clean_larger = log_ratio >= 0
-    f = torch.add(delta, e, out=f_out)  # δ + e; +inf where δ = inf
+    clean_larger = f_out.copy_(log_ratio >= 0)
+    pq_infinite, qp_infinite = log_ratio.amax(-1) == math.inf, log_ratio.amin(-1) == -math.inf
     delta.clamp_max_(torch.finfo(delta.dtype).max)
-    g = torch.add(e, 1.0, out=g_out).mul_(delta).add_(e).neg_()  # −(ρδ + e); 1 where δ = inf
-    # NaN only from M = 0 times δ = inf: an infinite term, as for Jeffreys
-    kl_pq = torch.where(clean_larger, f, g, out=log_ratio).mul_(big).sum(-1).nan_to_num_(math.inf)
-    kl_qp = torch.where(clean_larger, g, f, out=log_ratio).mul_(big).sum(-1).nan_to_num_(math.inf)
-    return kl_pq, kl_qp
+    f = torch.add(delta, e, out=log_ratio)  # δ + e
+    g = torch.add(e, 1.0, out=g_out).mul_(delta).add_(e).neg_()  # −(ρδ + e); 1 where δ was inf
+    kl_pq = torch.lerp(g, f, clean_larger).mul_(big).sum(-1)
+    kl_qp = torch.lerp(f, g, clean_larger, out=f_out).mul_(big).sum(-1)
+    return kl_pq.masked_fill_(pq_infinite, math.inf), kl_qp.masked_fill_(qp_infinite, math.inf)
 
 
 def _top_k_mask(x: Tensor, k: int) -> Tensor:
@@ -331,15 +337,6 @@ def _check_num_logits(num_logits: int | None) -> None:
         raise ValueError(f"`num_logits` must be a positive int or None, got {num_logits!r}")
 
 
-def _attended_positions(
-    mask: Tensor | None, shape: torch.Size | tuple[int, ...], device: torch.device
-) -> Tensor:
-    numel = math.prod(shape)
-    if mask is None:
-        return torch.arange(numel, device=device)
-    return mask.reshape(-1).nonzero().squeeze(-1)
-
-
 @dataclasses.dataclass(frozen=True)
 class TokenValues:
     """Per-token values of one batch of next-token logits, before ``nan_strategy`` is applied.
@@ -371,8 +368,9 @@ def _next_token_update(
         _check_logits_pair(clean_logits, noisy_logits)
         _check_num_logits(num_logits)
     batch, seq, vocab = clean_logits.shape
-    mask = None if attention_mask is None else check_mask("attention_mask", attention_mask, (batch, seq))
-    positions = _attended_positions(mask, (batch, seq), clean_logits.device)
+    if validate and attention_mask is not None:
+        check_mask("attention_mask", attention_mask, (batch, seq))
+    positions = attended_positions(attention_mask, (batch, seq), clean_logits.device)
     dtype = torch.promote_types(compute_dtype(clean_logits), compute_dtype(noisy_logits))
     rows = chunk_rows(vocab, dtype, batch, seq, max_batch_size, max_sequence_length)
     values, finite = _divergence_rows(clean_logits, noisy_logits, positions, num_logits, rows)
@@ -488,8 +486,9 @@ def token_divergences(
     _check_vocabulary("clean_logits", clean_logits)
     _check_num_logits(num_logits)
     lead = clean_logits.shape[:-1]
-    mask = None if attention_mask is None else check_mask("attention_mask", attention_mask, lead)
-    positions = _attended_positions(mask, lead, clean_logits.device)
+    if attention_mask is not None:
+        check_mask("attention_mask", attention_mask, lead)
+    positions = attended_positions(attention_mask, lead, clean_logits.device)
     dtype = torch.promote_types(compute_dtype(clean_logits), compute_dtype(noisy_logits))
     rows = chunk_rows(clean_logits.shape[-1], dtype, 1, 1)
     values, _ = _divergence_rows(clean_logits, noisy_logits, positions, num_logits, rows)
@@ -584,7 +583,9 @@ def _cross_entropy_check(
             f"`target_ids` must have shape {shape_str((batch, seq))} (the [B, T] of `logits` "
             f"{shape_str(logits.shape)}), got {shape_str(target_ids.shape)}"
         )
-    selected = _selected_targets(target_ids, attention_mask, ignore_index)
+    if attention_mask is not None:
+        check_mask("attention_mask", attention_mask, (batch, seq))
+    selected = counted_targets(target_ids, attention_mask, ignore_index)
     check_ids_in_range(
         "target_ids",
         target_ids,
@@ -594,15 +595,6 @@ def _cross_entropy_check(
         selected=selected,
     )
     return selected
-
-
-def _selected_targets(target_ids: Tensor, attention_mask: Tensor | None, ignore_index: int | None) -> Tensor:
-    mask = (
-        torch.ones(target_ids.shape, dtype=torch.bool, device=target_ids.device)
-        if attention_mask is None
-        else check_mask("attention_mask", attention_mask, tuple(target_ids.shape))
-    )
-    return mask if ignore_index is None else mask & (target_ids != ignore_index)
 
 
 def _cross_entropy_update(
@@ -623,9 +615,9 @@ def _cross_entropy_update(
     if validate:
         selected = _cross_entropy_check(logits, target_ids, attention_mask, ignore_index)
     else:
-        selected = _selected_targets(target_ids, attention_mask, ignore_index)
+        selected = counted_targets(target_ids, attention_mask, ignore_index)
     batch, seq, vocab = logits.shape
-    positions = selected.reshape(-1).nonzero().squeeze(-1)
+    positions = attended_positions(selected, (batch, seq), selected.device)
     dtype = compute_dtype(logits)
     rows = min(
         chunk_rows(vocab, dtype, batch, seq, max_batch_size, max_sequence_length), max(1, positions.numel())
@@ -700,7 +692,9 @@ def _prediction_change_check(
     check_integer("original_preds", original_preds)
     check_integer("modified_preds", modified_preds)
     check_same_shape("modified_preds", modified_preds, "original_preds", original_preds)
-    selected = _selection(original_preds, mask)
+    if mask is not None:
+        check_mask("mask", mask, original_preds.shape)
+    selected = position_mask(mask, original_preds.shape, original_preds.device)
     out = ids_out_of_range(original_preds, num_classes, selected) | ids_out_of_range(
         modified_preds, num_classes, selected
     )
@@ -718,12 +712,6 @@ def _prediction_change_check(
     return selected
 
 
-def _selection(original_preds: Tensor, mask: Tensor | None) -> Tensor:
-    if mask is None:
-        return torch.ones(original_preds.shape, dtype=torch.bool, device=original_preds.device)
-    return check_mask("mask", mask, tuple(original_preds.shape))
-
-
 def _prediction_change_update(
     original_preds: Tensor,
     modified_preds: Tensor,
@@ -735,7 +723,7 @@ def _prediction_change_update(
     selected = (
         _prediction_change_check(original_preds, modified_preds, num_classes, mask)
         if validate
-        else _selection(original_preds, mask)
+        else position_mask(mask, original_preds.shape, original_preds.device)
     )
     # counted with weights 0/1 into a fixed size: a boolean-mask gather or bincount would read a
     # size back from the device; unselected items point at pair 0 with weight 0
