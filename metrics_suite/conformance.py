@@ -33,7 +33,11 @@ class ConformanceExample:
     Attributes:
         make_batch: builds the inputs of one ``update`` with ``n`` items along dim 0 of every
             tensor named in ``batch_keys``. Must be deterministic given the generator.
-        bad_inputs: inputs that ``update`` must reject with ``ValueError``/``TypeError``.
+        bad_inputs: inputs that ``update`` must reject with ``ValueError``/``TypeError`` whose
+            message names (in backticks) the argument at fault. Build each from one shared good
+            batch, ``{**good, "x": bad_x}``: the kit takes the arguments whose value differs from
+            the one most bad inputs share as the ones the message must name (or one ``update``
+            argument the bad input leaves out).
         init_kwargs: constructor arguments used by the kit (e.g. a size the metric needs).
         batch_keys: inputs split along dim 0 when a batch is sharded; ``None`` means every
             tensor input.

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,9 +32,27 @@ def example_batches(
     return [to_device(entry.example.make_batch(g, n), device) for n in sizes]
 
 
-def bad_inputs(entry: RegisteredMetric, device: DeviceLike = "cpu") -> list[dict[str, Any]]:
-    """The entry's invalid inputs, on ``device``."""
-    return [to_device(bad, device) for bad in entry.example.bad_inputs(torch.Generator().manual_seed(1))]
+def bad_inputs_and_arguments(
+    entry: RegisteredMetric, device: DeviceLike = "cpu"
+) -> list[tuple[set[str], dict[str, Any]]]:
+    """The entry's invalid inputs on ``device``, each with the arguments it changed: the ones whose
+    value is not the object most of the list shares (the examples build each bad input from one good
+    batch, ``{**good, "x": bad_x}``), or all of them when no value is shared."""
+    raw = entry.example.bad_inputs(torch.Generator().manual_seed(1))
+    usual = {}
+    for key in {k for bad in raw for k in bad}:
+        counts = Counter(id(bad[key]) for bad in raw if key in bad)
+        (value_id, n), *_ = counts.most_common(1)
+        if n >= 2:
+            usual[key] = value_id
+    return [({k for k, v in bad.items() if id(v) != usual.get(k)}, to_device(bad, device)) for bad in raw]
+
+
+def names_the_argument(message: str, changed: set[str], update: Callable[..., Any], passed: dict) -> bool:
+    """Whether a rejection ``message`` names (in backticks) an argument at fault: one the bad input
+    changed, or one of ``update``'s it left out (``[N] losses need `component_idx```)."""
+    omitted = set(inspect.signature(update).parameters) - set(passed)
+    return any(re.search(rf"`{re.escape(name)}[`\[]", message) for name in changed | omitted)
 
 
 def to_device(value: Any, device: DeviceLike) -> Any:
@@ -103,3 +126,18 @@ def half_way_losses() -> dict[str, torch.Tensor]:
         "source_model_loss_with_reconstruction": (clean + zero) / 2,
         "source_model_loss_with_zero_ablation": zero,
     }
+
+
+def inverted_cdf_quantile(
+    x: np.ndarray, levels: Sequence[float], weights: np.ndarray | None = None
+) -> np.ndarray:
+    """The inverted-CDF quantile as numpy's weighted path computes it (the definition the sketch
+    documents): the smallest sorted item whose float64 cumulative weight / total reaches q. Spelled
+    out because ``np.quantile(weights=)`` needs numpy 2 and the declared floor is older; checked
+    against numpy's own in tests/test_sketch.py where numpy has it."""
+    w = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    cdf = np.cumsum(w[order])
+    cdf /= cdf[-1]
+    index = np.searchsorted(cdf, np.asarray(levels, dtype=np.float64), side="left")
+    return x[order][np.minimum(index, len(x) - 1)]

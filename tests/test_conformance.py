@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import re
 import warnings
 
 import pytest
@@ -18,11 +19,12 @@ from hypothesis import strategies as st
 
 from metrics_suite.registry import RegisteredMetric, registered
 from tests.helpers import (
-    bad_inputs,
+    bad_inputs_and_arguments,
     compare,
     example_batches,
     flat,
     make_metric,
+    names_the_argument,
     state_snapshot,
     states_equal,
 )
@@ -65,7 +67,9 @@ def test_declared_contract(entry: RegisteredMetric, device: torch.device) -> Non
 @given(data=st.data())
 def test_sharding_invariance(entry: RegisteredMetric, device: torch.device, data: st.DataObject) -> None:
     """Any split of the same items into batches gives the same result as one pass."""
-    sizes = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=5), label="batch sizes")
+    # uneven shards of 0 to 17 items (an empty shard is a no-op for a shardable metric), at least one item
+    shard = st.integers(0, 17)
+    sizes = data.draw(st.lists(shard, min_size=1, max_size=5).filter(any), label="batch sizes")
     seed = data.draw(st.integers(0, 2**16), label="seed")
     (whole,) = example_batches(entry, [sum(sizes)], seed=seed, device=device)
     one_pass = _one_pass(entry, [whole], device)
@@ -114,16 +118,18 @@ def test_state_dict_and_pickle_mid_epoch(entry: RegisteredMetric, device: torch.
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_ids(ENTRIES))
 def test_bad_input_raises_and_leaves_state_unchanged(entry: RegisteredMetric, device: torch.device) -> None:
-    rejected = bad_inputs(entry, device)
+    rejected = bad_inputs_and_arguments(entry, device)
     assert rejected, "register at least one bad input"
     metric = make_metric(entry, device)
     metric.update(**example_batches(entry, [3], device=device)[0])
     before = state_snapshot(metric)
     count = metric.update_count
-    for i, bad in enumerate(rejected):
+    for i, (changed, bad) in enumerate(rejected):
         with pytest.raises((ValueError, TypeError)) as info:
             metric.update(**bad)
-        assert "`" in str(info.value), f"bad input {i}: the message should name the argument: {info.value}"
+        assert names_the_argument(str(info.value), changed, metric.update, bad), (
+            f"bad input {i}: the message should name `{'`/`'.join(sorted(changed))}`: {info.value}"
+        )
         assert states_equal(state_snapshot(metric), before), f"bad input {i} changed the state"
     # the metric still works after the rejected updates, which counted as no update
     metric.update(**example_batches(entry, [2], seed=5, device=device)[0])
@@ -154,9 +160,12 @@ def test_rejected_forward_keeps_state_and_later_results(
     metric = make_metric(entry, device)
     metric.update(**b1)
     before = state_snapshot(metric)
-    for i, bad in enumerate(bad_inputs(entry, device)):
-        with pytest.raises((ValueError, TypeError)):
+    for i, (changed, bad) in enumerate(bad_inputs_and_arguments(entry, device)):
+        with pytest.raises((ValueError, TypeError)) as info:
             metric(**bad)
+        assert names_the_argument(str(info.value), changed, metric.update, bad), (
+            f"bad input {i}: {info.value}"
+        )
         assert states_equal(state_snapshot(metric), before), f"bad input {i} changed the state"
     assert not compare(flat(metric, metric(**_requiring_grad(b2))), expected_batch, rtol=entry.example.rtol)
     metric.update(**_requiring_grad(b3))
@@ -383,37 +392,159 @@ def test_nan_in_every_float_input_and_callable_output_is_seen(entry: RegisteredM
     assert int(error.nonfinite_count) == 0 and error.update_count == 0
 
 
-# (registry name, stat) whose item is a dim-0 row of the example batch: the standard error must be
-# scipy.stats.sem of the values of the rows measured one at a time
-ROW_STDERR = [
-    ("changed_tokens", "sequence_mean"),
-    ("next_token", "jeffreys"),
-    ("next_token", "jensen_shannon"),
-    ("next_token", "total_variation"),
-    ("next_token", "squared_hellinger"),
-    ("cosine", ""),
-    ("nudging", "delta"),
-    ("nudging", "improved_fraction"),
-    ("bridge_residual", ""),
+# What one item of each metric's standard errors is: a dim-0 row of the example batch, or one token
+# (a ``[b, t]`` position of every batch tensor). Every ``*_stderr`` output must be listed here.
+STDERR_ITEMS: dict[str, dict[str, str]] = {
+    "reconstruction_score": {"": "row"},
+    "changed_tokens": {"sequence_mean": "row", "token_rate": "token"},
+    "activations": {"mse": "token", "cosine_similarity": "token"},
+    "feature_sparsity": {"l0": "token", "l1": "token"},
+    "downstream": {s: "token" for s in ("kl_spliced", "kl_ablated", "ce_clean", "ce_spliced", "ce_ablated")},
+    "next_token": {  # divergences per sequence (the default reduction); top-1 agreement over tokens
+        **{s: "row" for s in ("kl_clean_noisy", "kl_noisy_clean", "jeffreys", "jensen_shannon")},
+        **{s: "row" for s in ("total_variation", "squared_hellinger")},
+        "top1_agreement": "token",
+    },
+    "cross_entropy": {"cross_entropy": "token"},
+    "noise": {
+        f"{kind}_{stat}": "token"
+        for kind in ("mean", "noise")
+        for stat in ("cosine_similarity", "domination_percent", "domination_ratio")
+    }
+    | {s: "token" for s in ("input_norm", "mean_norm", "mean_shifted_noise_norm", "unshifted_noise_norm")},
+    "cosine": {"": "row"},
+    "nudging": {"delta": "row", "improved_fraction": "row"},
+    "bridge_residual": {"": "row"},
+}
+# constructor arguments a metric needs for ``with_stderr=True``; and the metrics with a per-token
+# reduction, whose standard errors are then all over tokens
+STDERR_KWARGS = {"reconstruction_score": {"reduction": "itemwise_mean"}}
+TOKEN_REDUCTION = {"next_token": {"reduction": "token"}}
+
+
+def _items(entry: RegisteredMetric, batch: dict, kind: str) -> list[dict]:
+    """``batch`` split into its rows, or into its single tokens (``[1, 1, ...]`` slices)."""
+    keys = entry.example.batch_keys or [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
+    rows = len(batch[keys[0]])
+    if kind == "row":
+        return entry.example.split(batch, [1] * rows)
+    tokens = batch[keys[0]].shape[1]
+    return [
+        dict(batch, **{k: batch[k][b : b + 1, t : t + 1] for k in keys})
+        for b in range(rows)
+        for t in range(tokens)
+    ]
+
+
+def _value_key(stderr_key: str) -> str:
+    """The flat key of the mean whose standard error ``stderr_key`` is (``delta_stderr/layer_0`` ->
+    ``delta/layer_0``, ``stderr/component_1`` -> ``component_1``, ``stderr`` -> ``""``)."""
+    key = stderr_key.replace("_stderr", "")
+    return "" if key == "stderr" else key.removeprefix("stderr/")
+
+
+def _stat(value_key: str) -> str:
+    """The statistic of a flat key without its per-layer/per-component part (``delta/layer_0`` -> ``delta``)."""
+    return "/".join(p for p in value_key.split("/") if not re.fullmatch(r"(layer|component)_\d+", p))
+
+
+STDERR_CASES = [
+    (entry, kwargs)
+    for entry in ENTRIES
+    if entry.name in STDERR_ITEMS
+    for kwargs in (
+        STDERR_KWARGS.get(entry.name, {}),
+        *([TOKEN_REDUCTION[entry.name]] if entry.name in TOKEN_REDUCTION else []),
+    )
 ]
 
 
-@pytest.mark.parametrize(("name", "stat"), ROW_STDERR, ids=[f"{n}-{s}" for n, s in ROW_STDERR])
-def test_stderr_equals_scipy_sem_of_items_measured_one_by_one(name: str, stat: str) -> None:
+def test_every_metric_with_a_standard_error_is_in_the_stderr_table() -> None:
+    for entry in ENTRIES:
+        try:
+            make_metric(entry, with_stderr=True, **STDERR_KWARGS.get(entry.name, {}))
+        except ValueError:
+            assert entry.name not in STDERR_ITEMS, entry.name
+        else:
+            assert entry.name in STDERR_ITEMS, f"add {entry.name} to STDERR_ITEMS"
+
+
+@pytest.mark.parametrize(
+    ("entry", "kwargs"),
+    STDERR_CASES,
+    ids=[f"{e.name}-{'-'.join(map(str, k.values()))}" for e, k in STDERR_CASES],
+)
+def test_every_stderr_equals_scipy_sem_of_items_measured_one_by_one(
+    entry: RegisteredMetric, kwargs: dict
+) -> None:
+    """Each ``*_stderr`` output against scipy.stats.sem of its items (rows or tokens) measured one at
+    a time (items without a value, e.g. fully masked, are NaN there and left out)."""
     import numpy as np
     import scipy.stats
 
-    (entry,) = [e for e in ENTRIES if e.name == name]
     (batch,) = example_batches(entry, [9], seed=11)
-    metric = make_metric(entry, with_stderr=True)
+    metric = make_metric(entry, with_stderr=True, **kwargs)
     metric.update(**batch)
     out = flat(metric, metric.compute())
-    values = []
-    for row in entry.example.split(batch, [1] * 9):
-        single = make_metric(entry)
-        single.update(**row)
-        values.append(flat(single, single.compute())[stat])
-    finite = np.array(values)[~np.isnan(values)]
-    assert len(finite) > 2
-    key = f"{stat}_stderr" if stat else "stderr"
-    assert out[key] == pytest.approx(scipy.stats.sem(finite), rel=1e-9)
+    stderr_keys = [k for k in out if "stderr" in k]
+    item_kind = STDERR_ITEMS[entry.name]
+    token_reduction = kwargs == TOKEN_REDUCTION.get(entry.name)
+    stats = {k: _stat(_value_key(k)) for k in stderr_keys}
+    assert set(stats.values()) == set(item_kind), sorted(out)
+    singles: dict[str, list[dict[str, float]]] = {}
+    for key in stderr_keys:
+        kind = "token" if token_reduction else item_kind[stats[key]]
+        if kind not in singles:
+            singles[kind] = []
+            for item in _items(entry, batch, kind):
+                single = make_metric(entry, **STDERR_KWARGS.get(entry.name, {}))
+                single.update(**item)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    singles[kind].append(flat(single, single.compute()))
+        values = np.array([s[_value_key(key)] for s in singles[kind]])
+        finite = values[~np.isnan(values)]
+        if not len(finite) and math.isnan(out[key]):
+            continue  # a layer no item reached
+        assert len(finite) > 2, key
+        assert out[key] == pytest.approx(scipy.stats.sem(finite), rel=1e-9), key
+
+
+def _layer_key(key: str) -> tuple[str, int] | None:
+    """``("delta", 2)`` for the flat key ``delta/layer_2`` (``("", 2)`` for ``layer_2``), else None."""
+    match = re.fullmatch(r"(?:(.*)/)?layer_(\d+)", key)
+    return (match.group(1) or "", int(match.group(2))) if match else None
+
+
+LAYERED = [
+    e
+    for e in ENTRIES
+    if "layer" in example_batches(e, [1])[0] and e.example.init_kwargs.get("num_layers", 1) > 1
+]
+
+
+@pytest.mark.parametrize("entry", LAYERED, ids=_ids(LAYERED))
+def test_each_batch_lands_on_its_layer(entry: RegisteredMetric, device: torch.device) -> None:
+    """Batches sent to different layers of one metric: layer ℓ holds what a one-layer metric fed only
+    the batches of ℓ gives; a layer no batch reached is NaN."""
+    num_layers = entry.example.init_kwargs["num_layers"]
+    batches = example_batches(entry, [4, 3, 5, 2], seed=7, device=device)
+    layers = [1, 0, 1, 0]  # layers 2 and above get no batch
+    metric = make_metric(entry, device)
+    for batch, layer in zip(batches, layers):
+        metric.update(**dict(batch, layer=layer))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flat(metric, metric.compute())
+    by_layer = {_layer_key(key): v for key, v in out.items()}
+    assert None not in by_layer, f"a key without a layer: {sorted(out)}"
+    for layer in range(num_layers):
+        single = make_metric(entry, device, num_layers=1)
+        for batch in (b for b, to in zip(batches, layers) if to == layer):
+            single.update(**dict(batch, layer=0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = flat(single, single.compute())
+        got = {stat: v for (stat, to), v in by_layer.items() if to == layer}
+        assert got.keys() == expected.keys(), sorted(out)
+        assert not compare(got, expected, rtol=entry.example.rtol), f"layer {layer}"

@@ -27,7 +27,7 @@ from metrics_suite.functional import (
 )
 from metrics_suite.functional import credit as credit_functional
 from metrics_suite.registry import registered
-from tests.helpers import to_device
+from tests.helpers import bad_inputs_and_arguments, names_the_argument, to_device
 
 F64 = torch.float64
 
@@ -690,11 +690,12 @@ def test_bad_inputs_raise_and_leave_state_unchanged(entry) -> None:  # type: ign
     metric = entry.cls(**ex.init_kwargs)
     metric.update(**ex.make_batch(_gen(25), 6))
     before = _states(metric)
-    bad_inputs = ex.bad_inputs(_gen(26))
-    assert bad_inputs
-    for bad in bad_inputs:
-        with pytest.raises((ValueError, TypeError), match="`"):
+    rejected = bad_inputs_and_arguments(entry)
+    assert rejected
+    for changed, bad in rejected:
+        with pytest.raises((ValueError, TypeError)) as info:
             metric.update(**bad)
+        assert names_the_argument(str(info.value), changed, metric.update, bad), info.value
         _assert_states_equal(metric, before)
 
 
@@ -710,7 +711,7 @@ def test_shardable_metrics_are_split_invariant(entry) -> None:  # type: ignore[n
         parts.update(**part)
     a, b = whole.compute(), parts.compute()
     for k in a if isinstance(a, dict) else [None]:
-        torch.testing.assert_close(a[k] if k else a, b[k] if k else b, rtol=1e-9, atol=0)
+        torch.testing.assert_close(a[k] if k else a, b[k] if k else b, rtol=1e-9, atol=0, equal_nan=True)
 
 
 def test_constructor_arguments_are_validated() -> None:

@@ -22,15 +22,22 @@ from metrics_suite.functional._sketch import (
     sketch_state_shape,
     sketch_update,
 )
+from tests.helpers import inverted_cdf_quantile
 
 LEVELS = (0.0, 0.01, 0.5, 0.9, 0.99, 1.0)
 LN2 = math.log(2.0)
 
 
-def _exact(x: np.ndarray, levels: tuple[float, ...], weights: np.ndarray | None = None) -> np.ndarray:
-    """numpy's inverted_cdf (its weighted path, the definition the sketch documents)."""
-    w = np.ones_like(x) if weights is None else weights
-    return np.quantile(x, levels, method="inverted_cdf", weights=w)
+@pytest.mark.skipif(int(np.__version__.split(".")[0]) < 2, reason="np.quantile(weights=) is numpy 2")
+@pytest.mark.parametrize("weighted", [False, True])
+def test_exact_reference_is_numpy_weighted_inverted_cdf(weighted: bool) -> None:
+    rng = np.random.default_rng(9)
+    levels = (*LEVELS, 0.07, 0.3, 0.55, 0.999)
+    for n in (1, 2, 7, 100, 1001):
+        x = 10.0 ** rng.uniform(-6.0, 2.0, n)
+        w = rng.exponential(1.0, n) if weighted else np.ones(n)
+        want = np.quantile(x, levels, method="inverted_cdf", weights=w)
+        np.testing.assert_array_equal(inverted_cdf_quantile(x, levels, w if weighted else None), want)
 
 
 def _violations(est: np.ndarray, exact: np.ndarray, alpha: float) -> list[tuple[float, float]]:
@@ -67,7 +74,7 @@ def _check_against_numpy(kind: str, alpha: float) -> list[tuple[float, float]]:
     for n in (1, 2, 3, 7, 100, 1000, 4099):
         x = _samples(kind, n, rng)
         est = sketch_quantile(sketch_update(torch.from_numpy(x), spec), LEVELS, spec).numpy()
-        bad += _violations(est, _exact(x, LEVELS), alpha)
+        bad += _violations(est, inverted_cdf_quantile(x, LEVELS), alpha)
         bad += _violations(
             sketch_max(sketch_update(torch.from_numpy(x), spec), spec).numpy(), x.max(keepdims=True), alpha
         )
@@ -93,7 +100,7 @@ def test_quantile_definition_is_inverted_cdf_not_lower_or_linear() -> None:
     counts = sketch_update(torch.from_numpy(x), spec)
     levels = (0.07, 0.3, 0.55, 0.999)
     est = sketch_quantile(counts, levels, spec).numpy()
-    assert _violations(est, _exact(x, levels), 0.01) == []
+    assert _violations(est, inverted_cdf_quantile(x, levels), 0.01) == []
     # hand-computed ranks: smallest k with k/100 >= q, item x[k - 1]
     assert _violations(est, x[[6, 29, 54, 99]], 0.01) == []
     for other in ("lower", "linear", "higher"):
@@ -183,12 +190,20 @@ def test_weights_and_masks_match_numpy_weighted() -> None:
     counts = sketch_update(torch.from_numpy(x), spec, torch.from_numpy(w))
     assert counts.dtype == torch.float64
     assert counts.sum().item() == pytest.approx(w.sum(), rel=1e-12)
-    assert _violations(sketch_quantile(counts, LEVELS, spec).numpy(), _exact(x, LEVELS, w), 0.01) == []
+    assert (
+        _violations(sketch_quantile(counts, LEVELS, spec).numpy(), inverted_cdf_quantile(x, LEVELS, w), 0.01)
+        == []
+    )
     mask = rng.random(3001) < 0.4
     for as_mask in (torch.from_numpy(mask), torch.from_numpy(mask.astype(np.int64))):
         counts = sketch_update(torch.from_numpy(x), spec, as_mask)
         assert counts.dtype == torch.int64 and counts.sum() == mask.sum()
-        assert _violations(sketch_quantile(counts, LEVELS, spec).numpy(), _exact(x[mask], LEVELS), 0.01) == []
+        assert (
+            _violations(
+                sketch_quantile(counts, LEVELS, spec).numpy(), inverted_cdf_quantile(x[mask], LEVELS), 0.01
+            )
+            == []
+        )
 
 
 def test_a_batch_of_sketches_equals_one_sketch_each() -> None:
@@ -204,7 +219,7 @@ def test_a_batch_of_sketches_equals_one_sketch_each() -> None:
         single = sketch_update(tokens[attended, d], spec)
         assert torch.equal(counts[d], single)
         est = sketch_quantile(counts, LEVELS, spec)[d].numpy()
-        assert _violations(est, _exact(tokens[attended, d].numpy(), LEVELS), 0.01) == []
+        assert _violations(est, inverted_cdf_quantile(tokens[attended, d].numpy(), LEVELS), 0.01) == []
     out = sketch_outputs(counts, spec, (0.5, 0.9, 0.99), ("a", "b", "c", "d"))
     assert list(out) == [f"{n}_{s}" for n in "abcd" for s in ("p50", "p90", "p99", "max")]
     assert out["c_p90"] == sketch_quantile(counts[2], 0.9, spec)
@@ -253,7 +268,7 @@ def test_any_split_merges_exactly(values: list[float], cuts: list[int], seed: in
     assert whole.sum() == mask.sum()
     # and the merged sketch's quantiles are the exact ones within α
     if mask.any():
-        exact = _exact(x[mask].numpy(), LEVELS)
+        exact = inverted_cdf_quantile(x[mask].numpy(), LEVELS)
         # below the first regular bucket reports 0, above the last one inf
         lower, upper = spec.gamma ** (spec.min_index - 1), spec.gamma**spec.max_index
         expected = np.where(exact <= lower, 0.0, np.where(exact > upper, math.inf, exact))

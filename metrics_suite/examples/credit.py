@@ -35,12 +35,21 @@ def _example_loss(dim: int = 6) -> _QuadraticLoss:
     return _QuadraticLoss(torch.linspace(-1.0, 1.0, dim, dtype=torch.float64), torch.linspace(0.5, 2.0, dim))
 
 
+#: layers of the per-layer credit examples: each batch goes to a random one of them, so the kit sees
+#: several layers filled (and one index off would move values to another layer)
+_LAYERS = 3
+
+
+def _layer(g: torch.Generator) -> int:
+    return int(torch.randint(0, _LAYERS, (), generator=g))
+
+
 def _credit_batch(g: torch.Generator, n: int) -> dict[str, Any]:
     """Hidden states, a noisy gradient as credit, and the quadratic loss."""
     loss_fn = _example_loss()
     hidden = torch.randn(n, 6, generator=g, dtype=torch.float64)
     credit = loss_fn.gradient(hidden) + torch.randn(n, 6, generator=g, dtype=torch.float64)
-    return {"hidden": hidden, "credit": credit, "loss_fn": loss_fn, "layer": 0}
+    return {"hidden": hidden, "credit": credit, "loss_fn": loss_fn, "layer": _layer(g)}
 
 
 def _credit_bad(g: torch.Generator) -> list[dict[str, Any]]:
@@ -49,7 +58,7 @@ def _credit_bad(g: torch.Generator) -> list[dict[str, Any]]:
         {**good, "credit": good["credit"][:, :5]},  # shape mismatch
         {**good, "hidden": good["hidden"].long()},  # dtype
         {**good, "loss_fn": good["hidden"]},  # not callable
-        {**good, "layer": 1},  # out of range
+        {**good, "layer": _LAYERS},  # out of range
         {**good, "layer": "0"},  # not an int
     ]
 
@@ -57,7 +66,7 @@ def _credit_bad(g: torch.Generator) -> list[dict[str, Any]]:
 def _cosine_batch(g: torch.Generator, n: int) -> dict[str, Any]:
     reference = torch.randn(n, 3, 2, generator=g, dtype=torch.float64)
     credit = reference + torch.randn(n, 3, 2, generator=g, dtype=torch.float64)
-    return {"credit": credit.float(), "reference": reference, "layer": 0}
+    return {"credit": credit.float(), "reference": reference, "layer": _layer(g)}
 
 
 def _cosine_bad(g: torch.Generator) -> list[dict[str, Any]]:
@@ -73,7 +82,7 @@ def _cosine_bad(g: torch.Generator) -> list[dict[str, Any]]:
 def _bridge_batch(g: torch.Generator, n: int) -> dict[str, Any]:
     next_values = torch.randn(n, 5, generator=g) + torch.linspace(0.0, 1.0, 5)
     value = next_values.mean(1) + 0.3 * torch.randn(n, generator=g)
-    return {"value": value, "next_values": next_values, "layer": 0}
+    return {"value": value, "next_values": next_values, "layer": _layer(g)}
 
 
 def _bridge_bad(g: torch.Generator) -> list[dict[str, Any]]:
@@ -83,7 +92,7 @@ def _bridge_bad(g: torch.Generator) -> list[dict[str, Any]]:
         {**good, "next_values": good["next_values"][:3]},  # B mismatch
         {**good, "next_values": good["next_values"][:, :0]},  # K = 0
         {**good, "value": good["value"].long()},  # dtype
-        {**good, "layer": 2},  # out of range
+        {**good, "layer": _LAYERS},  # out of range
     ]
 
 
@@ -113,24 +122,26 @@ def _drift_bad(g: torch.Generator) -> list[dict[str, Any]]:
     ]
 
 
-COSINE = ConformanceExample(make_batch=_cosine_batch, bad_inputs=_cosine_bad, init_kwargs={"num_layers": 1})
+COSINE = ConformanceExample(
+    make_batch=_cosine_batch, bad_inputs=_cosine_bad, init_kwargs={"num_layers": _LAYERS}
+)
 
 PERTURBATION_CORRELATION = ConformanceExample(
     make_batch=_credit_batch,
     bad_inputs=_credit_bad,
-    init_kwargs={"num_layers": 1, "num_directions": 4, "seed": 0},
+    init_kwargs={"num_layers": _LAYERS, "num_directions": 4, "seed": 0},
     batch_keys=("hidden", "credit"),
 )
 
 NUDGING = ConformanceExample(
     make_batch=_credit_batch,
     bad_inputs=_credit_bad,
-    init_kwargs={"num_layers": 1, "eta": 0.05},
+    init_kwargs={"num_layers": _LAYERS, "eta": 0.05},
     batch_keys=("hidden", "credit"),
 )
 
 BRIDGE_RESIDUAL = ConformanceExample(
-    make_batch=_bridge_batch, bad_inputs=_bridge_bad, init_kwargs={"num_layers": 1}
+    make_batch=_bridge_batch, bad_inputs=_bridge_bad, init_kwargs={"num_layers": _LAYERS}
 )
 
 FEATURE_DRIFT = ConformanceExample(

@@ -18,8 +18,11 @@ def _noise_batch(g: torch.Generator, n: int) -> dict[str, Any]:
     embeddings = torch.randn(n, 5, 6, generator=g)
     mean = 0.5 * torch.randn(n, 5, 6, generator=g) + 0.3
     noise = torch.rand(n, 5, 1, generator=g) * torch.randn(n, 5, 6, generator=g)
-    # one mask for every sequence (broadcast over the batch): not split when the kit shards a batch
-    noise_mask = torch.tensor([True, True, False, True, True])
+    # a mask per sequence (the kit's masks vary between items; the [T] form broadcast over the batch
+    # is tested in tests/test_noise.py); some sequences select nothing
+    noise_mask = torch.rand(n, 5, generator=g) < 0.7
+    noise_mask[torch.rand(n, generator=g) < 0.2] = False
+    noise_mask[:1, 0] = True  # the kit's NaN checks poison the first element: a masked one is no item
     return {"input": embeddings, "mean": mean, "noise": noise, "noise_mask": noise_mask}
 
 
@@ -30,6 +33,7 @@ def _noise_bad(g: torch.Generator) -> list[dict[str, Any]]:
         {**good, "noise": good["noise"][..., :5]},  # shape
         {**good, "input": good["input"].long()},  # dtype
         {**good, "noise_mask": torch.ones(3, dtype=torch.bool)},  # mask does not broadcast
+        {**good, "noise_mask": good["noise_mask"][:3]},  # mask of another batch size
         {**good, "noise_mask": torch.ones(4, 5, 6, dtype=torch.bool)},  # mask over features
         {**good, "noise_mask": torch.full((5,), 2)},  # mask values
         {**good, "noise_mask": torch.ones(5)},  # mask dtype
@@ -37,5 +41,5 @@ def _noise_bad(g: torch.Generator) -> list[dict[str, Any]]:
 
 
 NOISE = ConformanceExample(
-    make_batch=_noise_batch, bad_inputs=_noise_bad, batch_keys=("input", "mean", "noise")
+    make_batch=_noise_batch, bad_inputs=_noise_bad, batch_keys=("input", "mean", "noise", "noise_mask")
 )
