@@ -5,6 +5,8 @@ compute, and the median time of
 
 * ``collection.compute()`` -- one fused ``all_reduce`` (+ a tiny all_gather layout check), then
   every metric computed locally, states restored;
+* the same ``collection.compute()`` with NextTokenDivergence's quantile sketch off (``sketch``:
+  state elements and time, on vs off);
 * torchmetrics' default per-state sync alone (``Metric._sync_dist`` with ``gather_all_tensors``:
   a barrier and two ``all_gather`` calls per state) over the same states, no compute.
 
@@ -40,11 +42,16 @@ from metrics_suite.testing import count_collectives, run_distributed
 MIN_STATES = 48
 
 
-def _build_collection(device: torch.device) -> DiagnosticCollection:
+def _build_collection(device: torch.device, sketch: bool = True) -> DiagnosticCollection:
+    """Every registered metric, updated with its example; ``sketch=False`` turns the quantile sketch
+    of NextTokenDivergence off (its example has it on), to measure what the sketch adds to a sync."""
     metrics: dict[str, Any] = {}
     g = torch.Generator().manual_seed(0)
     for entry in registered():
-        metric = entry.cls(**entry.example.init_kwargs)
+        kwargs = dict(entry.example.init_kwargs)
+        if not sketch and "quantiles" in kwargs:
+            kwargs["quantiles"] = None
+        metric = entry.cls(**kwargs)
         metric.update(**entry.example.make_batch(g, 8))  # on the CPU, then moved with the states
         metrics[f"{entry.suite}/{entry.name}"] = metric
     # stand-ins until the registry alone has enough states
@@ -57,6 +64,10 @@ def _build_collection(device: torch.device) -> DiagnosticCollection:
         metrics[f"standin/score_{i}"] = metric
         i += 1
     return DiagnosticCollection(metrics).to(device)
+
+
+def _state_elements(collection: DiagnosticCollection) -> int:
+    return sum(getattr(m, name).numel() for m in collection.values(copy_state=False) for name in m._defaults)
 
 
 def _median_ms(fn: Any, repeats: int, device: torch.device) -> float:
@@ -88,6 +99,8 @@ def _worker(rank: int, world_size: int, repeats: int, device_type: str) -> dict[
         _torchmetrics_sync(collection)
     ours_ms = _median_ms(collection.compute, repeats, device)
     tm_ms = _median_ms(lambda: _torchmetrics_sync(collection), repeats, device)
+    no_sketch = _build_collection(device, sketch=False)
+    no_sketch_ms = _median_ms(no_sketch.compute, repeats, device)
     return {
         "world_size": world_size,
         "device": str(device),
@@ -96,6 +109,12 @@ def _worker(rank: int, world_size: int, repeats: int, device_type: str) -> dict[
         "ours_collection_compute": {"median_ms": round(ours_ms, 3), "collectives": dict(ours_calls)},
         "torchmetrics_per_state_sync": {"median_ms": round(tm_ms, 3), "collectives": dict(tm_calls)},
         "ratio": round(tm_ms / ours_ms, 1),
+        # the same collection with NextTokenDivergence's quantile sketch off
+        "sketch": {
+            "on": {"median_ms": round(ours_ms, 3), "state_elements": _state_elements(collection)},
+            "off": {"median_ms": round(no_sketch_ms, 3), "state_elements": _state_elements(no_sketch)},
+            "time_ratio_on_vs_off": round(ours_ms / no_sketch_ms, 2),
+        },
     }
 
 

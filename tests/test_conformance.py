@@ -398,7 +398,7 @@ STDERR_ITEMS: dict[str, dict[str, str]] = {
     "reconstruction_score": {"": "row"},
     "changed_tokens": {"sequence_mean": "row", "token_rate": "token"},
     "activations": {"mse": "token", "cosine_similarity": "token"},
-    "feature_sparsity": {"l0": "token", "l1": "token"},
+    "feature_sparsity": {"l0": "row", "l1": "row"},  # [n, C, F]: a row holds one vector per component
     "downstream": {s: "token" for s in ("kl_spliced", "kl_ablated", "ce_clean", "ce_spliced", "ce_ablated")},
     "next_token": {  # divergences per sequence (the default reduction); top-1 agreement over tokens
         **{s: "row" for s in ("kl_clean_noisy", "kl_noisy_clean", "jeffreys", "jensen_shannon")},
