@@ -207,13 +207,12 @@ def _machine(results: dict[str, dict[str, Any]]) -> str:
 def _spread_line(results: dict[str, dict[str, Any]]) -> str:
     parts = []
     timing = results.get("bench_divergence", {}).get("timing", [])
-    spans = [
-        max(r["ratio_to_floor_all"]) - min(r["ratio_to_floor_all"])
-        for r in timing
-        if r.get("ratio_to_floor_all")
-    ]
-    if spans:
-        parts.append(f"the divergence floor ratio moves by up to {max(spans):.2f} between its 3 repeats")
+    runs = [r["ratio_to_floor_all"] for r in timing if r.get("ratio_to_floor_all")]
+    if runs:
+        spread = max(max(x) - min(x) for x in runs)
+        parts.append(
+            f"the divergence floor ratio moves by up to {spread:.2f} between its {len(runs[0])} repeats"
+        )
     credit = results.get("bench_credit")
     if credit:
         parts.append(
