@@ -50,6 +50,17 @@ def peak_growth_mib(fn: Callable[[], object], device: torch.device | str) -> flo
     return round((peak - before) / 2**20, 1)
 
 
+def memory_summary(memory: list[dict[str, Any]], target_mib: float = 64) -> dict[str, Any]:
+    """The summary keys of a benchmark's memory cases: the largest extra peak and whether every case
+    meets ``target_mib`` (both None when memory was not measured)."""
+    return {
+        "memory_max_extra_peak_mib": max((m["extra_peak_mib"] for m in memory), default=None),
+        f"meets_memory_target_{target_mib:g}mib": all(m["extra_peak_mib"] <= target_mib for m in memory)
+        if memory
+        else None,
+    }
+
+
 def run_worker(script: str, args: list[Any]) -> dict[str, Any]:
     """Run ``script --memory-worker '<json args>'`` in a fresh interpreter and parse its JSON output.
 
