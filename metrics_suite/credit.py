@@ -204,8 +204,9 @@ class PerturbationCorrelation(_PerLayerMetric):
             raises ``ValueError``: $\rho$ is not a mean).
 
     ``update(hidden, credit, loss_fn, layer=0)``: ``hidden`` and ``credit`` ``[N, d]`` (or
-    ``[N, *F]``), ``loss_fn`` maps ``[R, d]`` to per-item losses ``[R]``. Items whose inputs or losses
-    are not finite follow ``nan_strategy``.
+    ``[N, *F]``), ``loss_fn`` maps ``[R, d]`` to per-item losses ``[R]``, item-wise and without keeping
+    its input (see [`perturbation_pairs`][metrics_suite.functional.credit.perturbation_pairs]). Items
+    whose inputs or losses are not finite follow ``nan_strategy``.
 
     Examples:
         >>> import torch

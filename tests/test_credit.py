@@ -367,6 +367,70 @@ def test_keyed_directions_match_a_slow_reference_of_the_hash(dim: int) -> None:
     torch.testing.assert_close(tail, z[2:], rtol=0, atol=0)
 
 
+def test_numpy_and_torch_hashes_give_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU's numpy rounds and the int64 tensor ops of other devices: same keys, same normals.
+
+    The slow reference above checks the numpy path; here the torch path (forced, as on a GPU) must match
+    it bit for bit, on states whose every bit pattern occurs (both signs, all shifts' sign bits), and
+    the reference on a few values.
+    """
+    gen = _gen(41)
+    hidden = torch.randn(37, 5, generator=gen, dtype=F64)
+    states = torch.randint(-(2**63), 2**63 - 1, (4096,), generator=gen, dtype=torch.int64)
+    states[:4] = torch.tensor([-(2**63), -1, 0, 2**63 - 1])
+    numpy_keys = credit_functional._item_keys(hidden, seed=9)
+    numpy_mixed = credit_functional._mix64_(states.clone())
+    numpy_z = {dt: torch.empty(3, 37, 5, dtype=dt) for dt in (torch.float32, F64)}
+    for z in numpy_z.values():
+        credit_functional._keyed_normals_(z, numpy_keys, first=1)
+    assert all(
+        int(v) & _U64 == _mix64_reference(int(s) & _U64) for s, v in zip(states[:64], numpy_mixed[:64])
+    )
+    monkeypatch.setattr(credit_functional, "_uint64_words", lambda t: None)  # every device's path
+    assert torch.equal(credit_functional._item_keys(hidden, seed=9), numpy_keys)
+    assert torch.equal(credit_functional._mix64_(states.clone()), numpy_mixed)
+    for dt, z in numpy_z.items():
+        torch_z = torch.empty_like(z)
+        credit_functional._keyed_normals_(torch_z, numpy_keys, first=1)
+        assert torch.equal(torch_z, z), dt
+
+
+def test_a_strided_state_is_mixed_by_tensor_ops() -> None:
+    """A non-contiguous CPU state cannot be read as one numpy array: it takes the int64 path, same bits."""
+    states = torch.randint(-(2**63), 2**63 - 1, (64, 2), generator=_gen(42), dtype=torch.int64)
+    column = states[:, 0]
+    assert not column.is_contiguous()
+    expected = [_mix64_reference(int(s) & _U64) for s in column]
+    credit_functional._mix64_(column)
+    assert [int(v) & _U64 for v in states[:, 0]] == expected
+
+
+@pytest.mark.parametrize("difference", ["forward", "central"])
+def test_losses_that_are_views_of_the_input_survive_the_reused_buffer(difference: str) -> None:
+    """``loss_fn`` may return a view of its input: the buffer is reused only after the losses are read."""
+    hidden = torch.randn(6, 3, generator=_gen(43), dtype=F64)
+    credit = torch.randn(6, 3, generator=_gen(44), dtype=F64)
+
+    def as_view(h: Tensor) -> Tensor:
+        return h[:, 0]  # float64 in, float64 out: the losses are the input's own memory
+
+    def as_copy(h: Tensor) -> Tensor:
+        return h[:, 0].clone()
+
+    for chunk_size in (None, 6, 12):  # one call; one direction per call (and the base alone); two
+        view_pairs = perturbation_pairs(
+            hidden, credit, as_view, 0.1, 5, difference, seed=3, chunk_size=chunk_size
+        )
+        copy_pairs = perturbation_pairs(
+            hidden, credit, as_copy, 0.1, 5, difference, seed=3, chunk_size=chunk_size
+        )
+        for got, expected in zip(view_pairs, copy_pairs):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # and against the definition: y = (h + εv)_0 − h_0 (forward) for a loss reading coordinate 0
+    x, y = perturbation_pairs(hidden, torch.eye(3, dtype=F64)[[0] * 6], as_view, 0.1, 5, difference, seed=3)
+    torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-15)
+
+
 def test_keyed_path_has_no_per_item_loop() -> None:
     """The same torch ops, as many, for 2 items as for 40: nothing runs once per item."""
     from torch.utils._python_dispatch import TorchDispatchMode
