@@ -174,3 +174,24 @@ def test_registered_in_the_reconstruction_suite() -> None:
     assert out["reconstruction/downstream/ce_score"].item() == pytest.approx(
         ref["ce_score"].item(), rel=1e-10
     )
+
+
+@pytest.mark.parametrize("num_logits", [None, 5])
+def test_rows_read_in_place_leave_the_inputs_alone(num_logits: int | None) -> None:
+    """Consecutive attended rows are read straight from the inputs (no copy): the inputs stay as they
+    were, and the values equal those of strided inputs, which are always copied."""
+    g = torch.Generator().manual_seed(5)
+    clean, spliced, ablated, targets, _ = _data(g, dtype=torch.float32)
+    before = [x.clone() for x in (clean, spliced, ablated)]
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 4:] = False  # consecutive runs within a chunk, and a chunk with a gap
+    direct = DownstreamReconstruction(num_logits=num_logits, ignore_index=-100, max_sequence_length=3)
+    direct.update(clean, spliced, ablated, targets, mask)
+    for x, original in zip((clean, spliced, ablated), before):
+        assert torch.equal(x, original)
+    strided = [x.transpose(0, 1).contiguous().transpose(0, 1) for x in (clean, spliced, ablated)]
+    copied = DownstreamReconstruction(num_logits=num_logits, ignore_index=-100, max_sequence_length=3)
+    copied.update(*strided, targets, mask)
+    expected = copied.compute()
+    assert all(torch.equal(v, expected[k]) for k, v in direct.compute().items())
+    _assert_close(expected, _reference(clean, spliced, ablated, targets, mask, num_logits=num_logits), 1e-5)

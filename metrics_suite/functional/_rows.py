@@ -13,6 +13,7 @@ class RowGather:
     ``[N, V]`` view, a strided one (a moved dimension, a broadcast input with zero strides) with
     advanced indexing on the unravelled positions. So the extra memory of a chunked pass is one
     chunk. The input is detached: ``out=`` buffers cannot carry gradients, and these are diagnostics.
+    A caller that only reads the rows uses `read`, which skips the copy where it can.
     """
 
     def __init__(self, logits: Tensor, dtype: torch.dtype, max_rows: int) -> None:
@@ -36,6 +37,21 @@ class RowGather:
             return torch.index_select(self.flat, 0, positions, out=out)
         raw = torch.index_select(self.flat, 0, positions, out=self.raw[: positions.numel()])
         return out.copy_(raw)
+
+    def read(self, positions: Tensor, out: Tensor) -> Tensor:
+        """The rows at ``positions``, to be read only: a view of the input where they are consecutive
+        rows of a flat CPU input already in ``out``'s dtype, else `__call__`'s copy into ``out``.
+
+        On the CPU the positions are in host memory, so the check costs a few microseconds against
+        the copy's memory pass (about 0.25 ms for 16 rows of 32,000 float32). Elsewhere it would wait
+        for the device, so other devices always copy.
+        """
+        n = positions.numel()
+        if n and self.flat is not None and self.raw is None and positions.device.type == "cpu":
+            first = int(positions[0])
+            if int(positions[-1]) - first == n - 1 and bool((positions.diff() == 1).all()):
+                return self.flat[first : first + n]
+        return self(positions, out)
 
     def span(self, start: int, end: int, out: Tensor) -> Tensor:
         """Positions ``start`` to ``end`` (exclusive) into ``out``: one converting copy of a slice

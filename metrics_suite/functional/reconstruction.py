@@ -802,7 +802,8 @@ def _downstream_rows(
 
     ``positions`` are flat indices into the ``[B, T]`` grid; ``targets`` ``[n]`` (or None: the
     cross-entropy columns are 0). Reads ``rows`` positions of each input at a time into reused
-    ``[rows, V]`` buffers: the extra memory is seven such buffers, whatever ``B`` and ``T``.
+    ``[rows, V]`` buffers (or, for consecutive positions of a CPU input, as views of it: the inputs
+    are only read): the extra memory is seven such buffers, whatever ``B`` and ``T``.
     """
     clean_logits = logits[0]
     vocab = clean_logits.shape[-1]
@@ -822,7 +823,7 @@ def _downstream_rows(
     for part in row_slices(n_rows, rows):
         chunk = positions[part]
         n = chunk.numel()
-        xs = [gather(chunk, buffer[:n]) for gather, buffer in zip(gathers, raw)]
+        xs = [gather.read(chunk, buffer[:n]) for gather, buffer in zip(gathers, raw)]  # read only
         out = values[part]
         # one pass gives each row's maximum (NaN, +inf or -inf exactly for a row that is not a
         # distribution, as in the utility suite) and, for clean and spliced, its argmax
@@ -832,16 +833,21 @@ def _downstream_rows(
         )
         out[:, 2] = clean_arg == spliced_arg
         lp = torch.log_softmax(xs[0], -1, out=log_p[:n])
-        if targets is not None:
-            t = targets[part, None]
+        t = targets[part, None] if targets is not None else None
+        if t is not None:
             out[:, 3] = lp.gather(-1, t).squeeze(-1).neg()
-            for column, x in ((4, xs[1]), (5, xs[2])):
-                out[:, column] = torch.log_softmax(x, -1, out=log_q[:n]).gather(-1, t).squeeze(-1).neg()
         if top_k is None:
+            # each model's log-probabilities serve its cross-entropy and its KL: one log_softmax each
             pr = torch.exp(lp, out=p[:n])
             for column, x in ((0, xs[1]), (1, xs[2])):
-                out[:, column] = _kl_rows(pr, lp, torch.log_softmax(x, -1, out=log_q[:n]))
+                lq = torch.log_softmax(x, -1, out=log_q[:n])
+                if t is not None:
+                    out[:, column + 4] = lq.gather(-1, t).squeeze(-1).neg()
+                out[:, column] = _kl_rows(pr, lp, lq)
             continue
+        if t is not None:
+            for column, x in ((4, xs[1]), (5, xs[2])):
+                out[:, column] = torch.log_softmax(x, -1, out=log_q[:n]).gather(-1, t).squeeze(-1).neg()
         clean_mask = _top_k_mask(xs[0], top_k)
         for column, x in ((0, xs[1]), (1, xs[2])):
             # both distributions renormalised on the union of the two top-k sets, as NextTokenDivergence
