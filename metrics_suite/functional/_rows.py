@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -42,14 +43,15 @@ class RowGather:
         """The rows at ``positions``, to be read only: a view of the input where they are consecutive
         rows of a flat CPU input already in ``out``'s dtype, else `__call__`'s copy into ``out``.
 
-        On the CPU the positions are in host memory, so the check costs a few microseconds against
-        the copy's memory pass (about 0.25 ms for 16 rows of 32,000 float32). Elsewhere it would wait
-        for the device, so other devices always copy.
+        On the CPU the positions are in host memory: numpy reads them in place, a few microseconds
+        against the copy's memory pass (about 0.25 ms for 16 rows of 32,000 float32). Elsewhere the
+        check would wait for the device, so other devices always copy.
         """
         n = positions.numel()
         if n and self.flat is not None and self.raw is None and positions.device.type == "cpu":
-            first = int(positions[0])
-            if int(positions[-1]) - first == n - 1 and bool((positions.diff() == 1).all()):
+            index = positions.numpy()
+            first = int(index[0])
+            if index[-1] - first == n - 1 and bool((np.diff(index) == 1).all()):
                 return self.flat[first : first + n]
         return self(positions, out)
 
