@@ -9,7 +9,7 @@ import torch
 from pydantic import Field, StrictFloat, StrictInt
 from torch import Tensor
 
-from metrics_suite.base import DiagnosticMetric, MetricOutput, safe_div
+from metrics_suite.base import DiagnosticMetric, MetricOutput
 from metrics_suite.examples import reconstruction as examples
 from metrics_suite.functional.reconstruction import (
     DENSITY_EDGES_LOG10,
@@ -31,6 +31,7 @@ from metrics_suite.functional.reconstruction import (
     _feature_sparsity_check,
     _feature_sparsity_compute,
     _feature_sparsity_update,
+    _firing_frequency,
     _reconstruction_score_check,
     _reconstruction_score_compute,
     _reconstruction_score_update,
@@ -553,8 +554,7 @@ class FeatureSparsity(DiagnosticMetric):
             should_unsync=sync,
             distributed_available=self.distributed_available_fn,
         ):
-            counts = self.firing_counts.to(torch.float64)
-            return safe_div(counts, self.vector_count.to(torch.float64)[..., None].expand_as(counts))
+            return _firing_frequency(self.firing_counts, self.vector_count)
 
 
 # ---------------------------------------------------------------------------------- DownstreamReconstruction

@@ -673,6 +673,11 @@ def dead_fraction_key(threshold: float) -> str:
     return f"dead_fraction@{threshold:g}"
 
 
+def _firing_frequency(firing_counts: Tensor, vector_count: Tensor) -> Tensor:
+    """Per-feature firing frequency ``[..., F]`` (float64) from the summed counts, NaN where no vector was seen."""
+    return safe_div(firing_counts, vector_count.to(torch.float64)[..., None])
+
+
 def _feature_sparsity_compute(
     firing_counts: Tensor,
     vector_count: Tensor,
@@ -686,7 +691,7 @@ def _feature_sparsity_compute(
     have the shape of ``vector_count``, ``density_histogram`` one more dim of 9 bins.
     """
     n = vector_count.to(torch.float64)
-    frequency = safe_div(firing_counts.to(torch.float64), n[..., None])
+    frequency = _firing_frequency(firing_counts, vector_count)
     out = {
         "l0": safe_div(l0_stats[..., 1], l0_stats[..., 0]),
         "l1": safe_div(l1_stats[..., 1], l1_stats[..., 0]),
